@@ -1,0 +1,15 @@
+"""diffusers-snapgen: SnapGen (Hu et al., CVPR 2025, arXiv 2412.09619) for Hugging Face diffusers.
+
+Importing this package makes its classes loadable through diffusers' own entry points
+(``DiffusionPipeline.from_pretrained``, ``AutoPipelineForText2Image``, ``AutoModel``).
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .models import SnapGenUNet2DModel, SnapGenUNet2DOutput, TinyDecoder
+
+__all__ = [
+    "SnapGenUNet2DModel",
+    "SnapGenUNet2DOutput",
+    "TinyDecoder",
+]

@@ -1,0 +1,133 @@
+"""Attention of the SnapGen UNet: multi-query attention with RMSNorm QK-norm and 2D RoPE (paper §3.1, Fig. 2 (e)-(f))."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import RMSNorm
+from torch import nn
+
+
+class SnapGenAttnProcessor:
+    r"""Computes :class:`SnapGenAttention` through ``dispatch_attention_fn``, so ``set_attention_backend`` applies.
+
+    Order (paper Fig. 2 (f)): project, RMSNorm on Q and K, RoPE on Q (self- and cross-attention) and on K
+    (self-attention only: text tokens have no 2D position), attention, output projection. With fewer K/V heads
+    than query heads (multi-query attention) the K/V heads are broadcast as a view, which every backend accepts.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "SnapGenAttention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        is_cross_attention = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross_attention else hidden_states
+
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, attn.head_dim))
+        key = attn.to_k(context).unflatten(-1, (attn.kv_heads, attn.head_dim))
+        value = attn.to_v(context).unflatten(-1, (attn.kv_heads, attn.head_dim))
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            if not is_cross_attention:
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if attn.kv_heads != attn.heads:
+            groups = attn.heads // attn.kv_heads
+            key = key.repeat_interleave(groups, dim=2) if attn.kv_heads > 1 else key.expand(-1, -1, attn.heads, -1)
+            value = (
+                value.repeat_interleave(groups, dim=2) if attn.kv_heads > 1 else value.expand(-1, -1, attn.heads, -1)
+            )
+
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class SnapGenAttention(nn.Module, AttentionModuleMixin):
+    r"""Self- or cross-attention with ``kv_heads`` shared key/value heads.
+
+    Args:
+        query_dim: channels of the image tokens.
+        cross_attention_dim: channels of the context tokens; ``None`` for self-attention.
+        heads: number of query heads.
+        dim_head: channels per head.
+        kv_heads: number of key/value heads; ``1`` is multi-query attention (paper §3.1, "Replace MHSA with MQA"),
+            ``None`` means one per query head (multi-head attention).
+        qk_norm: ``"rms_norm"`` to normalise Q and K per head after projection (paper §3.1), or ``None``.
+    """
+
+    _default_processor_cls = SnapGenAttnProcessor
+    _available_processors = [SnapGenAttnProcessor]
+    _supports_qkv_fusion = False
+
+    def __init__(
+        self,
+        query_dim: int,
+        cross_attention_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        kv_heads: int | None = None,
+        qk_norm: str | None = "rms_norm",
+        eps: float = 1e-6,
+        bias: bool = False,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+        processor: SnapGenAttnProcessor | None = None,
+    ):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads != 0:
+            raise ValueError(f"`kv_heads` ({kv_heads}) must be >= 1 and divide `heads` ({heads}).")
+        if qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"`qk_norm` must be None or 'rms_norm', got {qk_norm!r}.")
+        self.heads = heads
+        self.kv_heads = kv_heads
+        self.head_dim = dim_head
+        self.inner_dim = heads * dim_head
+        self.is_cross_attention = cross_attention_dim is not None
+        context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+
+        self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
+        self.to_v = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
+        self.norm_q = RMSNorm(dim_head, eps=eps) if qk_norm == "rms_norm" else None
+        self.norm_k = RMSNorm(dim_head, eps=eps) if qk_norm == "rms_norm" else None
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self.processor(
+            self,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            image_rotary_emb=image_rotary_emb,
+        )

@@ -1,0 +1,282 @@
+"""The SnapGen efficient UNet (Hu et al., CVPR 2025, arXiv 2412.09619, §3.1 and Fig. 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .resnet import CONV_TYPES, make_conv
+from .unet_blocks import SnapGenDownBlock2D, SnapGenMidBlock2D, SnapGenUpBlock2D
+
+
+@dataclass
+class SnapGenUNet2DOutput(BaseOutput):
+    """Output of :class:`SnapGenUNet2DModel`: ``sample`` is the predicted flow-matching velocity ``noise - x0``."""
+
+    sample: torch.Tensor
+
+
+def _per_stage(value, num_stages: int, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * num_stages
+    if len(values) != num_stages:
+        raise ValueError(f"`{name}` needs one entry per stage ({num_stages}), got {len(values)}: {value!r}.")
+    return values
+
+
+class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+    r"""SnapGen's denoising UNet: an SDXL-style UNet made thin, short and mobile friendly (paper §3.1, Fig. 2).
+
+    The defaults are the final paper model (Fig. 2 (f), ~379M parameters): three stages of (256, 512, 896) channels
+    with (1, 2, 4) transformer blocks each, self-attention only in the lowest-resolution stage and the mid block,
+    expanded separable-conv residual blocks, FFN expansion 3, multi-query attention, RMSNorm QK-norm and 2D RoPE.
+    Every step of Fig. 2 is a config switch, so variants (a)-(f) are built from configs
+    (see ``benchmarks/ablation_table.py``):
+
+    - (a) baseline: ``conv_type="regular"``, ``transformer_layers_per_block=(0, 2, 4)``,
+      ``only_cross_attention=False``, ``ff_mult=4``, ``kv_heads=None``, ``qk_norm=None``, ``use_rope=False``;
+    - (b) ``only_cross_attention=(True, True, False)``; (c) ``conv_type="separable"``, ``conv_expansion_ratio=2``;
+      (d) ``ff_mult=3``; (e) ``kv_heads=1`` and conditions from the first stage, ``transformer_layers_per_block=(1, 2, 4)``;
+      (f) ``qk_norm="rms_norm"``, ``use_rope=True``.
+
+    Conditioning follows SD3: ``encoder_hidden_states`` (the joint text sequence, ``joint_attention_dim`` wide) pass
+    through ``context_embedder`` into every cross-attention; ``pooled_projections`` are embedded and added to the
+    timestep embedding. Timesteps use the scheduler's scale (``FlowMatchEulerDiscreteScheduler``: 0-1000), as for
+    ``SD3Transformer2DModel``. Latent height and width must be multiples of ``2 ** (len(block_out_channels) - 1)``
+    (4 for three stages, i.e. images in multiples of 32 px with an f=8 autoencoder); any aspect ratio works.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["SnapGenTransformerBlock", "SnapGenResnetBlock2D"]
+    _repeated_blocks = ["SnapGenTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["norm", "time_proj", "pos_embed"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        block_out_channels: tuple[int, ...] = (256, 512, 896),
+        layers_per_block: int = 2,
+        transformer_layers_per_block: tuple[int, ...] = (1, 2, 4),
+        only_cross_attention: bool | tuple[bool, ...] = (True, True, False),
+        attention_head_dim: int = 64,
+        kv_heads: int | None = 1,
+        qk_norm: str | None = "rms_norm",
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        conv_type: str = "separable",
+        conv_expansion_ratio: int = 2,
+        ff_mult: float = 3,
+        cross_attention_dim: int = 1024,
+        joint_attention_dim: int = 4096,
+        pooled_projection_dim: int = 2048,
+        time_embedding_dim: int | None = None,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        num_stages = len(block_out_channels)
+        if num_stages < 2:
+            raise ValueError(f"`block_out_channels` needs at least two stages, got {block_out_channels!r}.")
+        if conv_type not in CONV_TYPES:
+            raise ValueError(f"`conv_type` must be one of {CONV_TYPES}, got {conv_type!r}.")
+        if layers_per_block < 1:
+            raise ValueError(f"`layers_per_block` must be >= 1, got {layers_per_block}.")
+        transformer_layers = _per_stage(transformer_layers_per_block, num_stages, "transformer_layers_per_block")
+        only_cross = _per_stage(only_cross_attention, num_stages, "only_cross_attention")
+        for channels in block_out_channels:
+            if channels % norm_num_groups != 0:
+                raise ValueError(f"Every entry of `block_out_channels` must be divisible by `norm_num_groups` "
+                                 f"({norm_num_groups}), got {block_out_channels!r}.")
+
+        time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
+        resnet_kwargs = dict(
+            conv_type=conv_type,
+            expansion_ratio=conv_expansion_ratio,
+            norm_num_groups=norm_num_groups,
+            eps=norm_eps,
+            dropout=dropout,
+        )
+
+        def transformer_kwargs(stage: int) -> dict:
+            return dict(
+                attention_head_dim=attention_head_dim,
+                cross_attention_dim=cross_attention_dim,
+                kv_heads=kv_heads,
+                only_cross_attention=only_cross[stage],
+                qk_norm=qk_norm,
+                use_rope=use_rope,
+                rope_theta=rope_theta,
+                ff_mult=ff_mult,
+                norm_num_groups=norm_num_groups,
+                norm_eps=norm_eps,
+                dropout=dropout,
+            )
+
+        # Conditioning (SD3-style): timestep sinusoid + pooled text, and the joint text sequence for cross-attention.
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
+        self.add_embedding = TimestepEmbedding(pooled_projection_dim, time_embed_dim)
+        self.context_embedder = nn.Linear(joint_attention_dim, cross_attention_dim)
+
+        self.conv_in = make_conv(conv_type, in_channels, block_out_channels[0])
+
+        self.down_blocks = nn.ModuleList()
+        output_channels = block_out_channels[0]
+        for stage, channels in enumerate(block_out_channels):
+            input_channels, output_channels = output_channels, channels
+            self.down_blocks.append(
+                SnapGenDownBlock2D(
+                    input_channels,
+                    output_channels,
+                    time_embed_dim,
+                    num_layers=layers_per_block,
+                    transformer_layers=transformer_layers[stage],
+                    add_downsample=stage < num_stages - 1,
+                    resnet_kwargs=resnet_kwargs,
+                    transformer_kwargs=transformer_kwargs(stage),
+                )
+            )
+
+        self.mid_block = SnapGenMidBlock2D(
+            block_out_channels[-1],
+            time_embed_dim,
+            transformer_layers=transformer_layers[-1],
+            resnet_kwargs=resnet_kwargs,
+            transformer_kwargs=transformer_kwargs(num_stages - 1),
+        )
+
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = list(reversed(block_out_channels))
+        output_channels = reversed_channels[0]
+        for i, channels in enumerate(reversed_channels):
+            stage = num_stages - 1 - i
+            prev_output_channels, output_channels = output_channels, channels
+            skip_input_channels = reversed_channels[min(i + 1, num_stages - 1)]
+            self.up_blocks.append(
+                SnapGenUpBlock2D(
+                    skip_input_channels,
+                    prev_output_channels,
+                    output_channels,
+                    time_embed_dim,
+                    num_layers=layers_per_block + 1,
+                    transformer_layers=transformer_layers[stage],
+                    add_upsample=i < num_stages - 1,
+                    resnet_kwargs=resnet_kwargs,
+                    transformer_kwargs=transformer_kwargs(stage),
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.conv_out = make_conv(conv_type, block_out_channels[0], out_channels)
+        self.gradient_checkpointing = False
+
+    @property
+    def latent_size_multiple(self) -> int:
+        """Latent height and width must be multiples of this (4 for three stages)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def _check_inputs(self, sample, encoder_hidden_states, pooled_projections, encoder_attention_mask) -> None:
+        config = self.config
+        if not isinstance(sample, torch.Tensor) or sample.ndim != 4 or sample.shape[1] != config.in_channels:
+            raise ValueError(
+                f"`sample` must be a (batch, {config.in_channels}, height, width) tensor, got "
+                f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}."
+            )
+        multiple = self.latent_size_multiple
+        if sample.shape[-2] % multiple or sample.shape[-1] % multiple:
+            raise ValueError(
+                f"`sample` height and width must be multiples of {multiple} (images in multiples of {multiple * 8} px "
+                f"with an f=8 autoencoder), got {tuple(sample.shape[-2:])}."
+            )
+        batch = sample.shape[0]
+        if (
+            not isinstance(encoder_hidden_states, torch.Tensor)
+            or encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[-1] != config.joint_attention_dim
+            or encoder_hidden_states.shape[0] != batch
+        ):
+            raise ValueError(
+                f"`encoder_hidden_states` must be a ({batch}, sequence, {config.joint_attention_dim}) tensor, got "
+                f"{getattr(encoder_hidden_states, 'shape', type(encoder_hidden_states).__name__)}."
+            )
+        if pooled_projections is not None and tuple(pooled_projections.shape) != (batch, config.pooled_projection_dim):
+            raise ValueError(
+                f"`pooled_projections` must be a ({batch}, {config.pooled_projection_dim}) tensor, "
+                f"got {tuple(pooled_projections.shape)}."
+            )
+        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != encoder_hidden_states.shape[:2]:
+            raise ValueError(
+                f"`encoder_attention_mask` must be a {tuple(encoder_hidden_states.shape[:2])} mask, "
+                f"got {tuple(encoder_attention_mask.shape)}."
+            )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> SnapGenUNet2DOutput | tuple[torch.Tensor]:
+        r"""Predict the flow-matching velocity for ``sample`` at ``timestep``.
+
+        Args:
+            sample: noisy latents ``(B, in_channels, h, w)``.
+            timestep: scalar or ``(B,)`` on the scheduler's 0-1000 scale.
+            encoder_hidden_states: text tokens ``(B, L, joint_attention_dim)``.
+            pooled_projections: pooled text vector ``(B, pooled_projection_dim)``; zeros when ``None``.
+            encoder_attention_mask: ``(B, L)``, 1/True for tokens to attend to; ``None`` attends to all.
+            attention_kwargs: accepted for API compatibility with diffusers models (LoRA ``scale`` is set through
+                peft's ``set_adapters``); unused.
+            return_dict: return a :class:`SnapGenUNet2DOutput` instead of a tuple.
+        """
+        self._check_inputs(sample, encoder_hidden_states, pooled_projections, encoder_attention_mask)
+        batch = sample.shape[0]
+
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]
+        timesteps = timesteps.expand(batch)
+        temb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
+        if pooled_projections is not None:
+            temb = temb + self.add_embedding(pooled_projections.to(dtype=temb.dtype))
+        else:
+            temb = temb + self.add_embedding(temb.new_zeros(batch, self.config.pooled_projection_dim))
+
+        context = self.context_embedder(encoder_hidden_states)
+        mask = None
+        if encoder_attention_mask is not None:
+            # (B, L) keep-mask -> boolean (B, 1, 1, L), broadcast over heads and query tokens.
+            mask = encoder_attention_mask.to(device=sample.device, dtype=torch.bool)[:, None, None, :]
+
+        hidden_states = self.conv_in(sample)
+        skips = (hidden_states,)
+        for block in self.down_blocks:
+            hidden_states, block_skips = block(hidden_states, temb, context, mask)
+            skips += block_skips
+
+        hidden_states = self.mid_block(hidden_states, temb, context, mask)
+
+        for block in self.up_blocks:
+            num_resnets = len(block.resnets)
+            block_skips, skips = skips[-num_resnets:], skips[:-num_resnets]
+            hidden_states = block(hidden_states, block_skips, temb, context, mask)
+
+        hidden_states = self.conv_out(F.silu(self.conv_norm_out(hidden_states)))
+        if not return_dict:
+            return (hidden_states,)
+        return SnapGenUNet2DOutput(sample=hidden_states)

@@ -1,0 +1,267 @@
+"""SnapGenUNet2DModel: paper configuration, shapes, serialisation, training features and attention backends."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusers_snapgen import SnapGenUNet2DModel
+from diffusers_snapgen.models.attention import SnapGenAttention
+from diffusers_snapgen.models.unet_variants import ablation_variants
+from diffusers_snapgen.testing import tiny_unet
+
+
+def _inputs(unet, batch=2, height=8, width=8, seq=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    return dict(
+        sample=torch.randn(batch, config.in_channels, height, width, generator=generator),
+        timestep=torch.linspace(100.0, 900.0, batch),
+        encoder_hidden_states=torch.randn(batch, seq, config.joint_attention_dim, generator=generator),
+        pooled_projections=torch.randn(batch, config.pooled_projection_dim, generator=generator),
+    )
+
+
+def _meta_params(**config) -> int:
+    with torch.device("meta"):
+        model = SnapGenUNet2DModel(**config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_paper_configuration_has_379m_parameters():
+    params = _meta_params()
+    assert abs(params - 379e6) / 379e6 < 0.02, params
+
+
+def test_paper_configuration_structure():
+    with torch.device("meta"):
+        unet = SnapGenUNet2DModel()
+    attentions = [m for m in unet.modules() if isinstance(m, SnapGenAttention)]
+    # Multi-query attention everywhere, 64-channel heads, RMSNorm on Q and K.
+    assert all(m.kv_heads == 1 and m.head_dim == 64 and m.norm_q is not None for m in attentions)
+    assert [m.heads for m in unet.down_blocks[2].attentions[0].transformer_blocks[0].modules()
+            if isinstance(m, SnapGenAttention)] == [14, 14]
+    # Self-attention only in the lowest-resolution stage and the mid block (paper §3.1 (b)).
+    has_self_attention = [block.attentions[0].transformer_blocks[0].attn1 is not None for block in unet.down_blocks]
+    assert has_self_attention == [False, False, True]
+    assert unet.mid_block.attentions[0].transformer_blocks[0].attn1 is not None
+    assert [len(block.attentions[0].transformer_blocks) for block in unet.down_blocks] == [1, 2, 4]
+    assert [len(block.resnets) for block in unet.up_blocks] == [3, 3, 3]
+    # Trimmed FFN: GEGLU projection to 2 * 3 * C.
+    ff = unet.down_blocks[2].attentions[0].transformer_blocks[0].ff
+    assert ff.net[0].proj.out_features == 2 * 3 * 896
+
+
+def test_ablation_variants_move_like_the_paper():
+    """Each design step of paper Fig. 2 changes parameters in the direction the paper reports."""
+    variants = ablation_variants()
+    assert list(variants) == ["a", "b", "c", "d", "e1", "e", "f"]
+    params = {key: _meta_params(**variant["config"]) for key, variant in variants.items()}
+    assert params["c"] < params["b"] * 0.9  # separable convs: paper -15%
+    assert params["d"] < params["c"] * 0.92  # FFN 4 -> 3: paper -12%
+    assert params["e1"] < params["d"] * 0.88  # MQA: paper -16%
+    assert 0 < params["f"] - params["e"] < 1e-4 * params["e"]  # QK-norm weights only; RoPE has no parameters
+    assert params["f"] == _meta_params()  # the final variant is the default configuration
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (8, 12), (12, 4)])
+def test_output_shape_square_and_non_square(height, width):
+    unet = tiny_unet()
+    with torch.no_grad():
+        out = unet(**_inputs(unet, height=height, width=width)).sample
+    assert out.shape == (2, unet.config.out_channels, height, width)
+    assert torch.isfinite(out).all()
+
+
+def test_forward_conditioning_changes_output_and_tuple_return():
+    unet = tiny_unet()
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        base = unet(**inputs).sample
+        other_text = unet(**{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"] + 1}).sample
+        other_pooled = unet(**{**inputs, "pooled_projections": inputs["pooled_projections"] + 1}).sample
+        other_time = unet(**{**inputs, "timestep": inputs["timestep"] + 50}).sample
+        as_tuple = unet(**inputs, return_dict=False)
+    for changed in (other_text, other_pooled, other_time):
+        assert not torch.allclose(base, changed, atol=1e-5)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], base)
+
+
+def test_encoder_attention_mask_ignores_masked_tokens():
+    unet = tiny_unet()
+    inputs = _inputs(unet, seq=6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0]] * 2)
+    perturbed = inputs["encoder_hidden_states"].clone()
+    perturbed[:, 3:] += 5.0
+    with torch.no_grad():
+        a = unet(**inputs, encoder_attention_mask=mask).sample
+        b = unet(**{**inputs, "encoder_hidden_states": perturbed}, encoder_attention_mask=mask).sample
+        c = unet(**{**inputs, "encoder_hidden_states": perturbed}).sample
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c, atol=1e-5)
+
+
+def test_rope_extrapolates_to_unseen_resolutions():
+    """RoPE tables are built for the actual grid: a resolution never used before runs and is position-aware."""
+    unet = tiny_unet()
+    inputs = _inputs(unet, batch=1, height=16, width=24)
+    flipped = dict(inputs, sample=inputs["sample"].flip(-1))
+    with torch.no_grad():
+        out = unet(**inputs).sample
+        out_flipped = unet(**flipped).sample.flip(-1)
+    assert out.shape[-2:] == (16, 24)
+    # With RoPE the model is not equivariant to a horizontal flip (it knows where tokens are).
+    assert not torch.allclose(out, out_flipped, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(sample=torch.randn(1, 3, 8, 8)), "sample"),
+        (dict(sample=torch.randn(1, 4, 8, 6)), "multiples of 4"),
+        (dict(encoder_hidden_states=torch.randn(1, 5, 7)), "encoder_hidden_states"),
+        (dict(pooled_projections=torch.randn(1, 3)), "pooled_projections"),
+        (dict(encoder_attention_mask=torch.ones(1, 2)), "encoder_attention_mask"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_argument(bad, match):
+    unet = tiny_unet()
+    inputs = {**_inputs(unet, batch=1), **bad}
+    with pytest.raises(ValueError, match=match):
+        unet(**inputs)
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (dict(conv_type="dilated"), "conv_type"),
+        (dict(transformer_layers_per_block=(1, 2)), "transformer_layers_per_block"),
+        (dict(kv_heads=3), "kv_heads"),
+        (dict(qk_norm="layer_norm"), "qk_norm"),
+        (dict(block_out_channels=(16, 30, 48)), "norm_num_groups"),
+    ],
+)
+def test_bad_config_raises_value_error(config, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_unet(**config)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = SnapGenUNet2DModel.from_pretrained(tmp_path).eval()
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, loaded(**inputs).sample, rtol=0, atol=0)
+    def public(config):  # JSON turns tuples into lists; private keys record where it was loaded from
+        return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+    assert public(loaded.config) == public(unet.config)
+
+
+def test_automodel_loads_a_saved_unet(tmp_path):
+    from diffusers import AutoModel
+
+    tiny_unet().save_pretrained(tmp_path)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), SnapGenUNet2DModel)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    unet = tiny_unet(dropout=0.0).train()
+    inputs = _inputs(unet)
+
+    def grads():
+        unet.zero_grad()
+        unet(**inputs).sample.pow(2).mean().backward()
+        return {name: p.grad.clone() for name, p in unet.named_parameters() if p.grad is not None}
+
+    reference = grads()
+    unet.enable_gradient_checkpointing()
+    assert unet.is_gradient_checkpointing
+    checkpointed = grads()
+    assert reference.keys() == checkpointed.keys() and len(reference) == len(list(unet.parameters()))
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_forward():
+    unet = tiny_unet().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) for k, v in _inputs(unet).items()}
+    with torch.no_grad():
+        out = unet(**inputs).sample
+    reference = tiny_unet()(**_inputs(unet)).sample.detach()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - reference).norm() / reference.norm() < 0.05
+
+
+def test_attention_backends_agree():
+    unet = tiny_unet()
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        unet.set_attention_backend("native")
+        native = unet(**inputs).sample
+        unet.set_attention_backend("_native_math")
+        math = unet(**inputs).sample
+    processors = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert processors == {"SnapGenAttnProcessor"}
+    assert all(p._attention_backend.value == "_native_math" for p in unet.attn_processors.values())
+    torch.testing.assert_close(native, math, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_query_attention_matches_explicit_head_repeat():
+    """kv_heads=1 equals multi-head attention whose K/V weights repeat one head (MQA is MHA with tied K/V heads)."""
+    torch.manual_seed(0)
+    mqa = SnapGenAttention(16, heads=4, dim_head=8, kv_heads=1, qk_norm=None)
+    mha = SnapGenAttention(16, heads=4, dim_head=8, kv_heads=None, qk_norm=None)
+    mha.load_state_dict(
+        {
+            **mqa.state_dict(),
+            "to_k.weight": mqa.to_k.weight.repeat(4, 1),
+            "to_v.weight": mqa.to_v.weight.repeat(4, 1),
+        }
+    )
+    x = torch.randn(2, 10, 16)
+    torch.testing.assert_close(mqa(x), mha(x))
+
+
+def test_compiles_fullgraph_without_graph_breaks():
+    torch._dynamo.reset()
+    unet = tiny_unet()
+    inputs = _inputs(unet)
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).sample, unet(**inputs).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_flops_at_1024px_are_in_the_paper_range():
+    """The paper-config forward at a 128x128 latent costs ~1.35 TFLOPs (DESIGN.md §8: 1352 GFLOPs measured)."""
+    with torch.device("meta"):
+        unet = SnapGenUNet2DModel()
+        inputs = dict(
+            sample=torch.randn(1, 16, 128, 128),
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(1, 333, 4096),
+            pooled_projections=torch.randn(1, 2048),
+        )
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            unet(**inputs)
+    assert 1.2e12 < counter.get_total_flops() < 1.5e12
+
+
+def test_lora_adapter_through_peft():
+    from peft import LoraConfig
+
+    unet = tiny_unet()
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        base = unet(**inputs).sample
+    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = unet(**inputs).sample
+        unet.disable_adapters()
+        disabled = unet(**inputs).sample
+    assert not torch.allclose(base, adapted, atol=1e-5)
+    torch.testing.assert_close(base, disabled)
