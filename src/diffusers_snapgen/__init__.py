@@ -6,9 +6,15 @@ Importing this package makes its classes loadable through diffusers' own entry p
 
 __version__ = "0.1.0.dev0"
 
+from ._registration import register as _register
 from .models import SnapGenUNet2DModel, SnapGenUNet2DOutput, TinyDecoder
+from .pipelines import SnapGenPipeline, SnapGenPipelineOutput
+
+_register()  # make DiffusionPipeline / AutoPipelineForText2Image / AutoModel find our classes
 
 __all__ = [
+    "SnapGenPipeline",
+    "SnapGenPipelineOutput",
     "SnapGenUNet2DModel",
     "SnapGenUNet2DOutput",
     "TinyDecoder",

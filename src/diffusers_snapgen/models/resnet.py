@@ -15,7 +15,13 @@ class SeparableConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True):
         super().__init__()
         self.depthwise = nn.Conv2d(
-            in_channels, in_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=in_channels, bias=bias
+            in_channels,
+            in_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            groups=in_channels,
+            bias=bias,
         )
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
 

@@ -7,7 +7,6 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from .attention import SnapGenAttention
-from .embeddings import SnapGenRotaryPosEmbed2D
 
 
 class SnapGenTransformerBlock(nn.Module):
@@ -32,7 +31,9 @@ class SnapGenTransformerBlock(nn.Module):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        attention_kwargs = dict(heads=num_attention_heads, dim_head=attention_head_dim, kv_heads=kv_heads, qk_norm=qk_norm)
+        attention_kwargs = dict(
+            heads=num_attention_heads, dim_head=attention_head_dim, kv_heads=kv_heads, qk_norm=qk_norm
+        )
         if only_cross_attention:
             self.norm1 = None
             self.attn1 = None
@@ -65,8 +66,9 @@ class SnapGenTransformerBlock(nn.Module):
 class SnapGenSpatialTransformer(nn.Module):
     r"""``GN -> proj_in -> N x SnapGenTransformerBlock -> proj_out``, added to the input feature map.
 
-    Flattens the ``(B, C, H, W)`` map to ``H * W`` tokens (linear projections, as SDXL's ``use_linear_projection``)
-    and builds the 2D RoPE table for the current ``H x W`` when ``use_rope`` is set.
+    Flattens the ``(B, C, H, W)`` map to ``H * W`` tokens (linear projections, as SDXL's ``use_linear_projection``).
+    ``rotary_embs`` maps ``(H, W)`` to that grid's 2D RoPE table; the UNet builds one per stage resolution and
+    forward pass, so the table is not rebuilt in every transformer.
     """
 
     def __init__(
@@ -78,8 +80,6 @@ class SnapGenSpatialTransformer(nn.Module):
         kv_heads: int | None = 1,
         only_cross_attention: bool = False,
         qk_norm: str | None = "rms_norm",
-        use_rope: bool = True,
-        rope_theta: float = 10000.0,
         ff_mult: float = 3,
         norm_num_groups: int = 32,
         norm_eps: float = 1e-5,
@@ -92,7 +92,6 @@ class SnapGenSpatialTransformer(nn.Module):
             )
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.pos_embed = SnapGenRotaryPosEmbed2D(attention_head_dim, theta=rope_theta) if use_rope else None
         self.transformer_blocks = nn.ModuleList(
             SnapGenTransformerBlock(
                 channels,
@@ -116,12 +115,13 @@ class SnapGenSpatialTransformer(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
+        rotary_embs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         batch, channels, height, width = hidden_states.shape
         residual = hidden_states
         hidden_states = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         hidden_states = self.proj_in(hidden_states)
-        rotary_emb = self.pos_embed(height, width, device=hidden_states.device) if self.pos_embed is not None else None
+        rotary_emb = rotary_embs[(height, width)] if rotary_embs is not None else None
 
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

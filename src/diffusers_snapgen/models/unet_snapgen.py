@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .embeddings import SnapGenRotaryPosEmbed2D
 from .resnet import CONV_TYPES, make_conv
 from .unet_blocks import SnapGenDownBlock2D, SnapGenMidBlock2D, SnapGenUpBlock2D
 
@@ -97,8 +98,10 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         only_cross = _per_stage(only_cross_attention, num_stages, "only_cross_attention")
         for channels in block_out_channels:
             if channels % norm_num_groups != 0:
-                raise ValueError(f"Every entry of `block_out_channels` must be divisible by `norm_num_groups` "
-                                 f"({norm_num_groups}), got {block_out_channels!r}.")
+                raise ValueError(
+                    f"Every entry of `block_out_channels` must be divisible by `norm_num_groups` "
+                    f"({norm_num_groups}), got {block_out_channels!r}."
+                )
 
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
         resnet_kwargs = dict(
@@ -116,8 +119,6 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
                 kv_heads=kv_heads,
                 only_cross_attention=only_cross[stage],
                 qk_norm=qk_norm,
-                use_rope=use_rope,
-                rope_theta=rope_theta,
                 ff_mult=ff_mult,
                 norm_num_groups=norm_num_groups,
                 norm_eps=norm_eps,
@@ -129,6 +130,7 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
         self.add_embedding = TimestepEmbedding(pooled_projection_dim, time_embed_dim)
         self.context_embedder = nn.Linear(joint_attention_dim, cross_attention_dim)
+        self.pos_embed = SnapGenRotaryPosEmbed2D(attention_head_dim, theta=rope_theta) if use_rope else None
 
         self.conv_in = make_conv(conv_type, in_channels, block_out_channels[0])
 
@@ -216,7 +218,10 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
                 f"`pooled_projections` must be a ({batch}, {config.pooled_projection_dim}) tensor, "
                 f"got {tuple(pooled_projections.shape)}."
             )
-        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != encoder_hidden_states.shape[:2]:
+        if (
+            encoder_attention_mask is not None
+            and tuple(encoder_attention_mask.shape) != encoder_hidden_states.shape[:2]
+        ):
             raise ValueError(
                 f"`encoder_attention_mask` must be a {tuple(encoder_hidden_states.shape[:2])} mask, "
                 f"got {tuple(encoder_attention_mask.shape)}."
@@ -263,18 +268,24 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
             # (B, L) keep-mask -> boolean (B, 1, 1, L), broadcast over heads and query tokens.
             mask = encoder_attention_mask.to(device=sample.device, dtype=torch.bool)[:, None, None, :]
 
+        rotary_embs = None
+        if self.pos_embed is not None:  # one 2D RoPE table per stage resolution, shared by its transformers
+            height, width = sample.shape[-2:]
+            grids = [(height >> stage, width >> stage) for stage in range(len(self.config.block_out_channels))]
+            rotary_embs = {grid: self.pos_embed(*grid, device=sample.device) for grid in grids}
+
         hidden_states = self.conv_in(sample)
         skips = (hidden_states,)
         for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, temb, context, mask)
+            hidden_states, block_skips = block(hidden_states, temb, context, mask, rotary_embs)
             skips += block_skips
 
-        hidden_states = self.mid_block(hidden_states, temb, context, mask)
+        hidden_states = self.mid_block(hidden_states, temb, context, mask, rotary_embs)
 
         for block in self.up_blocks:
             num_resnets = len(block.resnets)
             block_skips, skips = skips[-num_resnets:], skips[:-num_resnets]
-            hidden_states = block(hidden_states, block_skips, temb, context, mask)
+            hidden_states = block(hidden_states, block_skips, temb, context, mask, rotary_embs)
 
         hidden_states = self.conv_out(F.silu(self.conv_norm_out(hidden_states)))
         if not return_dict:

@@ -23,20 +23,40 @@ _BASELINE = dict(
 # (fractions; None where the paper gives no number for that metric).
 _STEPS = [
     ("a", "thin/short SDXL UNet (baseline)", {}, {}),
-    ("b", "self-attention only in the lowest-resolution stage", {"only_cross_attention": (True, True, False)},
-     {"flops": -0.17, "latency": -0.24}),
-    ("c", "separable convs with x2 expansion (UIB)", {"conv_type": "separable", "conv_expansion_ratio": 2},
-     {"params": -0.15, "flops": -0.27}),
+    (
+        "b",
+        "self-attention only in the lowest-resolution stage",
+        {"only_cross_attention": (True, True, False)},
+        {"flops": -0.17, "latency": -0.24},
+    ),
+    (
+        "c",
+        "separable convs with x2 expansion (UIB)",
+        {"conv_type": "separable", "conv_expansion_ratio": 2},
+        {"params": -0.15, "flops": -0.27},
+    ),
     ("d", "FFN expansion 4 -> 3", {"ff_mult": 3}, {"params": -0.12, "flops": -0.12}),
-    ("e1", "multi-query attention (one shared K/V head)", {"kv_heads": 1},
-     {"params": -0.16, "flops": -0.06, "latency": -0.09}),
+    (
+        "e1",
+        "multi-query attention (one shared K/V head)",
+        {"kv_heads": 1},
+        {"params": -0.16, "flops": -0.06, "latency": -0.09},
+    ),
     # The paper *replaces* stage-1 residual blocks with CA+FFN transformer blocks ("smaller, faster", no number).
     # The concrete config (DESIGN.md §2, public derivative configs) keeps the residual blocks and adds one
     # transformer block per layer, which adds ~1.5% params and ~13% FLOPs at a 128x128 latent.
-    ("e", "conditions from the first stage (CA+FFN transformer blocks in stage 1)",
-     {"transformer_layers_per_block": (1, 2, 4)}, {}),
-    ("f", "RMSNorm QK-norm + 2D RoPE (final)", {"qk_norm": "rms_norm", "use_rope": True},
-     {"params": 0.0, "flops": 0.0}),
+    (
+        "e",
+        "conditions from the first stage (CA+FFN transformer blocks in stage 1)",
+        {"transformer_layers_per_block": (1, 2, 4)},
+        {},
+    ),
+    (
+        "f",
+        "RMSNorm QK-norm + 2D RoPE (final)",
+        {"qk_norm": "rms_norm", "use_rope": True},
+        {"params": 0.0, "flops": 0.0},
+    ),
 ]
 
 

@@ -1,0 +1,134 @@
+"""The ``snapgen`` command line, run in-process through ``diffusers_snapgen.cli.main``."""
+
+from __future__ import annotations
+
+import configparser
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build_hub_cache
+from PIL import Image
+
+from diffusers_snapgen import cli
+
+SMALL = ["--height", "32", "--width", "64", "--seed", "7", "--device", "cpu", "--dtype", "float32"]
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_console_script_is_declared():
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / "setup.cfg")
+    assert "snapgen = diffusers_snapgen.cli:main" in config["options.entry_points"]["console_scripts"]
+
+
+def test_generate_writes_the_image_and_prints_its_path(saved_pipeline, tmp_path, capsys):
+    target = tmp_path / "apple.png"
+    code, out, err = run(capsys, "generate", "a red apple", "--model", str(saved_pipeline), "-o", str(target), *SMALL)
+    assert code == 0, err
+    assert out.strip().splitlines() == [str(target)]
+    with Image.open(target) as image:
+        assert image.size == (64, 32)
+        first = np.asarray(image)
+    # same seed, same image
+    again = tmp_path / "again.png"
+    assert run(capsys, "generate", "a red apple", "-m", str(saved_pipeline), "-o", str(again), *SMALL)[0] == 0
+    with Image.open(again) as image:
+        np.testing.assert_array_equal(np.asarray(image), first)
+
+
+def test_generate_several_images_into_a_folder(saved_pipeline, tmp_path, capsys):
+    folder = tmp_path / "out"
+    code, out, err = run(capsys, "generate", "A red apple!", "-m", str(saved_pipeline), "--num-images", "2",
+                         "--steps", "1", "--guidance-scale", "2.0", "--negative-prompt", "blurry",
+                         "--output", str(folder), *SMALL)
+    assert code == 0, err
+    paths = [Path(p) for p in out.split()]
+    assert [p.name for p in paths] == ["a-red-apple-7-0.png", "a-red-apple-7-1.png"]
+    assert all(p.is_file() and p.parent == folder for p in paths)
+    assert "Traceback" not in err
+
+
+def test_generate_from_a_hub_repo_id_offline(saved_pipeline, tmp_path, capsys):
+    build_hub_cache(saved_pipeline, "snapgen-test/cli-repo")
+    code, out, err = run(capsys, "generate", "a red apple", "-m", "snapgen-test/cli-repo",
+                         "-o", str(tmp_path / "hub.png"), *SMALL)
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "hub.png")
+    assert (tmp_path / "hub.png").is_file()
+
+
+def test_info_prints_components_parameters_and_scheduler(saved_pipeline, capsys):
+    code, out, err = run(capsys, "info", str(saved_pipeline))
+    assert code == 0, err
+    for text in ("SnapGenUNet2DModel", "TinyDecoder", "CLIPTextModelWithProjection", "shift: 3.0",
+                 "default steps: 2", "default image size: 64x64"):
+        assert text in out
+    code, out, err = run(capsys, "info", str(saved_pipeline), "--json")
+    summary = json.loads(out)
+    from diffusers_snapgen.testing import tiny_pipeline
+
+    expected = sum(p.numel() for p in tiny_pipeline("clip", "tiny").unet.parameters())
+    assert summary["components"]["unet"]["parameters"] == expected
+    assert summary["scheduler"]["defaults_from"] == "_snapgen_defaults"
+
+
+def test_other_modules_can_add_subcommands(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", dict(cli._SUBCOMMANDS))
+    calls = []
+    cli.register_subcommand(
+        "plugin-demo", "a subcommand added by another module",
+        configure=lambda parser: parser.add_argument("--bits", type=int, default=16),
+        run=lambda args: calls.append(args.bits) or 0,
+    )
+    assert run(capsys, "plugin-demo", "--bits", "6")[0] == 0
+    assert calls == [6]
+    with pytest.raises(ValueError, match="already registered"):
+        cli.register_subcommand("plugin-demo", "again", lambda p: None, lambda a: 0)
+    with pytest.raises(ValueError, match="`name`"):
+        cli.register_subcommand("Bad Name", "x", lambda p: None, lambda a: 0)
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit code 2
+
+BAD = [
+    ("no-model-yet", ["generate", "a red apple"], "--model"),
+    ("height-not-multiple", ["generate", "x", "-m", "{model}", "--height", "33"], "--height"),
+    ("width-zero", ["generate", "x", "-m", "{model}", "--width", "0"], "--width"),
+    ("steps-zero", ["generate", "x", "-m", "{model}", "--steps", "0"], "--steps"),
+    ("num-images-text", ["generate", "x", "-m", "{model}", "--num-images", "two"], "--num-images"),
+    ("guidance-negative", ["generate", "x", "-m", "{model}", "--guidance-scale", "-2"], "--guidance-scale"),
+    ("unknown-dtype", ["generate", "x", "-m", "{model}", "--dtype", "int8"], "--dtype"),
+    ("bad-output-extension", ["generate", "x", "-m", "{model}", "-o", "{tmp}/image.txt"], "--output"),
+    ("model-not-a-folder", ["generate", "x", "-m", "{tmp}/missing"], "--model"),
+    ("model-not-snapgen", ["generate", "x", "-m", "{tmp}", "--device", "cpu"], "--model"),
+    ("model-corrupt", ["generate", "x", "-m", "{corrupt}", "--device", "cpu"], "safetensors"),
+    ("device-unknown", ["generate", "x", "-m", "{model}", "--device", "toaster"], "--device"),
+    ("repo-not-cached", ["info", "snapgen-test/not-cached"], "MODEL"),
+    ("info-not-snapgen", ["info", "{tmp}"], "MODEL"),
+    ("unknown-command", ["paint", "x"], "paint"),
+    ("missing-prompt", ["generate"], "prompt"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(saved_pipeline, tmp_path, capsys, argv, needle):
+    corrupt = tmp_path / "corrupt"
+    if "{corrupt}" in argv:
+        import shutil
+
+        shutil.copytree(saved_pipeline, corrupt)
+        next((corrupt / "unet").glob("*.safetensors")).write_bytes(b"garbage" * 10)
+    argv = [a.format(model=saved_pipeline, tmp=tmp_path, corrupt=corrupt) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert needle in lines[0] and "error" in lines[0] and "Traceback" not in err
+    assert out == ""
