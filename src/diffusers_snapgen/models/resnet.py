@@ -10,9 +10,20 @@ CONV_TYPES = ("separable", "regular")
 
 
 class SeparableConv2d(nn.Module):
-    r"""Depthwise ``kernel_size`` convolution followed by a pointwise 1x1 convolution (paper §3.1, "SepConv")."""
+    r"""Depthwise ``kernel_size`` convolution followed by a pointwise 1x1 convolution (paper §3.1, "SepConv").
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True):
+    ``bias`` applies to the pointwise conv, ``depthwise_bias`` to the depthwise one (the tiny decoder drops it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        bias: bool = True,
+        depthwise_bias: bool = True,
+    ):
         super().__init__()
         self.depthwise = nn.Conv2d(
             in_channels,
@@ -21,7 +32,7 @@ class SeparableConv2d(nn.Module):
             stride=stride,
             padding=kernel_size // 2,
             groups=in_channels,
-            bias=bias,
+            bias=depthwise_bias,
         )
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
 

@@ -12,6 +12,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from .resnet import SeparableConv2d
+
 _CONV_TYPES = ("separable", "regular")
 
 
@@ -28,7 +30,7 @@ def _per_stage(value, num_stages: int, name: str) -> tuple:
 
 def _conv3x3(in_channels: int, out_channels: int, conv_type: str) -> nn.Module:
     if conv_type == "separable":
-        return SeparableConv2d(in_channels, out_channels)
+        return SeparableConv2d(in_channels, out_channels, depthwise_bias=False)
     if conv_type == "regular":
         return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
     raise ValueError(f"conv type must be one of {_CONV_TYPES}, got {conv_type!r}.")
@@ -43,20 +45,6 @@ def _group_norm(channels: int, enabled: bool, num_groups: int, eps: float) -> nn
             f"`block_out_channels` entry that has a GroupNorm."
         )
     return nn.GroupNorm(num_groups, channels, eps=eps)
-
-
-class SeparableConv2d(nn.Module):
-    """Depthwise 3x3 followed by pointwise 1x1 convolution (the decoder's SepConv, paper §3.2 change 3)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
-        super().__init__()
-        self.depthwise = nn.Conv2d(
-            in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels, bias=False
-        )
-        self.pointwise = nn.Conv2d(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(hidden_states))
 
 
 class TinyDecoderResnetBlock2D(nn.Module):
