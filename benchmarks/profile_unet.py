@@ -1,0 +1,101 @@
+"""Where the SnapGen UNet step spends its GPU time: top kernels of one compiled forward (bf16, batch 1, 1024²).
+
+Compiled without CUDA graphs so the profiler sees each kernel; kernels are also grouped into coarse families
+(matmul, convolution, attention, normalisation, elementwise/fused) to show what a fusion effort should target.
+
+    python benchmarks/profile_unet.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, markdown_table, time_ms, write_results  # noqa: E402
+
+from diffusers_snapgen import SnapGenUNet2DModel  # noqa: E402
+
+FAMILIES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("convolution", ("conv", "depthwise", "implicit", "wgrad", "dgrad", "cudnn")),
+    ("matmul", ("gemm", "matmul", "sm90_xmma", "cutlass", "nvjet", "cublas")),
+    ("normalisation", ("norm", "welford", "reduction", "red_")),
+    ("fused elementwise (triton)", ("triton",)),
+]
+
+
+def family(kernel_name: str) -> str:
+    lowered = kernel_name.lower()
+    for name, keys in FAMILIES:
+        if any(key in lowered for key in keys):
+            return name
+    return "other"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    device, dtype, latent = torch.device("cuda"), torch.bfloat16, args.resolution // 8
+
+    unet = SnapGenUNet2DModel().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    inputs = dict(
+        sample=torch.randn(args.batch, 16, latent, latent, device=device, dtype=dtype),
+        timestep=torch.full((args.batch,), 500.0, device=device),
+        encoder_hidden_states=torch.randn(args.batch, 333, 4096, device=device, dtype=dtype),
+        pooled_projections=torch.randn(args.batch, 2048, device=device, dtype=dtype),
+    )
+    compiled = torch.compile(unet, mode="max-autotune-no-cudagraphs")
+    with torch.inference_mode():
+        step_ms = time_ms(lambda: compiled(**inputs), device, warmup=3, iters=10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            for _ in range(5):
+                compiled(**inputs)
+            torch.cuda.synchronize()
+
+    kernels = defaultdict(lambda: [0.0, 0])
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name][0] += event.device_time_total / 5 / 1e3  # ms per forward
+            kernels[event.name][1] += 1
+    total = sum(ms for ms, _ in kernels.values())
+    families = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        families[family(name)] += ms
+    family_rows = [
+        dict(family=name, ms=ms, share=f"{ms / total:.0%}") for name, ms in sorted(families.items(), key=lambda x: -x[1])
+    ]
+    kernel_rows = [
+        dict(kernel=name[:90], family=family(name), ms=ms, launches=count // 5, share=f"{ms / total:.1%}")
+        for name, (ms, count) in sorted(kernels.items(), key=lambda x: -x[1][0])[: args.top]
+    ]
+    title = (
+        f"# SnapGen UNet kernel profile — {device_name(device)}, bf16, batch {args.batch}, {args.resolution}², "
+        f"torch.compile max-autotune-no-cudagraphs\n\nStep {step_ms:.2f} ms wall; {total:.2f} ms of kernel time "
+        f"in {sum(c for _, c in kernels.values()) // 5} launches per forward.\n"
+    )
+    table = (
+        title
+        + "\n"
+        + markdown_table(family_rows, ["family", "ms", "share"])
+        + "\n\n"
+        + markdown_table(kernel_rows, ["kernel", "family", "ms", "launches", "share"])
+    )
+    print(table)
+    if args.out is not None:
+        payload = dict(step_ms=step_ms, kernel_ms=total, families=family_rows, kernels=kernel_rows)
+        write_results(args.out, "profile_unet_cuda", payload, table)
+
+
+if __name__ == "__main__":
+    main()
