@@ -1,0 +1,268 @@
+"""Atomic, resumable training checkpoints on top of ``accelerate``'s ``save_state``/``load_state``.
+
+A checkpoint ``<output_dir>/checkpoint-<step>`` is first written in full to ``<output_dir>/.tmp-checkpoint-<step>``
+and then renamed into place; ``latest`` only considers ``checkpoint-<int>`` folders that carry the
+``training_state.json`` written last, so a process killed while saving never leaves a checkpoint that resume would pick.
+It holds (through accelerate) the trainable models, optimizer, LR scheduler and RNG states, plus, through the hooks
+registered by :func:`register_checkpoint_hooks`, the student in diffusers format (``unet/``), its EMA (``unet_ema/``)
+and :class:`TrainingState` (global step, epoch, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = [
+    "TrainingState",
+    "STATE_FILE",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_resume_checkpoint",
+    "prune_checkpoints",
+    "remove_incomplete",
+    "save_checkpoint",
+    "register_checkpoint_hooks",
+    "atomic_save_pipeline",
+]
+
+STATE_FILE = "training_state.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: optimizer steps done, the epoch, and micro-batches of that epoch consumed."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    seed: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict):
+        if not isinstance(state, dict):
+            raise TypeError(f"`state` must be a dict, got {type(state).__name__}.")
+        for key in ("global_step", "epoch", "batches_in_epoch", "seed"):
+            setattr(self, key, int(state.get(key, getattr(self, key))))
+
+
+def _check_dir(output_dir) -> Path:
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"`output_dir` must be a path, got {type(output_dir).__name__}.")
+    return Path(output_dir)
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (a checkpoint is complete when it has ``STATE_FILE``)."""
+    root = _check_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
+    """``None`` -> no resume; ``"latest"`` -> newest complete checkpoint or ``None`` when there is none (fresh
+    start, as in diffusers' examples); a name or path -> that checkpoint (must be complete)."""
+    if resume_from_checkpoint is None:
+        return None
+    if not isinstance(resume_from_checkpoint, str) or not resume_from_checkpoint:
+        raise ValueError(f"`resume_from_checkpoint` must be 'latest' or a checkpoint path, got {resume_from_checkpoint!r}.")
+    if resume_from_checkpoint == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume_from_checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = _check_dir(output_dir) / path
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(
+            f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a complete checkpoint "
+            f"(no {STATE_FILE} in {path}); use 'latest' or one of {[p.name for p in list_checkpoints(output_dir)]}."
+        )
+    return path
+
+
+def remove_incomplete(output_dir) -> list[Path]:
+    """Deletes leftovers of interrupted saves (``.tmp-*`` folders) and returns what it removed."""
+    root = _check_dir(output_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def prune_checkpoints(output_dir, total_limit: int | None) -> list[Path]:
+    """Keeps the newest ``total_limit`` complete checkpoints; returns the deleted ones (``None``: keep all)."""
+    if total_limit is None:
+        return []
+    if isinstance(total_limit, bool) or not isinstance(total_limit, int) or total_limit < 1:
+        raise ValueError(f"`total_limit` (--checkpoints_total_limit) must be a positive int or None, got {total_limit!r}.")
+    ckpts = list_checkpoints(output_dir)
+    doomed = ckpts[: max(0, len(ckpts) - total_limit)]
+    for p in doomed:
+        # rename first so a kill mid-delete never leaves a half-deleted folder that looks complete
+        trash = p.with_name(f".tmp-delete-{p.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def save_checkpoint(accelerator, output_dir, state: TrainingState, total_limit: int | None = None) -> Path:
+    """Saves ``accelerator``'s state as ``checkpoint-<global_step>`` atomically, then prunes old ones.
+
+    All processes must call it (accelerate collects sharded states); only the main process renames and prunes.
+    """
+    if not isinstance(state, TrainingState):
+        raise TypeError(f"`state` must be a TrainingState, got {type(state).__name__}.")
+    root = _check_dir(output_dir)
+    final = root / f"checkpoint-{state.global_step}"
+    tmp = root / f".tmp-checkpoint-{state.global_step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json_atomic(tmp / STATE_FILE, state.state_dict())
+        _fsync_tree(tmp)
+        if final.exists():  # same step saved before (e.g. resumed and re-saved): replace it
+            trash = root / f".tmp-delete-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune_checkpoints(root, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_json_atomic(path: Path, data: dict):
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path):
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: TrainingState | None = None,
+                              student_subfolder: str = "unet"):
+    """diffusers-example-style hooks: the student (the first prepared model of class ``student_cls``) is saved with
+    ``save_pretrained`` into ``<ckpt>/unet`` and its EMA into ``<ckpt>/unet_ema``; other prepared models (KD
+    projectors) are left to accelerate. ``state`` is registered for checkpointing (``custom_checkpoint_0.pkl``).
+    """
+    if not isinstance(student_cls, type):
+        raise TypeError(f"`student_cls` must be a model class, got {student_cls!r}.")
+    if state is not None:
+        if not isinstance(state, TrainingState):
+            raise TypeError(f"`state` must be a TrainingState, got {type(state).__name__}.")
+        accelerator.register_for_checkpointing(state)
+
+    def _is_student(model):
+        return isinstance(accelerator.unwrap_model(model), student_cls)
+
+    def save_model_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for i in reversed(range(len(models))):
+            if _is_student(models[i]):
+                accelerator.unwrap_model(models[i]).save_pretrained(os.path.join(output_dir, student_subfolder))
+                weights.pop(i)
+                break
+        if ema is not None:
+            ema.save_pretrained(os.path.join(output_dir, f"{student_subfolder}_ema"))
+
+    def load_model_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if _is_student(models[i]):
+                model = accelerator.unwrap_model(models.pop(i))
+                loaded = student_cls.from_pretrained(input_dir, subfolder=student_subfolder)
+                model.register_to_config(**loaded.config)
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+                break
+        if ema is not None:
+            loaded = type(ema).from_pretrained(os.path.join(input_dir, f"{student_subfolder}_ema"), student_cls)
+            ema.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def atomic_save_pipeline(pipeline, output_dir, **save_kwargs) -> Path:
+    """``pipeline.save_pretrained`` into a temporary folder, then moves the parts into ``output_dir``.
+
+    ``model_index.json`` is removed first and moved in last, so ``DiffusionPipeline.from_pretrained(output_dir)``
+    either fails (no pipeline yet) or loads the complete new pipeline; other content of ``output_dir``
+    (checkpoints, logs) is kept.
+    """
+    if not hasattr(pipeline, "save_pretrained"):
+        raise TypeError(f"`pipeline` must be a DiffusionPipeline, got {type(pipeline).__name__}.")
+    root = _check_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-pipeline-{uuid.uuid4().hex[:8]}"
+    pipeline.save_pretrained(str(tmp), **save_kwargs)
+    (root / "model_index.json").unlink(missing_ok=True)
+    _fsync_tree(tmp)
+    for entry in sorted(tmp.iterdir()):
+        if entry.name == "model_index.json":
+            continue
+        dest = root / entry.name
+        if dest.is_dir():
+            trash = root / f".tmp-delete-{entry.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(entry, dest)
+    os.replace(tmp / "model_index.json", root / "model_index.json")
+    _fsync_dir(root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,241 @@
+"""Loading what a SnapGen training run needs: text encoders, VAE, scheduler, the student UNet and the KD teacher.
+
+One :class:`SnapGenPipeline` holds the (frozen) text encoders, the decoder and the scheduler plus the student as its
+``unet``: it encodes captions (``encode_prompt``; the same embeddings feed an SD3 teacher, whose
+``joint_attention_dim``/``pooled_projection_dim`` the encoders match by construction), runs validation and is what
+the run saves at the end. Latents come from an ``AutoencoderKL`` encoder: the base pipeline's ``vae`` when it can
+encode, else ``--pretrained_vae_model_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("diffusers_snapgen.training")
+
+__all__ = [
+    "DTYPES",
+    "weight_dtype_for",
+    "text_widths",
+    "load_base_components",
+    "load_student",
+    "load_teacher",
+    "check_teacher_student",
+    "build_pipeline",
+    "encode_captions",
+    "encode_latents",
+    "scale_latents",
+    "load_vae_encoder",
+]
+
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
+    """dtype of frozen modules under accelerate's ``mixed_precision`` (``None``/"no" -> fp32)."""
+    if mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ValueError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}.")
+    return DTYPES.get(mixed_precision or "no")
+
+
+def _is_local(path) -> bool:
+    return os.path.isdir(os.fspath(path))
+
+
+def _has_subfolder(path, subfolder, revision=None, cache_dir=None) -> bool:
+    if _is_local(path):
+        return os.path.isfile(os.path.join(path, subfolder, "config.json"))
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(path, "config.json", subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+        return True
+    except Exception:
+        return False
+
+
+def load_base_components(pretrained_model_name_or_path, revision=None, variant=None, cache_dir=None,
+                         dtype=torch.float32) -> dict:
+    """Text encoders/tokenizers, ``vae`` and ``scheduler`` of a SnapGen or SD3-style pipeline (its denoiser is not
+    loaded). Returns a dict of SnapGenPipeline component names (absent encoders are ``None``)."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        raise TypeError("`pretrained_model_name_or_path` must be a folder or Hub id (--pretrained_model_name_or_path).")
+    try:
+        index = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+    except Exception as e:
+        raise ValueError(
+            f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} is not a diffusers pipeline "
+            f"(no readable model_index.json): {e}"
+        ) from e
+    comps = {}
+    import importlib
+
+    for name in (*_TEXT, "vae", "scheduler"):
+        entry = index.get(name)
+        if not isinstance(entry, (list, tuple)) or entry[0] is None:
+            comps[name] = None
+            continue
+        library, class_name = entry
+        cls = getattr(importlib.import_module(library), class_name)
+        sub = dict(subfolder=name, revision=revision, cache_dir=cache_dir)
+        if name.startswith("tokenizer") or name == "scheduler":
+            comps[name] = cls.from_pretrained(pretrained_model_name_or_path, **sub)
+        else:
+            comps[name] = cls.from_pretrained(pretrained_model_name_or_path, torch_dtype=dtype, variant=variant, **sub)
+    if comps["vae"] is None:
+        raise ValueError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} has no `vae` component.")
+    if not isinstance(comps["scheduler"], FlowMatchEulerDiscreteScheduler):
+        from ..pipelines import snapgen_scheduler
+
+        comps["scheduler"] = snapgen_scheduler()
+    for name, value in comps.items():
+        if isinstance(value, torch.nn.Module):
+            value.requires_grad_(False).eval()
+    return comps
+
+
+def load_vae_encoder(components: dict, pretrained_vae_model_name_or_path=None, dtype=torch.float32, revision=None,
+                     variant=None, cache_dir=None):
+    """The ``AutoencoderKL`` that encodes training images: ``pretrained_vae_model_name_or_path`` (``vae`` subfolder
+    if present) or else the base pipeline's ``vae`` if it can encode."""
+    from diffusers import AutoencoderKL
+
+    if pretrained_vae_model_name_or_path is not None:
+        sub = "vae" if _has_subfolder(pretrained_vae_model_name_or_path, "vae", revision, cache_dir) else None
+        vae = AutoencoderKL.from_pretrained(pretrained_vae_model_name_or_path, subfolder=sub, torch_dtype=dtype,
+                                            revision=revision, variant=variant, cache_dir=cache_dir)
+    else:
+        from ..models import TinyDecoder
+
+        vae = components.get("vae")
+        if isinstance(vae, TinyDecoder) or not hasattr(vae, "encode"):
+            raise ValueError(
+                f"the base pipeline's vae ({type(vae).__name__}) cannot encode images: pass an AutoencoderKL with "
+                "--pretrained_vae_model_name_or_path (e.g. the SD3.5 repo), or use --cache_latents with one."
+            )
+    return vae.requires_grad_(False).eval()
+
+
+def text_widths(components: dict) -> tuple[int, int] | None:
+    """``(joint_attention_dim, pooled_projection_dim)`` the text encoders produce (SnapGenPipeline's rules:
+    SD3 set -> max(CLIP-L + CLIP-G hidden, T5 d_model) and CLIP-L + CLIP-G projections; one encoder -> its hidden)."""
+    te, te2, te3 = components.get("text_encoder"), components.get("text_encoder_2"), components.get("text_encoder_3")
+    if te is None:
+        return None
+    if te2 is None:
+        return te.config.hidden_size, te.config.hidden_size
+    joint = te.config.hidden_size + te2.config.hidden_size
+    if te3 is not None:
+        joint = max(joint, te3.config.d_model)
+    return joint, te.config.projection_dim + te2.config.projection_dim
+
+
+def load_student(pretrained_model_name_or_path=None, unet_model_name_or_path=None, unet_config: dict | None = None,
+                 from_scratch: bool = False, latent_channels: int | None = None, text_dims=None, seed: int = 0,
+                 revision=None, variant=None, cache_dir=None):
+    """The trainable ``SnapGenUNet2DModel`` in fp32.
+
+    Priority: ``unet_model_name_or_path`` (its ``unet`` subfolder if it has one), else the base pipeline's ``unet``
+    (unless ``from_scratch``), else a fresh model: paper defaults updated with the latent channels, the text widths
+    (``text_dims``) and ``unet_config``, initialised under ``torch.manual_seed(seed)``.
+    """
+    from ..models import SnapGenUNet2DModel
+
+    if unet_config is not None and not isinstance(unet_config, dict):
+        raise TypeError(f"`unet_config` (--unet_config) must be a dict, got {type(unet_config).__name__}.")
+    kw = dict(revision=revision, cache_dir=cache_dir, variant=variant)
+    source = None
+    if unet_model_name_or_path is not None:
+        source = unet_model_name_or_path
+    elif pretrained_model_name_or_path is not None and not from_scratch and unet_config is None:
+        if _has_subfolder(pretrained_model_name_or_path, "unet", revision, cache_dir):
+            source = pretrained_model_name_or_path
+    if source is not None:
+        sub = "unet" if _has_subfolder(source, "unet", revision, cache_dir) else None
+        logger.info("student: SnapGenUNet2DModel from %s%s", source, f" ({sub})" if sub else "")
+        return SnapGenUNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=torch.float32, **kw)
+    config = {}
+    if latent_channels is not None:
+        config.update(in_channels=latent_channels, out_channels=latent_channels)
+    if text_dims is not None:
+        config.update(joint_attention_dim=int(text_dims[0]), pooled_projection_dim=int(text_dims[1]))
+    config.update(unet_config or {})
+    logger.info("student: a new SnapGenUNet2DModel (paper defaults updated with %s)", config)
+    torch.manual_seed(seed)
+    return SnapGenUNet2DModel(**config)
+
+
+def load_teacher(teacher_model_name_or_path, subfolder="transformer", dtype=torch.bfloat16, revision=None,
+                 variant=None, cache_dir=None):
+    """A frozen ``SD3Transformer2DModel`` teacher in ``dtype`` (eval mode, no gradients)."""
+    from diffusers import SD3Transformer2DModel
+
+    if not isinstance(teacher_model_name_or_path, (str, os.PathLike)):
+        raise TypeError("`teacher_model_name_or_path` (--teacher_model_name_or_path) must be a folder or Hub id.")
+    if subfolder and not _has_subfolder(teacher_model_name_or_path, subfolder, revision, cache_dir):
+        if _has_subfolder(teacher_model_name_or_path, "", revision, cache_dir) or _is_local(teacher_model_name_or_path):
+            subfolder = None
+    teacher = SD3Transformer2DModel.from_pretrained(
+        teacher_model_name_or_path, subfolder=subfolder or None, torch_dtype=dtype, revision=revision,
+        variant=variant, cache_dir=cache_dir,
+    )
+    return teacher.requires_grad_(False).eval()
+
+
+def check_teacher_student(teacher, student):
+    """Teacher and student must share the latent space and the text conditioning widths."""
+    t, s = teacher.config, student.config
+    for key_t, key_s in (("in_channels", "in_channels"), ("out_channels", "out_channels"),
+                         ("joint_attention_dim", "joint_attention_dim"),
+                         ("pooled_projection_dim", "pooled_projection_dim")):
+        if t[key_t] != s[key_s]:
+            raise ValueError(
+                f"teacher {key_t}={t[key_t]} but student {key_s}={s[key_s]}: one text encoding and one latent "
+                f"space must feed both models; build the student with {key_s}={t[key_t]} (--unet_config)."
+            )
+
+
+def build_pipeline(components: dict, student):
+    """A :class:`SnapGenPipeline` around ``student`` with the base components (progress bar off)."""
+    from ..pipelines import SnapGenPipeline
+
+    comps = {k: components.get(k) for k in (*_TEXT, "vae", "scheduler")}
+    pipe = SnapGenPipeline(unet=student, **comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def encode_captions(pipeline, captions: list[str], device, max_sequence_length=None):
+    """``(prompt_embeds, pooled_prompt_embeds)`` for ``captions`` with the pipeline's encoders (no CFG branch)."""
+    if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
+        raise TypeError("`captions` must be a list of strings.")
+    embeds, _, pooled, _ = pipeline.encode_prompt(
+        list(captions), device=device, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
+    )
+    return embeds, pooled
+
+
+@torch.no_grad()
+def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents ``(z - shift_factor) * scaling_factor`` sampled from ``vae.encode(pixels).latent_dist``."""
+    from ..models import TinyDecoder
+
+    if isinstance(vae, TinyDecoder) or not hasattr(vae, "encode"):
+        raise TypeError(
+            f"{type(vae).__name__} cannot encode images: pass an AutoencoderKL with --pretrained_vae_model_name_or_path."
+        )
+    dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return scale_latents(vae, dist.sample(generator=generator))
+
+
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """SD3's latent normalisation: ``(z - shift_factor) * scaling_factor``."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents.float() - shift) * vae.config.scaling_factor

@@ -1,0 +1,319 @@
+"""Image-caption data for SnapGen training: HF datasets / ``imagefolder`` loading, deterministic augmentation,
+an epoch-seeded sampler, and precomputed (cached) latents and text embeddings.
+
+Every random choice of the data path (shuffle order, crop offset, flip, caption choice) is a pure function of
+``(seed, epoch, sample index)``, so a resumed run sees exactly the samples and augmentations the uninterrupted run
+would have seen after skipping the consumed batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "load_image_caption_dataset",
+    "preprocess_image",
+    "ImageCaptionDataset",
+    "EpochShuffleSampler",
+    "collate_examples",
+    "build_train_dataloader",
+    "cache_fingerprint",
+    "LatentCache",
+    "TextEmbeddingCache",
+]
+
+
+def _rng(seed: int, epoch: int, index: int, stream: int = 0) -> random.Random:
+    """Stream 0: flip and caption choice; stream 1: crop offset."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index), int(stream)]).generate_state(1)[0]
+    return random.Random(int(state))
+
+
+def load_image_caption_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None,
+                               image_column="image", caption_column="text", max_train_samples=None):
+    """The ``train`` split of ``dataset_name`` (HF datasets) or of ``load_dataset("imagefolder", data_dir=...)``,
+    with ``image_column`` and ``caption_column`` checked to exist."""
+    from datasets import load_dataset
+
+    if dataset_name is None and train_data_dir is None:
+        raise ValueError("Pass `dataset_name` (--dataset_name) or `train_data_dir` (--train_data_dir).")
+    if dataset_name is not None:
+        ds = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, data_dir=train_data_dir)
+    else:
+        ds = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    if "train" not in ds:
+        raise ValueError(f"the dataset has no 'train' split (splits: {list(ds)}).")
+    ds = ds["train"]
+    for flag, col in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if col not in ds.column_names:
+            hint = " (an imagefolder needs a metadata.jsonl with a caption field)" if flag == "--caption_column" else ""
+            raise ValueError(f"{flag} {col!r} is not a dataset column; columns: {ds.column_names}{hint}.")
+    if max_train_samples is not None:
+        if max_train_samples < 1:
+            raise ValueError(f"`max_train_samples` must be >= 1, got {max_train_samples}.")
+        ds = ds.select(range(min(max_train_samples, len(ds))))
+    if len(ds) == 0:
+        raise ValueError("the training dataset is empty.")
+    return ds
+
+
+def preprocess_image(image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+                     rng: random.Random | None = None) -> torch.Tensor:
+    """Resize the short side to ``resolution`` (bilinear), crop a square (center, or at a ``rng`` offset), optionally
+    flip horizontally, and return ``(3, resolution, resolution)`` in [-1, 1] - the diffusers examples' transform."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"`image` must be a PIL image, got {type(image).__name__}.")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"`resolution` must be a positive int, got {resolution!r}.")
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        rng = rng or random.Random(0)
+        left, top = rng.randint(0, nw - resolution), rng.randint(0, nh - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Wraps an HF dataset; items are ``{"pixel_values", "caption", "index", "flip"}``.
+
+    ``set_epoch`` changes the augmentation draw; with ``load_images=False`` (latents cached) images are not decoded
+    and ``pixel_values`` is omitted.
+    """
+
+    def __init__(self, dataset, image_column="image", caption_column="text", resolution=512, center_crop=False,
+                 random_flip=False, seed=0, load_images=True):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"`dataset` must be an indexable dataset, got {type(dataset).__name__}.")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"`resolution` must be a positive int, got {resolution!r}.")
+        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+        self.resolution, self.center_crop, self.random_flip = resolution, bool(center_crop), bool(random_flip)
+        self.seed, self.epoch, self.load_images = int(seed), 0, load_images
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _pick_caption(self, cap, index: int, rng: random.Random | None):
+        if isinstance(cap, str):
+            return cap
+        if isinstance(cap, (list, tuple, np.ndarray)) and len(cap) and all(isinstance(c, str) for c in cap):
+            return cap[0] if rng is None else rng.choice(list(cap))
+        raise ValueError(
+            f"caption {index} in column {self.caption_column!r} must be a string or a list of strings, got {cap!r}."
+        )
+
+    def first_captions(self) -> list[str]:
+        """The first caption of every sample, without decoding images (for text-embedding caching)."""
+        if hasattr(self.dataset, "select_columns"):
+            column = self.dataset.select_columns([self.caption_column])
+            return [self._pick_caption(row[self.caption_column], i, None) for i, row in enumerate(column)]
+        return [self._pick_caption(self.dataset[i][self.caption_column], i, None) for i in range(len(self))]
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, self.epoch, index)
+        flip = self.random_flip and rng.random() < 0.5
+        if self.load_images:
+            row = self.dataset[index]
+        else:  # latents are cached: read the caption column only, never decode the image
+            if getattr(self, "_caption_column", None) is None:
+                source = self.dataset.select_columns([self.caption_column]) if hasattr(self.dataset, "select_columns") else self.dataset
+                self._caption_column = source
+            row = self._caption_column[index]
+        item = {"index": int(index), "flip": bool(flip), "caption": self._pick_caption(row[self.caption_column], index, rng)}
+        if self.load_images:
+            item["pixel_values"] = preprocess_image(
+                row[self.image_column], self.resolution, self.center_crop, flip, _rng(self.seed, self.epoch, index, 1)
+            )
+        return item
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation of ``range(num_samples)`` seeded by ``seed + epoch`` (set with ``set_epoch``; accelerate's
+    prepared loaders forward their ``set_epoch`` here)."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive int, got {num_samples!r}.")
+        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, int(seed), bool(shuffle), 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+    def __len__(self):
+        return self.num_samples
+
+
+def collate_examples(examples: list[dict]) -> dict:
+    """Stacks ``pixel_values``; keeps captions as a list; ``index``/``flip`` as tensors."""
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    batch = {
+        "caption": [e["caption"] for e in examples],
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "flip": torch.tensor([e["flip"] for e in examples], dtype=torch.bool),
+    }
+    if "pixel_values" in examples[0]:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format)
+    return batch
+
+
+def build_train_dataloader(dataset: ImageCaptionDataset, batch_size: int, seed: int = 0, num_workers: int = 0):
+    """A ``DataLoader`` over ``dataset`` with an :class:`EpochShuffleSampler` and a private generator (so creating its
+    iterator never touches the global torch RNG). Returns ``(dataloader, sampler)``."""
+    if not isinstance(dataset, ImageCaptionDataset):
+        raise TypeError(f"`dataset` must be an ImageCaptionDataset, got {type(dataset).__name__}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` (--train_batch_size) must be a positive int, got {batch_size!r}.")
+    sampler = EpochShuffleSampler(len(dataset), seed=seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_examples, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+def cache_fingerprint(**parts) -> str:
+    """A short stable hash of the settings a cache depends on."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _save_atomic(tensors: dict, path: Path):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class LatentCache:
+    """VAE latent distributions (mean and std) per dataset index, and per flip when ``random_flip``.
+
+    ``sample(indices, flips, generator)`` draws ``mean + std * eps`` (the VAE's ``latent_dist.sample()``), in the VAE's
+    unscaled space; the caller applies ``shift_factor``/``scaling_factor``.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        if mean.shape != std.shape or mean.ndim != 5:
+            raise ValueError("`mean` and `std` must both be (N, n_flips, C, h, w).")
+        self.mean, self.std = mean, std
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, dataset: ImageCaptionDataset, vae, batch_size: int = 8, device="cpu", dtype=torch.float32,
+              path: str | os.PathLike | None = None, progress: bool = False):
+        """Encodes every image of ``dataset`` (epoch-0 crops), or loads ``path`` if it exists; saves to ``path``."""
+        if path is not None and Path(path).is_file():
+            return cls.load(path)
+        from tqdm.auto import tqdm
+
+        flips = [False, True] if dataset.random_flip else [False]
+        means, stds = [], []
+        order = range(0, len(dataset), batch_size)
+        for start in tqdm(order, desc="caching latents", disable=not progress):
+            idx = range(start, min(start + batch_size, len(dataset)))
+            per_flip_mean, per_flip_std = [], []
+            for flip in flips:
+                pixels = torch.stack([
+                    preprocess_image(dataset.dataset[i][dataset.image_column], dataset.resolution,
+                                     dataset.center_crop, flip, _rng(dataset.seed, 0, i, 1))
+                    for i in idx
+                ])
+                dist = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+                per_flip_mean.append(dist.mean.float().cpu())
+                per_flip_std.append(dist.std.float().cpu())
+            means.append(torch.stack(per_flip_mean, dim=1))
+            stds.append(torch.stack(per_flip_std, dim=1))
+        cache = cls(torch.cat(means), torch.cat(stds))
+        if path is not None:
+            _save_atomic({"mean": cache.mean, "std": cache.std}, Path(path))
+        return cache
+
+    @classmethod
+    def load(cls, path):
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["mean"], t["std"])
+
+    def sample(self, indices: torch.Tensor, flips: torch.Tensor, generator: torch.Generator | None = None):
+        indices = indices.cpu().long()
+        slot = flips.cpu().long() if self.mean.shape[1] > 1 else torch.zeros_like(indices)
+        mean, std = self.mean[indices, slot], self.std[indices, slot]
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+
+class TextEmbeddingCache:
+    """``prompt_embeds``/``pooled_prompt_embeds`` per dataset index (first caption), plus the empty prompt's."""
+
+    def __init__(self, embeds: torch.Tensor, pooled: torch.Tensor, empty_embeds: torch.Tensor, empty_pooled: torch.Tensor):
+        if embeds.shape[0] != pooled.shape[0]:
+            raise ValueError("`embeds` and `pooled` must have one row per dataset sample.")
+        self.embeds, self.pooled, self.empty_embeds, self.empty_pooled = embeds, pooled, empty_embeds, empty_pooled
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, captions: list[str], encode_fn, batch_size: int = 16, path=None, progress: bool = False,
+              dtype=torch.float32):
+        """``encode_fn(list_of_str) -> (embeds (B, L, D), pooled (B, P))``; loads ``path`` if it exists."""
+        if path is not None and Path(path).is_file():
+            return cls.load(path)
+        if not callable(encode_fn):
+            raise TypeError("`encode_fn` must be callable: list[str] -> (prompt_embeds, pooled_prompt_embeds).")
+        from tqdm.auto import tqdm
+
+        embeds, pooled = [], []
+        for start in tqdm(range(0, len(captions), batch_size), desc="caching text embeddings", disable=not progress):
+            e, p = encode_fn(list(captions[start : start + batch_size]))
+            embeds.append(e.to("cpu", dtype))
+            pooled.append(p.to("cpu", dtype))
+        ee, ep = encode_fn([""])
+        cache = cls(torch.cat(embeds), torch.cat(pooled), ee[0].to("cpu", dtype), ep[0].to("cpu", dtype))
+        if path is not None:
+            _save_atomic({"embeds": cache.embeds, "pooled": cache.pooled, "empty_embeds": cache.empty_embeds,
+                          "empty_pooled": cache.empty_pooled}, Path(path))
+        return cache
+
+    @classmethod
+    def load(cls, path):
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["embeds"], t["pooled"], t["empty_embeds"], t["empty_pooled"])
+
+    def get(self, indices: torch.Tensor, empty: torch.Tensor | None = None):
+        """Rows for ``indices``; rows where ``empty`` is True get the empty prompt's embeddings."""
+        indices = indices.cpu().long()
+        e, p = self.embeds[indices].clone(), self.pooled[indices].clone()
+        if empty is not None and bool(empty.any()):
+            m = empty.cpu().bool()
+            e[m], p[m] = self.empty_embeds, self.empty_pooled
+        return e, p

@@ -1,0 +1,28 @@
+"""Smoke test of benchmarks/bench_training.py (the GPU KD-step benchmark) with tiny models on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_training_tiny_writes_json_and_table(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--tiny", "--out", str(tmp_path),
+         "--resolutions", "32", "--max_batch", "2"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((tmp_path / "bench_training.json").read_text())
+    assert info["tiny"] and info["teacher_params_m"] > 0 and len(info["kd_pairs"]) == 4
+    rows = info["rows"]
+    assert [(r["resolution"], r["gradient_checkpointing"]) for r in rows] == [(32, False), (32, True)]
+    for r in rows:
+        assert r["largest_batch"] == 2 and r["search_limited"]  # CPU never runs out of memory: the cap stops it
+        assert r["step_s"] > 0 and r["images_per_s"] > 0
+    table = (tmp_path / "bench_training.md").read_text()
+    assert "| 32² | True | 2+ (max_batch" in table

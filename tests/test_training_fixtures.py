@@ -1,0 +1,67 @@
+"""Tiny offline teacher/student/data builders shared by the tests/test_training_*.py modules (no tests here)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY_JOINT_DIM = 24
+TINY_POOLED_DIM = 20
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
+SHAPES = ("square", "circle")
+
+
+def tiny_teacher(seed: int = 0, in_channels: int = 4, joint_attention_dim: int = TINY_JOINT_DIM,
+                 pooled_projection_dim: int = TINY_POOLED_DIM, num_layers: int = 4):
+    """A tiny SD3Transformer2DModel (random weights), patch 2, whose text dims match ``testing.tiny_unet``."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=in_channels, out_channels=in_channels, num_layers=num_layers,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=32, pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=32,
+    ).eval()
+
+
+def draw_image(color: str, shape: str, size: int = 40, offset: int = 0) -> Image.Image:
+    arr = np.full((size, size, 3), 245, dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size // 2 + offset
+    if shape == "square":
+        mask = (abs(yy - c) < size // 4) & (abs(xx - c) < size // 4)
+    else:
+        mask = (yy - c) ** 2 + (xx - c) ** 2 < (size // 4) ** 2
+    arr[mask] = COLORS[color]
+    return Image.fromarray(arr)
+
+
+def write_imagefolder(root: os.PathLike, n: int = 8, size: int = 40) -> Path:
+    """``n`` PNGs of coloured shapes with ``metadata.jsonl`` captions ("a red circle"), datasets' imagefolder layout."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    for i in range(n):
+        color, shape = combos[i % len(combos)]
+        name = f"{i:03d}.png"
+        draw_image(color, shape, size, offset=(i // len(combos)) % 3 - 1).save(root / name)
+        rows.append({"file_name": name, "text": f"a {color} {shape}"})
+    with open(root / "metadata.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from diffusers_snapgen.testing import tiny_unet
+
+    return tiny_unet(), tiny_teacher()

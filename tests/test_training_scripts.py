@@ -1,0 +1,249 @@
+"""End-to-end runs of training_examples/train_snapgen.py and train_snapgen_kd.py (subprocesses, CPU, tiny models).
+
+A reference pretraining run and a KD run (each built once per session, shared by the xdist workers through a file
+lock) are compared with: the initial weights (the task loss falls: it learns); a pretraining run SIGKILLed at a
+random moment, in training or while saving, and resumed (completes, bitwise identical to the reference); a KD run
+stopped half-way and resumed (bitwise identical student, EMA and projectors); each other (with KD the student's
+velocity error to the fixed teacher falls below the reference's).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_fixtures import tiny_teacher, write_imagefolder
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "training_examples" / "train_snapgen.py"
+KD = ROOT / "training_examples" / "train_snapgen_kd.py"
+STEPS = 20
+
+
+def _env(home):
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_HOME=str(home), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _args(assets, out, steps=STEPS, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(assets / "base"), "--train_data_dir", str(assets / "data"),
+        "--resolution", "32", "--center_crop", "--random_flip", "--train_batch_size", "4",
+        "--learning_rate", "1e-2", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
+        "--use_ema", "--max_train_steps", str(steps), "--checkpointing_steps", "5", "--checkpoints_total_limit", "2",
+        "--report_to", "none", "--seed", "7", "--output_dir", str(out), *extra,
+    ]
+
+
+def run_script(script, args, home, timeout=300):
+    proc = subprocess.run([sys.executable, str(script), *args], env=_env(home), capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _make_assets(root: Path):
+    from diffusers_snapgen.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(text_encoder="clip", vae="kl")  # CLIP-L + CLIP-G: joint 32, pooled 20
+    c = pipe.vae.config.latent_channels
+    with torch.no_grad():  # a trained VAE's posterior is narrow: give the random one a tiny std (logvar -12)
+        pipe.vae.quant_conv.weight[c:] = 0
+        pipe.vae.quant_conv.bias[c:] = -12.0
+    pipe.save_pretrained(root / "base")
+    tiny_teacher(seed=3, joint_attention_dim=32, pooled_projection_dim=20).save_pretrained(root / "teacher" / "transformer")
+    write_imagefolder(root / "data", n=8, size=40)
+
+
+def _once(root: Path, name: str, build):
+    """Runs ``build()`` once per test session, whichever xdist worker gets there first."""
+    from filelock import FileLock
+
+    with FileLock(str(root / ".lock")):
+        if not (root / f"{name}.done").exists():
+            build()
+            (root / f"{name}.done").touch()
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory, worker_id, testrun_uid):
+    """Assets and the reference pretraining run, built once per test session even across xdist workers."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / f"snapgen-train-{testrun_uid}"
+    root.mkdir(parents=True, exist_ok=True)
+    _once(root, "assets", lambda: _make_assets(root))
+    _once(root, "reference", lambda: run_script(
+        PRETRAIN, _args(root, root / "ref", STEPS, "--validation_prompt", "a red circle", "--validation_steps", "10",
+                        "--validation_num_inference_steps", "2", "--validation_guidance_scale", "1.0"), root / "hf"))
+    return root
+
+
+def _kd_args(shared, out, steps, *extra):
+    # the reference run's arguments plus the teacher (bf16 by default) and precomputed latents / text embeddings
+    return _args(shared, out, steps, "--teacher_model_name_or_path", str(shared / "teacher"), "--cache_latents",
+                 "--cache_text_embeddings", "--gradient_accumulation_steps", "2", *extra)
+
+
+@pytest.fixture(scope="session")
+def kd_run(shared):
+    _once(shared, "kd", lambda: run_script(KD, _kd_args(shared, shared / "kd", STEPS // 2), shared / "hf"))
+    return shared / "kd"
+
+
+def _unet(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_same(a, b, what):
+    a, b = _unet(a), _unet(b)
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff == 0.0, f"{what}: weights differ by up to {diff}"
+
+
+@pytest.fixture(scope="session")
+def evaluator(shared):
+    """Task loss and velocity error to the teacher of a UNet on a fixed batch (all 8 images, 4 noise draws)."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers_snapgen import SnapGenUNet2DModel
+    from diffusers_snapgen.training import (
+        FlowMatchingSampler, ImageCaptionDataset, build_pipeline, denoiser_forward, encode_captions,
+        flow_matching_loss, load_base_components, load_image_caption_dataset, output_kd_loss,
+        prepare_flow_matching_batch, scale_latents, step_generator,
+    )
+
+    comps = load_base_components(str(shared / "base"))
+    pipe = build_pipeline(comps, SnapGenUNet2DModel.from_pretrained(str(shared / "base"), subfolder="unet"))
+    ds = ImageCaptionDataset(load_image_caption_dataset(train_data_dir=str(shared / "data"),
+                                                        cache_dir=str(shared / "hf-eval")), resolution=32, center_crop=True)
+    with torch.no_grad():
+        pixels = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
+        latents = scale_latents(comps["vae"], comps["vae"].encode(pixels).latent_dist.mean)
+        embeds, pooled = encode_captions(pipe, [ds[i]["caption"] for i in range(len(ds))], "cpu")
+    sampler = FlowMatchingSampler(comps["scheduler"])
+    batches = [prepare_flow_matching_batch(latents, sampler, step_generator(999, k)) for k in range(4)]
+    teacher = SD3Transformer2DModel.from_pretrained(str(shared / "teacher"), subfolder="transformer").eval()
+
+    @torch.no_grad()
+    def evaluate(unet_folder):
+        unet = SnapGenUNet2DModel.from_pretrained(str(unet_folder)).eval()
+        task, vel = [], []
+        for fm in batches:
+            pred = denoiser_forward(unet, fm.noisy_latents, fm.timesteps, embeds, pooled)
+            task.append(flow_matching_loss(pred, fm.target, fm.sigmas).mean())
+            vel.append(output_kd_loss(pred, denoiser_forward(teacher, fm.noisy_latents, fm.timesteps, embeds, pooled)).mean())
+        return torch.stack(task).mean().item(), torch.stack(vel).mean().item()
+
+    return evaluate
+
+
+def test_pretraining_writes_a_loadable_pipeline_and_learns(shared, evaluator):
+    from diffusers import DiffusionPipeline
+
+    ref = shared / "ref"
+    # checkpoints: total limit 2 keeps the newest; the final folder carries the EMA weights
+    assert sorted(p.name for p in ref.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-20"]
+    ckpt = ref / "checkpoint-20"
+    assert json.loads((ckpt / "training_state.json").read_text())["global_step"] == STEPS
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet", "unet_ema"):
+        assert (ckpt / name).exists(), name
+    _assert_same(ref / "unet", ckpt / "unet_ema", "final pipeline vs EMA")
+    metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(m["step_time"] > 0 and m["loss"] > 0 for m in metrics)
+    assert any(k.startswith("buckets/task/t") for k in metrics[9])  # per-timestep-bucket statistics
+    assert sorted(p.name for p in (ref / "validation").iterdir()) == ["step-10", "step-20"]
+    assert not any(p.name.startswith(".tmp") for p in ref.iterdir())
+
+    pipe = DiffusionPipeline.from_pretrained(str(ref))
+    assert type(pipe).__name__ == "SnapGenPipeline"
+    assert pipe.sampling_defaults == {"num_inference_steps": 2, "guidance_scale": 1.0}
+    image = pipe("a red circle", height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+    before, _ = evaluator(shared / "base" / "unet")
+    after, _ = evaluator(ckpt / "unet")
+    print(f"task loss before {before:.4f} after {after:.4f}")
+    assert after < 0.8 * before, (before, after)
+
+
+def test_sigkill_at_a_random_moment_then_resume_completes(shared):
+    seed = int(time.time() * 1000) % 100_000
+    rng = random.Random(seed)
+    mode = rng.choice(["training", "saving"])
+    target = rng.randint(3, STEPS - 3)
+    out = shared / f"killed-{seed}"
+    print(f"kill test: seed {seed}, mode {mode}, target step {target}")
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *_args(shared, out)], env=_env(shared / "hf"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    metrics = out / "logs" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if mode == "training" and steps >= target:
+                time.sleep(rng.uniform(0, 0.3))
+                break
+            if mode == "saving" and steps >= 5 and any(p.name.startswith(".tmp-checkpoint") for p in out.iterdir()):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before the kill (seed {seed}, mode {mode})"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model_index.json").exists()
+    run_script(PRETRAIN, _args(shared, out, STEPS, "--resume_from_checkpoint", "latest"), shared / "hf")
+    assert (out / "model_index.json").is_file()
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+    # resume is exact, so wherever the kill landed the result is the uninterrupted run's
+    for sub in ("unet", "checkpoint-20/unet", "checkpoint-20/unet_ema"):
+        _assert_same(shared / "ref" / sub, out / sub, f"{sub} (seed {seed}, mode {mode})")
+
+
+def test_kd_script_distils_the_teacher(shared, kd_run, evaluator):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    ckpt = kd_run / "checkpoint-10"
+    projectors = load_file(str(ckpt / "model.safetensors"))  # the projectors are saved with the student
+    assert {k.split(".")[0] for k in projectors} == {"projectors"} and len(projectors) == 8
+    assert len(list((kd_run / "cache").glob("latents-*.safetensors"))) == 1
+    assert len(list((kd_run / "cache").glob("text-*.safetensors"))) == 1
+    metrics = [json.loads(line) for line in (kd_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert {"task_mean", "kd_out_mean", "kd_feat_mean"} <= metrics[0].keys()
+    assert any(k.startswith("buckets/kd_feat/t") for k in metrics[9])
+    assert metrics[-1]["kd_feat_mean"] < metrics[0]["kd_feat_mean"]
+    assert type(DiffusionPipeline.from_pretrained(str(kd_run))).__name__ == "SnapGenPipeline"
+
+    # same data, seed, optimiser and number of samples seen (10 steps x 2 micro-batches = the reference's 20)
+    _, vel_init = evaluator(shared / "base" / "unet")
+    _, vel_plain = evaluator(shared / "ref" / "checkpoint-20" / "unet")
+    _, vel_kd = evaluator(ckpt / "unet")
+    print(f"velocity error to teacher: init {vel_init:.4f}, no KD {vel_plain:.4f}, KD {vel_kd:.4f}")
+    assert vel_kd < 0.8 * vel_plain and vel_kd < vel_init, (vel_init, vel_plain, vel_kd)
+
+
+def test_kd_stop_halfway_and_resume_gives_identical_weights_and_projectors(shared, kd_run):
+    out = shared / "kd-resume"
+    run_script(KD, _kd_args(shared, out, STEPS // 4), shared / "hf")  # run N/2 and stop
+    assert (out / "checkpoint-5").is_dir() and (out / "model_index.json").is_file()
+    proc = run_script(KD, _kd_args(shared, out, STEPS // 2, "--resume_from_checkpoint", "latest"), shared / "hf")
+    assert "Resuming from checkpoint" in proc.stdout + proc.stderr
+    for sub in ("unet", "checkpoint-10/unet", "checkpoint-10/unet_ema"):
+        _assert_same(kd_run / sub, out / sub, sub)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(kd_run / "checkpoint-10" / "model.safetensors")), load_file(str(out / "checkpoint-10" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
