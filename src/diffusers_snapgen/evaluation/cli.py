@@ -1,0 +1,153 @@
+"""``snapgen eval``: train the emoji classifier and/or compare models on the rendered emoji dataset.
+
+    snapgen eval --data data/emoji --classifier runs/emoji_classifier.safetensors --train-classifier
+    snapgen eval --data data/emoji --classifier runs/emoji_classifier.safetensors --out benchmarks/results \\
+        --models teacher=runs/teacher:28 kd=runs/kd:28 asd=runs/asd:4 --base runs/base --encoder runs/vae
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cli import DTYPES, _positive_int, register_subcommand
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="rendered emoji dataset (training_examples/data/prepare_emoji.py)")
+    parser.add_argument("--classifier", required=True, help="emoji classifier .safetensors (read, or written with "
+                        "--train-classifier)")
+    parser.add_argument("--models", nargs="+", default=[], metavar="NAME=PATH:STEPS[:GUIDANCE]",
+                        help="models to compare: a pipeline folder, or an SD3Transformer2DModel folder with --base")
+    parser.add_argument("--out", default=None, help="folder for eval_quality.json/.md and eval_quality_grid.png")
+    parser.add_argument("--base", default=None, help="SnapGen pipeline whose text encoder, vae and scheduler sample "
+                        "bare SD3Transformer2DModel models")
+    parser.add_argument("--encoder", default=None, help="AutoencoderKL folder (or pipeline with vae/) whose encoder "
+                        "feeds the decoder PSNR/SSIM; without it those columns stay empty")
+    parser.add_argument("--prompt-sets", nargs="+", default=None, metavar="SET",
+                        help="sets of eval_prompts.json to use (default: all, e.g. heldout seen)")
+    parser.add_argument("--max-prompts", type=_positive_int, default=None, help="at most this many prompts per set")
+    parser.add_argument("--images-per-prompt", type=_positive_int, default=1, help="seeds per prompt (default 1)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="first seed (default 0)")
+    parser.add_argument("--size", type=_size, default=None, help="image side (default: each model's default)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call (default 8)")
+    parser.add_argument("--decoder-images", type=_positive_int, default=64,
+                        help="held-out images for decoder PSNR/SSIM (default 64)")
+    parser.add_argument("--grid-prompts", type=_positive_int, default=8, help="rows of the image grid (default 8)")
+    parser.add_argument("--save-images", action="store_true", help="also write every generated image")
+    parser.add_argument("--no-rendered-row", action="store_true", help="leave out the row of the dataset's own images")
+    parser.add_argument("--train-classifier", action="store_true",
+                        help="train the classifier on --data (all splits) and save it to --classifier first")
+    parser.add_argument("--classifier-epochs", type=_positive_int, default=100, help="training epochs (default 100)")
+    parser.add_argument("--classifier-size", type=_size, default=64, help="classifier input side (default 64)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="pipeline weights dtype (default float32)")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load_encoder(path: str, device):
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"--encoder: {path!r} is not a folder.")
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(str(folder), subfolder=subfolder).to(device).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from ..cli import _resolve_device, _resolve_dtype
+    from .classifier import load_classifier, save_classifier, train_classifier
+    from .data import check_data_dir, load_rendered, read_eval_prompts
+    from .harness import evaluate_models, write_report
+    from .models import load_model, parse_model_spec
+
+    data_dir = check_data_dir(args.data, "--data")
+    specs = [parse_model_spec(text) for text in args.models]  # fail on a bad spec before any work
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError("--models: every NAME must be different.")
+    if not specs and not args.train_classifier:
+        raise ValueError("nothing to do: pass --models to compare models, or --train-classifier.")
+    if specs and args.out is None:
+        raise ValueError("--out is required with --models (the folder for the table and the grid).")
+    if not str(args.classifier).endswith(".safetensors"):
+        raise ValueError(f"--classifier must be a .safetensors file, got {args.classifier!r}.")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    prompt_sets = None
+    if specs:
+        prompt_sets = read_eval_prompts(data_dir)
+        chosen = args.prompt_sets or list(prompt_sets)
+        missing = [name for name in chosen if name not in prompt_sets]
+        if missing:
+            raise ValueError(f"--prompt-sets: {missing} not in eval_prompts.json (has {list(prompt_sets)}).")
+        prompt_sets = {name: prompt_sets[name][: args.max_prompts] for name in chosen}
+
+    images, texts, _ = load_rendered(data_dir, "train+test")
+    if args.train_classifier:
+        _say(f"training the classifier on {len(images)} images, {len(set(texts))} captions ...")
+        classifier = train_classifier(images, texts, image_size=args.classifier_size, epochs=args.classifier_epochs,
+                                      device=device, progress=True)
+        path = save_classifier(classifier, args.classifier)
+        log = classifier.training_log[-1]
+        clean = classifier.logits(images).argmax(1).tolist()
+        accuracy = sum(classifier.classes[i] == t for i, t in zip(clean, texts)) / len(texts)
+        _say(f"classifier: last epoch loss {log['loss']:.3f}, rendered-set top-1 {accuracy:.3f}")
+        print(path)
+        if not specs:
+            return 0
+    else:
+        classifier = load_classifier(args.classifier, device=device)
+
+    reference = classifier.embed(images)
+    rendered = None
+    if not args.no_rendered_row:
+        rendered = {}
+        for text, image in zip(texts, images):  # the first image of a caption: the default tone sorts first
+            rendered.setdefault(text, image)
+    encoder = decoder_images = None
+    if args.encoder is not None:
+        encoder = _load_encoder(args.encoder, device)
+        decoder_images = load_rendered(data_dir, "test")[0][: args.decoder_images]
+    models = [(s.name, partial(load_model, s.path, base=args.base, device=device, dtype=dtype), s.steps,
+               s.guidance_scale) for s in specs]
+    result = evaluate_models(
+        models, prompt_sets, classifier, reference_features=reference, rendered=rendered, seed=args.seed,
+        images_per_prompt=args.images_per_prompt, height=args.size, width=args.size, batch_size=args.batch_size,
+        encoder=encoder, decoder_images=decoder_images, progress=_say,
+    )
+    result.settings.update(data=str(data_dir), classifier=str(args.classifier), device=str(device),
+                           dtype=str(dtype).replace("torch.", ""), encoder=args.encoder, base=args.base,
+                           models={s.name: s.path for s in specs})
+    paths = write_report(result, args.out, grid_prompts=args.grid_prompts, save_images=args.save_images)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+register_subcommand("eval", "measure models on the emoji set: prompt accuracy, FID, decoder PSNR/SSIM",
+                    configure, run)
