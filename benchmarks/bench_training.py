@@ -20,7 +20,6 @@ peak memory) at the largest batch whose step takes about --step_time_s, and at b
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import sys
@@ -28,6 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_student_and_teacher, release_memory, synchronize  # noqa: E402
 
 from diffusers_snapgen.training import (
     AlphaSchedule,
@@ -42,42 +44,7 @@ from diffusers_snapgen.training import (
     step_generator,
 )
 
-SD35_LARGE_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-    pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=(),
-)
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5
-
-
-def build_models(tiny: bool, device):
-    from diffusers import SD3Transformer2DModel
-
-    from diffusers_snapgen import SnapGenUNet2DModel
-
-    if tiny:
-        from diffusers_snapgen.testing import tiny_unet
-
-        student = tiny_unet(joint_attention_dim=32, pooled_projection_dim=20)
-        teacher_cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
-                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                           caption_projection_dim=32, pooled_projection_dim=20, pos_embed_max_size=32)
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            student = SnapGenUNet2DModel()
-        teacher_cfg = SD35_LARGE_TRANSFORMER
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build the 8B teacher directly in bf16
-    try:
-        torch.manual_seed(1)
-        with torch.device(device):
-            teacher = SD3Transformer2DModel(**teacher_cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    student = student.to(device=device, dtype=torch.float32).train()
-    teacher = teacher.to(device=device, dtype=torch.bfloat16).requires_grad_(False).eval()
-    return student, teacher
 
 
 class KDStep:
@@ -128,42 +95,31 @@ class KDStep:
         return loss.detach()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cleanup(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def try_step(step: KDStep, batch: int, resolution: int) -> bool:
     """True if one step at ``batch`` fits in memory."""
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     fits = True
     try:
         step(batch, resolution)
-        _sync(step.device)
+        synchronize(step.device)
     except oom:
         fits = False
     if not fits:  # outside the except block, so the traceback no longer pins the step's tensors
         step.optimizer.zero_grad(set_to_none=True)
         step.kd.clear()
-        _cleanup(step.device)
+        release_memory(step.device)
     return fits
 
 
 def _peak_step(step: KDStep, batch: int, resolution: int) -> tuple[float, float]:
     """(seconds, peak allocated bytes) of one step."""
     device = step.device
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     step(batch, resolution)
-    _sync(device)
+    synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return time.perf_counter() - t0, float(peak)
 
@@ -210,14 +166,14 @@ def time_steps(step: KDStep, batch: int, resolution: int, iters: int, warmup: in
     device = step.device
     for _ in range(warmup):
         step(batch, resolution)
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         step(batch, resolution)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
@@ -232,7 +188,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     start = time.perf_counter()
     deadline = start + args.time_budget_s
-    student, teacher = build_models(args.tiny, device)
+    student, teacher = build_student_and_teacher(args.tiny, device)
     step = KDStep(student, teacher, device)
     step(1, args.resolutions[0])  # creates optimizer state before any measurement
     info = {
@@ -268,7 +224,7 @@ def run(args) -> dict:
                 if args.ref_batch and args.ref_batch < timing_batch:
                     row["ref"] = time_steps(step, args.ref_batch, resolution, args.iters)
             info["rows"].append(row)
-            _cleanup(device)
+            release_memory(device)
             print(json.dumps(row), flush=True)
     info["wall_s"] = round(time.perf_counter() - start, 1)
     return info

@@ -8,8 +8,8 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -79,3 +79,56 @@ def write_atomically(path: Path, text: str) -> None:
 def write_results(out_dir: Path, stem: str, payload: dict, table: str) -> None:
     write_atomically(out_dir / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
     write_atomically(out_dir / f"{stem}.md", table + "\n")
+
+
+# The SD3.5-Large transformer's published config (random weights; DESIGN.md §8).
+SD35_LARGE_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=(),
+)
+
+
+def build_student_and_teacher(tiny: bool, device):
+    """A fp32 SnapGen student and a frozen bf16 SD3-style teacher: paper size (8B SD3.5-Large-shaped teacher) or tiny."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers_snapgen import SnapGenUNet2DModel
+
+    if tiny:
+        from diffusers_snapgen.testing import tiny_unet
+
+        student = tiny_unet(joint_attention_dim=32, pooled_projection_dim=20)
+        teacher_cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                           caption_projection_dim=32, pooled_projection_dim=20, pos_embed_max_size=32)
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            student = SnapGenUNet2DModel()
+        teacher_cfg = SD35_LARGE_TRANSFORMER
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build the 8B teacher directly in bf16
+    try:
+        torch.manual_seed(1)
+        with torch.device(device):
+            teacher = SD3Transformer2DModel(**teacher_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    student = student.to(device=device, dtype=torch.float32).train()
+    teacher = teacher.to(device=device, dtype=torch.bfloat16).requires_grad_(False).eval()
+    return student, teacher
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA blocks (between out-of-memory probes)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -8,9 +8,14 @@
 - :mod:`.components` - loading encoders, VAE, student and teacher.
 - :mod:`.args` - the scripts' command line.
 - :mod:`.loop` - the shared training loop.
+- :mod:`.asd` - adversarial step distillation (paper §3.4): few-step grid sampler, teacher rollout, the objective.
+- :mod:`.discriminator`, :mod:`.adversarial` - teacher-feature and patch discriminators; hinge, non-saturating, R1.
+- :mod:`.decoder_training`, :mod:`.decoder_loop` - tiny-decoder training (paper §3.2): patches, metrics, losses, loop.
 """
 
+from .adversarial import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty, set_requires_grad
 from .args import build_parser, parse_args, validate_args
+from .asd import AdversarialStepDistillation, FewStepSampler, TeacherTargets, few_step_sigmas, teacher_rollout
 from .checkpointing import (
     TrainingState,
     atomic_save_pipeline,
@@ -45,6 +50,9 @@ from .data import (
     load_image_caption_dataset,
     preprocess_image,
 )
+from .decoder_loop import train_tiny_decoder
+from .decoder_training import DecoderLosses, ImagePatchDataset, evaluate_decoder, psnr, ssim
+from .discriminator import DiscriminatorHead, PatchDiscriminator, TeacherFeatureDiscriminator
 from .flow_matching import (
     WEIGHTING_SCHEMES,
     FlowMatchingBatch,

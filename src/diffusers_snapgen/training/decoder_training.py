@@ -1,0 +1,375 @@
+"""Tiny-decoder training pieces (paper §3.2; DESIGN.md §3): the frozen encoder of an ``AutoencoderKL`` (SD3's in real
+use) gives latents, SnapGen's :class:`~diffusers_snapgen.TinyDecoder` learns to decode them with MSE + LPIPS +
+patch-GAN hinge loss (no KL: the encoder is fixed), on random 256² patches; PSNR and SSIM on held-out images measure
+it. The training loop is :func:`.decoder_loop.train_tiny_decoder`.
+
+* :class:`ImagePatchDataset` - random patches (no resizing unless an image is smaller than the patch), flips, drawn
+  from ``(seed, epoch, index)`` so resumed runs see the same patches.
+* :func:`psnr`, :func:`ssim` - per-image metrics on [0, 1] images; SSIM is Wang et al. 2004 (11x11 Gaussian window,
+  sigma 1.5, K1 0.01, K2 0.03, mean over channels), the same numbers as ``skimage.metrics.structural_similarity(...,
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)``.
+* :func:`load_lpips` - the ``lpips`` package's metric, or ``None`` with one warning when the package or its backbone
+  weights (downloaded from the web on first use) are unavailable.
+* :class:`DecoderLosses` - generator and discriminator objectives.
+* :func:`evaluate_decoder`, :func:`save_model_atomically`, and the command line (:func:`build_decoder_parser`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .adversarial import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty
+
+logger = logging.getLogger("diffusers_snapgen.training")
+
+__all__ = [
+    "ImagePatchDataset",
+    "random_patch",
+    "psnr",
+    "ssim",
+    "load_lpips",
+    "DecoderLosses",
+    "encode_for_decoder",
+    "evaluate_decoder",
+    "save_model_atomically",
+    "build_decoder_parser",
+    "validate_decoder_args",
+    "parse_decoder_args",
+]
+
+
+def _patch_rng(seed: int, epoch: int, index: int) -> random.Random:
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index), 7]).generate_state(1)[0]
+    return random.Random(int(state))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def random_patch(image: Image.Image, size: int, rng: random.Random, flip: bool = False) -> torch.Tensor:
+    """A ``size`` x ``size`` crop at a ``rng`` offset (the short side is first resized up to ``size`` if smaller),
+    optionally flipped; ``(3, size, size)`` in [-1, 1]."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"`image` must be a PIL image, got {type(image).__name__}.")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`size` (--resolution) must be a positive int, got {size!r}.")
+    w, h = image.size
+    if min(w, h) < size:
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((w, h), Image.BICUBIC)
+    left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    image = image.crop((left, top, left + size, top + size))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return _to_tensor(image)
+
+
+class ImagePatchDataset(torch.utils.data.Dataset):
+    """Random ``resolution``² patches of the images of an HF dataset; items ``{"pixel_values", "index"}``.
+    Offsets and flips are a function of ``(seed, epoch, index)``: call :meth:`set_epoch` each epoch."""
+
+    def __init__(self, dataset, image_column: str = "image", resolution: int = 256, random_flip: bool = False,
+                 seed: int = 0):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"`dataset` must be an indexable dataset, got {type(dataset).__name__}.")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"`resolution` must be a positive int, got {resolution!r}.")
+        self.dataset, self.image_column, self.resolution = dataset, image_column, resolution
+        self.random_flip, self.seed, self.epoch = bool(random_flip), int(seed), 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _patch_rng(self.seed, self.epoch, index)
+        flip = self.random_flip and rng.random() < 0.5
+        image = self.dataset[index][self.image_column]
+        return {"pixel_values": random_patch(image, self.resolution, rng, flip), "index": int(index)}
+
+
+def _check_images(name, x):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"`{name}` must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}.")
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR in dB, ``(B,)``, of images in ``[0, data_range]``."""
+    _check_images("prediction", prediction)
+    _check_images("target", target)
+    if prediction.shape != target.shape:
+        raise ValueError(f"`prediction` {tuple(prediction.shape)} and `target` {tuple(target.shape)} differ.")
+    mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
+    return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))).float()
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM, ``(B,)`` (Wang et al. 2004; see the module docstring). Images must be at least 11x11."""
+    _check_images("prediction", prediction)
+    _check_images("target", target)
+    if prediction.shape != target.shape:
+        raise ValueError(f"`prediction` {tuple(prediction.shape)} and `target` {tuple(target.shape)} differ.")
+    radius = int(3.5 * sigma + 0.5)
+    size = 2 * radius + 1
+    if min(prediction.shape[-2:]) < size:
+        raise ValueError(f"images must be at least {size}x{size} for SSIM, got {tuple(prediction.shape[-2:])}.")
+    x, y = prediction.double(), target.double()
+    c = x.shape[1]
+    coords = torch.arange(size, dtype=torch.float64, device=x.device) - radius
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size).contiguous()
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(dim=1).float()
+
+
+def load_lpips(net: str = "vgg", device="cpu"):
+    """The ``lpips`` package's LPIPS metric (frozen, eval) on ``net``, or ``None`` after ONE warning when the package
+    is not installed or its backbone weights cannot be loaded (they are downloaded from the web on first use and no
+    offline copy exists: DESIGN.md §7)."""
+    if net not in ("alex", "vgg", "squeeze"):
+        raise ValueError(f"`net` (--lpips_net) must be 'alex', 'vgg' or 'squeeze', got {net!r}.")
+    try:
+        import lpips
+    except ImportError:
+        logger.warning("LPIPS is OFF: the `lpips` package is not installed (`pip install lpips`; it also downloads "
+                       "its %s backbone weights on first use). Training continues with MSE + GAN only.", net)
+        return None
+    try:
+        model = lpips.LPIPS(net=net, verbose=False)
+    except Exception as e:  # offline: torchvision cannot download the backbone
+        logger.warning("LPIPS is OFF: the %s backbone weights of `lpips` could not be loaded (%s: %s); they come from "
+                       "the web on first use. Training continues with MSE + GAN only.", net, type(e).__name__, e)
+        return None
+    return model.requires_grad_(False).eval().to(device)
+
+
+class DecoderLosses:
+    """``L_G = w_mse * MSE + w_lpips * LPIPS + w_gan * L_adv(D(recon))`` and ``L_D = gan(D(real), D(recon))
+    [+ gamma/2 * R1]``, images in [-1, 1]. ``lpips_model`` ``None`` drops the LPIPS term."""
+
+    def __init__(self, mse_weight: float = 1.0, lpips_weight: float = 1.0, gan_weight: float = 0.1,
+                 gan_loss: str = "hinge", r1_gamma: float = 0.0, lpips_model=None):
+        for name, v in (("mse_weight", mse_weight), ("lpips_weight", lpips_weight), ("gan_weight", gan_weight),
+                        ("r1_gamma", r1_gamma)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"`{name}` (--{name}) must be a number >= 0, got {v!r}.")
+        if gan_loss not in GAN_LOSSES:
+            raise ValueError(f"`gan_loss` (--gan_loss) must be one of {GAN_LOSSES}, got {gan_loss!r}.")
+        if lpips_model is not None and not callable(lpips_model):
+            raise TypeError("`lpips_model` must be callable (an lpips.LPIPS module) or None.")
+        self.mse_weight, self.lpips_weight, self.gan_weight = float(mse_weight), float(lpips_weight), float(gan_weight)
+        self.gan_loss, self.r1_gamma, self.lpips_model = gan_loss, float(r1_gamma), lpips_model
+
+    def generator(self, recon: torch.Tensor, target: torch.Tensor, discriminator=None):
+        """``(loss, logs)``; the GAN term only when ``discriminator`` is given (freeze it first)."""
+        _check_images("recon", recon)
+        _check_images("target", target)
+        if recon.shape != target.shape:
+            raise ValueError(f"`recon` {tuple(recon.shape)} and `target` {tuple(target.shape)} differ.")
+        mse = F.mse_loss(recon.float(), target.float())
+        loss, logs = self.mse_weight * mse, {"mse": mse.item()}
+        if self.lpips_model is not None and self.lpips_weight > 0:
+            lp = self.lpips_model(recon.float(), target.float()).mean()
+            loss = loss + self.lpips_weight * lp
+            logs["lpips"] = lp.item()
+        if discriminator is not None and self.gan_weight > 0:
+            adv = generator_loss(discriminator(recon), self.gan_loss)
+            loss = loss + self.gan_weight * adv
+            logs["g_adv"] = adv.item()
+        return loss, logs
+
+    def discriminator(self, real: torch.Tensor, fake: torch.Tensor, discriminator):
+        """``(loss, logs)`` of the patch discriminator on ``real`` and detached ``fake`` images."""
+        _check_images("real", real)
+        _check_images("fake", fake)
+        if not callable(discriminator):
+            raise TypeError("`discriminator` must be a callable module.")
+        real = real.detach().float()
+        if self.r1_gamma > 0:
+            real.requires_grad_(True)
+        real_logits, fake_logits = discriminator(real), discriminator(fake.detach().float())
+        loss = discriminator_loss(real_logits, fake_logits, self.gan_loss)
+        logs = {"d_real": real_logits.detach().float().mean().item(), "d_fake": fake_logits.detach().float().mean().item()}
+        if self.r1_gamma > 0:
+            r1 = r1_penalty(real_logits, real)
+            loss = loss + 0.5 * self.r1_gamma * r1
+            logs["r1"] = r1.item()
+        logs["d_loss"] = loss.item()
+        return loss, logs
+
+
+def encode_for_decoder(vae, pixel_values: torch.Tensor, generator=None, sample: bool = True) -> torch.Tensor:
+    """Unscaled latents of ``pixel_values`` (what a decoder's ``decode`` takes): ``latent_dist.sample()`` (or the
+    mode), float32."""
+    if not hasattr(vae, "encode"):
+        raise TypeError(f"{type(vae).__name__} cannot encode: pass an AutoencoderKL.")
+    _check_images("pixel_values", pixel_values)
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
+    return z.float()
+
+
+@torch.no_grad()
+def evaluate_decoder(decoder, vae, images: torch.Tensor, batch_size: int = 8) -> dict:
+    """Mean PSNR (dB) and SSIM of ``decoder(vae.encode(images).mode())`` against ``images`` ([-1, 1],
+    ``(N, 3, H, W)``), compared in [0, 1]; also the per-image lists."""
+    _check_images("images", images)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    was_training = decoder.training
+    decoder.eval()
+    p, s = [], []
+    try:
+        for chunk in images.split(batch_size):
+            z = encode_for_decoder(vae, chunk, sample=False)
+            param = next(decoder.parameters())
+            recon = decoder.decode(z.to(param.device, param.dtype)).sample.float().clamp(-1, 1).cpu()
+            a, b = (recon + 1) / 2, (chunk.float().cpu().clamp(-1, 1) + 1) / 2
+            p.append(psnr(a, b))
+            s.append(ssim(a, b))
+    finally:
+        decoder.train(was_training)
+    p, s = torch.cat(p), torch.cat(s)
+    return {"psnr": p.mean().item(), "ssim": s.mean().item(), "psnr_per_image": p.tolist(), "ssim_per_image": s.tolist()}
+
+
+def save_model_atomically(model, output_dir, **save_kwargs) -> Path:
+    """``model.save_pretrained`` into a temporary folder, then moves the files into ``output_dir``; ``config.json``
+    is removed first and moved in last, so ``from_pretrained(output_dir)`` never pairs a new config with old weights."""
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"`model` must be a diffusers model, got {type(model).__name__}.")
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"`output_dir` must be a path, got {type(output_dir).__name__}.")
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-model-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(str(tmp), **save_kwargs)
+    (root / "config.json").unlink(missing_ok=True)
+    for entry in sorted(tmp.iterdir()):
+        if entry.name != "config.json":
+            os.replace(entry, root / entry.name)
+    os.replace(tmp / "config.json", root / "config.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ---------------------------------------------------------------------- command line
+
+_UNUSED_FLAGS = ("unet_model_name_or_path", "unet_config", "from_scratch", "caption_column", "center_crop",
+                 "proportion_empty_prompts", "max_sequence_length", "cache_latents", "cache_text_embeddings",
+                 "precompute_dir", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "validation_prompt",
+                 "validation_prompts", "num_validation_images", "validation_num_inference_steps",
+                 "validation_guidance_scale", "timestep_buckets")
+
+
+def build_decoder_parser() -> argparse.ArgumentParser:
+    """The SnapGen training parser (:func:`~.args.build_parser`: data, optimiser, EMA, precision, checkpoints,
+    tracking, Hub) with the UNet-only flags hidden, ``--resolution`` as the patch size (256), plus decoder flags."""
+    from .args import build_parser
+
+    p = build_parser(description="SnapGen tiny-decoder training (frozen AutoencoderKL encoder)")
+    for action in p._actions:
+        if action.dest in _UNUSED_FLAGS:
+            action.help = argparse.SUPPRESS
+        elif action.dest == "pretrained_model_name_or_path":
+            action.help = ("AutoencoderKL whose frozen encoder gives the latents: a model folder/Hub id, or a "
+                           "pipeline (its `vae` subfolder), e.g. stabilityai/stable-diffusion-3.5-large.")
+        elif action.dest == "pretrained_vae_model_name_or_path":
+            action.help = "Overrides --pretrained_model_name_or_path as the AutoencoderKL source."
+        elif action.dest == "resolution":
+            action.help = "Training patch size in pixels (random crops at native resolution; paper: 256)."
+        elif action.dest == "validation_steps":
+            action.help = "Evaluate PSNR/SSIM on the held-out images every N steps."
+    p.set_defaults(resolution=256, output_dir="snapgen-tiny-decoder", learning_rate=1e-4, lr_warmup_steps=0)
+    g = p.add_argument_group("tiny decoder")
+    a = g.add_argument
+    a("--decoder_model_name_or_path", type=str, default=None,
+      help="TinyDecoder to continue from (folder with config.json, or a pipeline with a `vae` subfolder).")
+    a("--decoder_config", type=str, default=None,
+      help="TinyDecoder config overrides (JSON file or string) for a new decoder; latent_channels, scaling_factor "
+           "and shift_factor are taken from the AutoencoderKL.")
+    a("--mse_weight", type=float, default=1.0)
+    a("--lpips_weight", type=float, default=1.0,
+      help="LPIPS weight (0: off). Needs `pip install lpips` and its backbone weights from the web; when missing, a "
+           "warning is logged and training continues with MSE + GAN.")
+    a("--lpips_net", type=str, default="vgg", choices=["alex", "vgg", "squeeze"])
+    a("--gan_weight", type=float, default=0.1, help="Weight of the patch-GAN generator loss (0: off).")
+    a("--gan_loss", type=str, default="hinge", choices=GAN_LOSSES)
+    a("--gan_start_step", type=int, default=0, help="Optimizer step from which the GAN terms are used.")
+    a("--r1_gamma", type=float, default=0.0, help="R1 penalty weight of the patch discriminator (0: off).")
+    a("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
+    a("--discriminator_channels", type=int, default=64, help="Width of the first patch-discriminator layer.")
+    a("--discriminator_num_layers", type=int, default=3, help="Stride-2 layers of the patch discriminator.")
+    a("--validation_data_dir", type=str, default=None,
+      help="Folder of held-out images (any layout datasets' imagefolder reads). Default: the last "
+           "--num_eval_images images of the training data are held out.")
+    a("--num_eval_images", type=int, default=16, help="Held-out images for PSNR/SSIM.")
+    a("--eval_resolution", type=int, default=512, help="Held-out images are center-cropped to this size.")
+    a("--eval_batch_size", type=int, default=4)
+    return p
+
+
+def validate_decoder_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The shared checks (:func:`~.args.validate_args`) plus the decoder ones."""
+    from .args import load_json_arg, validate_args
+
+    if not isinstance(args, argparse.Namespace) or not hasattr(args, "lpips_weight"):
+        raise TypeError("`args` must come from build_decoder_parser().parse_args().")
+    args = validate_args(args)
+    for name in ("mse_weight", "lpips_weight", "gan_weight", "r1_gamma", "gan_start_step"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.mse_weight == 0 and args.lpips_weight == 0:
+        raise ValueError("--mse_weight and --lpips_weight are both 0: the decoder needs a reconstruction loss.")
+    for name in ("discriminator_channels", "discriminator_num_layers", "num_eval_images", "eval_resolution",
+                 "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.discriminator_learning_rate is not None and args.discriminator_learning_rate <= 0:
+        raise ValueError(f"--discriminator_learning_rate must be > 0, got {args.discriminator_learning_rate}.")
+    if args.eval_resolution % 8:
+        raise ValueError(f"--eval_resolution must be a multiple of 8, got {args.eval_resolution}.")
+    min_side = 3 * 2**args.discriminator_num_layers
+    if args.gan_weight > 0 and args.resolution < min_side:
+        raise ValueError(f"--resolution {args.resolution} is too small for a {args.discriminator_num_layers}-layer patch "
+                         f"discriminator (>= {min_side}): lower --discriminator_num_layers or raise --resolution.")
+    if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
+        raise ValueError(f"--validation_data_dir {args.validation_data_dir!r} is not a folder.")
+    args.decoder_config = load_json_arg(args.decoder_config, "--decoder_config")
+    if args.decoder_config is not None and args.decoder_model_name_or_path is not None:
+        raise ValueError("pass either --decoder_model_name_or_path or --decoder_config, not both.")
+    if args.tracker_project_name is None:
+        args.tracker_project_name = "snapgen-tiny-decoder"
+    return args
+
+
+def parse_decoder_args(argv=None) -> argparse.Namespace:
+    """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
+    if argv is not None and not isinstance(argv, (list, tuple)):
+        raise TypeError(f"`argv` must be a list of strings or None, got {type(argv).__name__}.")
+    return validate_decoder_args(build_decoder_parser().parse_args(argv))

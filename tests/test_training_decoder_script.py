@@ -1,0 +1,199 @@
+"""End-to-end runs of training_examples/train_tiny_decoder.py (subprocesses, CPU, tiny models, offline).
+
+The frozen encoder is a tiny AutoencoderKL with 16 latent channels, briefly trained here as an autoencoder (a random
+encoder's GroupNorms erase most colour information, a trained one - like SD3's - keeps it). A short run of the
+script improves PSNR on held-out images over the untrained decoder (generated landscapes; scikit-image's bundled
+photos when scikit-image is installed), writes a loadable TinyDecoder in diffusers format, and a run stopped
+from a mid-run checkpoint in a new process ends bitwise identical (decoder, EMA, patch discriminator).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training_examples" / "train_tiny_decoder.py"
+STEPS = 60
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def _run(args, home, timeout=300):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_HOME=str(home))
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, f"train_tiny_decoder.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _args(vae, data, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", str(vae), "--train_data_dir", str(data), "--resolution", "32",
+            "--eval_resolution", "64", "--random_flip", "--train_batch_size", "4", "--learning_rate", "3e-3",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "20", "--validation_steps", "20",
+            "--report_to", "none", "--seed", "3", "--use_ema", "--output_dir", str(out), "--discriminator_channels", "8",
+            "--discriminator_num_layers", "2", "--gan_weight", "0.05", "--gan_start_step", "30",
+            "--decoder_config", json.dumps({"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1,
+                                            "norm_num_groups": 8}), *extra]
+
+
+def landscape(seed: int, size: int = 64) -> Image.Image:
+    """A photo-like test image: sky and ground gradients, a sun, a few objects, sensor noise, slight blur."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, size)[:, None, None]
+    horizon = rng.uniform(0.45, 0.7)
+    sky = np.array([90, 150, 230]) + rng.normal(0, 12, 3)
+    ground = np.array([70, 130, 50]) + rng.normal(0, 12, 3)
+    arr = np.where(y < horizon, sky * (0.75 + 0.35 * y), ground * (1.1 - 0.4 * (y - horizon))) * np.ones((1, size, 1))
+    image = Image.fromarray((arr + rng.normal(0, 6, arr.shape)).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    sx, sy = int(rng.integers(4, size - 16)), int(rng.integers(2, int(size * horizon * 0.6) + 3))
+    draw.ellipse([sx, sy, sx + 10, sy + 10], fill=(250, 230, 120))
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, size - 12)), int(size * horizon) + int(rng.integers(-6, 6)) - 10
+        draw.rectangle([x0, y0, x0 + int(rng.integers(6, 14)), y0 + int(rng.integers(8, 16))],
+                       fill=tuple(int(v) for v in rng.integers(40, 200, 3)))
+    return image.filter(ImageFilter.SMOOTH)
+
+
+def trained_tiny_autoencoder(images: list[Image.Image], out: Path, steps: int = 120):
+    """A tiny 16-channel AutoencoderKL trained briefly (MSE on random 32² patches), posterior narrowed, saved."""
+    from diffusers_snapgen.testing import tiny_autoencoder_kl
+
+    tensors = [torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images]
+    vae = tiny_autoencoder_kl(seed=0, latent_channels=16).train()
+    opt = torch.optim.Adam(vae.parameters(), lr=4e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = []
+        for i in torch.randint(0, len(tensors), (8,), generator=g).tolist():
+            t = tensors[i]
+            top, left = (int(torch.randint(0, s - 31, (1,), generator=g)) for s in t.shape[1:])
+            batch.append(t[:, top:top + 32, left:left + 32])
+        x = torch.stack(batch)
+        loss = (vae.decode(vae.encode(x).latent_dist.mode()).sample - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # a trained VAE's posterior is narrow
+        vae.quant_conv.weight[16:] = 0
+        vae.quant_conv.bias[16:] = -12.0
+    vae.eval().save_pretrained(out)
+    return out
+
+
+def _once(root: Path, name: str, build):
+    from filelock import FileLock
+
+    with FileLock(str(root / ".lock")):
+        if not (root / f"{name}.done").exists():
+            build()
+            (root / f"{name}.done").touch()
+
+
+def _make_assets(root: Path):
+    images = [landscape(i) for i in range(20)]
+    (root / "data").mkdir(parents=True)
+    for i, image in enumerate(images):
+        image.save(root / "data" / f"{i:03d}.png")  # no captions: a plain image folder
+    trained_tiny_autoencoder(images[:16], root / "vae")  # the last 4 are held out for evaluation
+
+
+@pytest.fixture(scope="session")
+def dec(tmp_path_factory, worker_id, testrun_uid):
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / f"snapgen-decoder-{testrun_uid}"
+    root.mkdir(parents=True, exist_ok=True)
+    _once(root, "assets", lambda: _make_assets(root))
+    _once(root, "reference", lambda: (root / "ref-log.txt").write_text(
+        _run(_args(root / "vae", root / "data", root / "ref", STEPS, "--num_eval_images", "4"), root / "hf").stderr))
+    return root
+
+
+def test_decoder_run_learns_and_writes_a_diffusers_tiny_decoder(dec):
+    from diffusers import AutoencoderKL
+
+    from diffusers_snapgen import TinyDecoder
+
+    ref = dec / "ref"
+    results = json.loads((ref / "eval_results.json").read_text())
+    print(f"held-out PSNR {results['initial']['psnr']:.2f} -> {results['final']['psnr']:.2f} dB, SSIM "
+          f"{results['initial']['ssim']:.4f} -> {results['final']['ssim']:.4f}")
+    assert results["num_eval_images"] == 4 and results["lpips"] is False
+    assert results["final"]["psnr"] > results["initial"]["psnr"] + 2.0, results
+    log = (dec / "ref-log.txt").read_text()
+    assert log.count("LPIPS is OFF") == 1  # one clear warning, then MSE + GAN
+    evals = [json.loads(line) for line in (ref / "logs" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 20, 40, 60]
+    metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == STEPS and "g_adv" not in metrics[0] and {"g_adv", "d_loss"} <= metrics[-1].keys()
+    ckpt = ref / f"checkpoint-{STEPS}"
+    for name in ("decoder", "decoder_ema", "model.safetensors", "optimizer.bin", "optimizer_1.bin", "scheduler_1.bin"):
+        assert (ckpt / name).exists(), name
+    assert not any(p.name.startswith(".tmp") for p in ref.iterdir())
+
+    decoder = TinyDecoder.from_pretrained(str(ref))  # diffusers format, EMA weights
+    vae = AutoencoderKL.from_pretrained(str(dec / "vae"))
+    assert decoder.config.latent_channels == 16 and decoder.config.scaling_factor == vae.config.scaling_factor
+    with torch.no_grad():
+        image = decoder.decode(torch.randn(1, 16, 4, 4)).sample
+    assert image.shape == (1, 3, 32, 32)
+
+
+def test_decoder_resume_from_a_mid_run_checkpoint_is_identical(dec):
+    """A new process resumes the reference run's step-40 checkpoint and ends where the reference ended."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = dec / "resume"
+    out.mkdir()
+    shutil.copytree(dec / "ref" / "checkpoint-40", out / "checkpoint-40")
+    args = _args(dec / "vae", dec / "data", out, STEPS, "--num_eval_images", "4", "--resume_from_checkpoint", "latest")
+    proc = _run(args, dec / "hf")
+    assert "Resuming from checkpoint" in proc.stdout + proc.stderr
+    for sub in ("diffusion_pytorch_model.safetensors", f"checkpoint-{STEPS}/decoder/diffusion_pytorch_model.safetensors",
+                f"checkpoint-{STEPS}/decoder_ema/diffusion_pytorch_model.safetensors",
+                f"checkpoint-{STEPS}/model.safetensors"):
+        a, b = load_file(str(dec / "ref" / sub)), load_file(str(out / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    # a resumed run does not re-evaluate the untrained decoder
+    assert "initial" not in json.loads((out / "eval_results.json").read_text())
+
+
+def test_decoder_run_improves_psnr_on_scikit_image_photos(dec):
+    data = pytest.importorskip("skimage.data", reason="scikit-image (a test dependency) provides the bundled photos")
+    root = dec / "photos"
+    images = [ImageOps.fit(Image.fromarray(getattr(data, name)()), (128, 128), Image.BICUBIC) for name in PHOTOS]
+    (root / "images").mkdir(parents=True)
+    for name, image in zip(PHOTOS, images, strict=True):
+        image.save(root / "images" / f"{name}.png")
+    trained_tiny_autoencoder(images, root / "vae")
+    _run(_args(root / "vae", root / "images", root / "out", STEPS, "--validation_data_dir", str(root / "images")),
+         dec / "hf")
+    results = json.loads((root / "out" / "eval_results.json").read_text())
+    print(f"PSNR on {', '.join(PHOTOS)}: untrained {results['initial']['psnr']:.2f} dB -> "
+          f"{results['final']['psnr']:.2f} dB (SSIM {results['initial']['ssim']:.4f} -> {results['final']['ssim']:.4f})")
+    assert results["num_eval_images"] == 4
+    assert results["final"]["psnr"] > results["initial"]["psnr"] + 2.0, results
+
+
+def test_decoder_options_continue_from_a_decoder_with_r1_accumulation_bf16(dec):
+    out = dec / "options"
+    args = _args(dec / "vae", dec / "data", out, 2, "--num_eval_images", "4", "--decoder_model_name_or_path",
+                 str(dec / "ref"), "--r1_gamma", "1.0", "--gan_loss", "non_saturating", "--gan_start_step", "0",
+                 "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--gradient_checkpointing")
+    i = args.index("--decoder_config")
+    del args[i:i + 2]  # the architecture comes from the decoder being continued
+    _run(args, dec / "hf")
+    metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all({"r1", "g_adv", "d_loss"} <= m.keys() for m in metrics)
+    results = json.loads((out / "eval_results.json").read_text())
+    ref = json.loads((dec / "ref" / "eval_results.json").read_text())
+    assert results["initial"]["psnr"] == pytest.approx(ref["final"]["psnr"], abs=1e-3)  # it started from the trained one
