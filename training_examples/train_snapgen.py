@@ -63,6 +63,7 @@ def main(args):
         revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
     )
     ctx = prepare_student_pipeline(args, accelerator, components, student, latent_vae)
+    ctx.extra["stage"] = "pretrain"  # names the stage in the pushed model card
     build_data(ctx, args.max_sequence_length)
 
     params = [p for p in student.parameters() if p.requires_grad]

@@ -120,6 +120,7 @@ def main(args):
         )
 
     ctx = prepare_student_pipeline(args, accelerator, components, student, latent_vae)
+    ctx.extra["stage"] = "kd"  # names the stage in the pushed model card
     teacher.to(accelerator.device)
     ctx.extra.update(teacher=teacher, scaling=scaling)
     build_data(ctx, args.max_sequence_length)

@@ -121,7 +121,7 @@ class SnapGenSpatialTransformer(nn.Module):
         residual = hidden_states
         hidden_states = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         hidden_states = self.proj_in(hidden_states)
-        rotary_emb = rotary_embs[(height, width)] if rotary_embs is not None else None
+        rotary_emb = rotary_embs[(int(height), int(width))] if rotary_embs is not None else None
 
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -270,7 +270,8 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
 
         rotary_embs = None
         if self.pos_embed is not None:  # one 2D RoPE table per stage resolution, shared by its transformers
-            height, width = sample.shape[-2:]
+            # Plain-int keys, so traced shapes (torch.jit.trace, Core ML export) still find their table.
+            height, width = int(sample.shape[-2]), int(sample.shape[-1])
             grids = [(height >> stage, width >> stage) for stage in range(len(self.config.block_out_channels))]
             rotary_embs = {grid: self.pos_embed(*grid, device=sample.device) for grid in grids}
 

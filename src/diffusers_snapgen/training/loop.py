@@ -430,25 +430,41 @@ def save_final_pipeline(ctx: TrainContext, num_inference_steps=None, guidance_sc
 
 
 def _push_to_hub(ctx, images):
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    """Renders the PyTorch model card (``hub_cards/pytorch_model_card.md``) into ``--output_dir`` and uploads it."""
     from huggingface_hub import upload_folder
 
+    from ..cards import render_pytorch_card
+
     args = ctx.args
-    kd = "teacher" in ctx.extra
-    description = (
-        f"# SnapGen {'(multi-level KD)' if kd else '(flow matching)'}\n\n"
-        f"A SnapGen UNet (Hu et al., CVPR 2025, arXiv 2412.09619) trained from `{args.pretrained_model_name_or_path}` "
-        f"on `{args.dataset_name or args.train_data_dir}` at {args.resolution}px for {ctx.state.global_step} steps"
-        + (f", distilled from `{args.teacher_model_name_or_path}`" if kd else "")
-        + ".\n\nLoad with `import diffusers_snapgen; DiffusionPipeline.from_pretrained(...)`.\n"
+    stage = ctx.extra.get("stage", "kd" if "teacher" in ctx.extra else "pretrain")
+    defaults = getattr(ctx.pipeline, "sampling_defaults", None) or {}
+    training = {
+        "steps": ctx.state.global_step,
+        "resolution": args.resolution,
+        "learning rate": args.learning_rate,
+        "batch size (per device)": args.train_batch_size,
+        "mixed precision": args.mixed_precision,
+        "EMA": bool(args.use_ema),
+    }
+    if "teacher" in ctx.extra:
+        training["teacher"] = args.teacher_model_name_or_path
+    dataset = args.dataset_name or args.train_data_dir
+    card = render_pytorch_card(
+        "pipeline", stage, args.hub_repo_id, base_model=_hub_base_model(args.pretrained_model_name_or_path),
+        training=training, datasets=[args.dataset_name] if args.dataset_name else None,
+        num_inference_steps=defaults.get("num_inference_steps"), guidance_scale=defaults.get("guidance_scale"),
+        notes=f"Trained on `{dataset}`; {len(images or [])} validation images were logged at the end.",
     )
-    card = load_or_create_model_card(args.hub_repo_id, from_training=True, license="apache-2.0",
-                                     base_model=args.pretrained_model_name_or_path, model_description=description,
-                                     inference=True)
-    card = populate_model_card(card, tags=["text-to-image", "diffusers", "snapgen", "diffusers-training"])
     card.save(os.path.join(args.output_dir, "README.md"))
     upload_folder(repo_id=args.hub_repo_id, folder_path=args.output_dir, commit_message="End of training",
                   ignore_patterns=["checkpoint-*", ".tmp-*", "cache/*", "logs/*", "validation/*"], token=args.hub_token)
+
+
+def _hub_base_model(name_or_path):
+    """``name_or_path`` when it is a Hub repo id (the card's ``base_model``), else ``None`` (a local folder)."""
+    if isinstance(name_or_path, str) and name_or_path.count("/") == 1 and not os.path.exists(name_or_path):
+        return name_or_path
+    return None
 
 
 def prepare_student_pipeline(args, accelerator, components, student, latent_vae):

@@ -1,0 +1,153 @@
+"""``snapgen convert-coreml`` and ``python conversion/convert_snapgen_to_coreml.py``.
+
+Importing this module registers the subcommand with :mod:`diffusers_snapgen.cli` (which lists it in
+``SUBCOMMAND_MODULES``); heavy imports (coremltools, torch models) happen only in :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["HELP", "add_convert_coreml_parser", "configure", "run", "main"]
+
+HELP = "export a SnapGen pipeline to Core ML packages (iPhone/iPad/Mac) in the Hub layout"
+_TARGETS = ("iOS17", "iOS18")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _target(text: str) -> str:
+    for name in _TARGETS:
+        if text.lower() == name.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(_TARGETS)}, got {text!r}")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``convert-coreml`` arguments to ``parser``."""
+    parser.add_argument("--model", "-m", required=True, help="SnapGen pipeline folder or Hub repo id")
+    parser.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
+    parser.add_argument("--resolution", type=_positive_int, default=1024, help="square image size in px (1024)")
+    parser.add_argument("--target", type=_target, default="iOS18", help="deployment target: iOS17 or iOS18")
+    parser.add_argument("--variants", default="fp16,palettize6,palettize4",
+                        help="comma list of fp16, palettize8, palettize6, palettize4")
+    parser.add_argument("--components", default="unet,decoder,text", help="comma list of unet, decoder, text")
+    parser.add_argument("--batch-size", type=int, choices=(1, 2), default=1,
+                        help="UNet batch: 1 for few-step CFG-free models, 2 to batch CFG")
+    parser.add_argument("--chunk-unet", action="store_true", help="split the UNet into two packages (Apple's chunking)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="steps of the exported schedule (default: the model's)")
+    parser.add_argument("--group-size", type=_positive_int, default=16,
+                        help="output channels per look-up table for iOS18 per-grouped-channel palettization")
+    parser.add_argument("--weight-threshold", type=int, default=2048, help="palettize weights larger than this")
+    parser.add_argument("--strict", action="store_true", help="fail when a compressed variant is below 35 dB PSNR")
+    parser.add_argument("--skip-validation", action="store_true", help="skip the PSNR checks (structure is always checked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    parser.add_argument("--license", default="apache-2.0", help="license in the model card (apache-2.0)")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="load and check the model, list what would be written/uploaded; convert and upload nothing")
+
+
+def add_convert_coreml_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``convert-coreml`` to an ``argparse`` subparsers object; returns the new parser (``run`` is its default
+    ``func``)."""
+    parser = subparsers.add_parser("convert-coreml", help=HELP, description=HELP)
+    configure(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _load_pipeline(model: str):
+    from ..pipelines import SnapGenPipeline
+
+    try:
+        return SnapGenPipeline.from_pretrained(model)
+    except (ValueError, TypeError, OSError) as err:
+        raise ValueError(f"--model {model!r} is not a loadable SnapGen pipeline (unsupported model): {err}") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the conversion described by ``args``; returns the exit code (errors raise ValueError/OSError)."""
+    from .compress import parse_variants
+    from .components import parse_components
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    variants = parse_variants(args.variants)
+    components = parse_components(args.components)
+    if args.weight_threshold < 0:
+        raise ValueError(f"--weight-threshold must be >= 0, got {args.weight_threshold}.")
+    if args.push_to_hub is not None and (args.push_to_hub.count("/") != 1 or " " in args.push_to_hub):
+        raise ValueError(f"--push-to-hub must be a repo id like 'user/name', got {args.push_to_hub!r}.")
+    say(f"loading {args.model}")
+    pipe = _load_pipeline(args.model)
+    if args.dry_run:
+        from .export import planned_layout
+
+        files = planned_layout(pipe, variants, components, args.chunk_unet)
+        say(f"dry run: would write {len(files)} entries to {args.output} ({args.target}, {args.resolution}px):")
+        for name in files:
+            say(f"  {name}")
+        if args.push_to_hub:
+            say(f"dry run: would upload them to https://huggingface.co/{args.push_to_hub}")
+        return 0
+    from .export import export_pipeline
+
+    export_pipeline(
+        pipe,
+        args.output,
+        resolution=args.resolution,
+        target=args.target,
+        variants=variants,
+        components=components,
+        batch_size=args.batch_size,
+        chunk_unet=args.chunk_unet,
+        num_inference_steps=args.steps,
+        group_size=args.group_size,
+        weight_threshold=args.weight_threshold,
+        validate=not args.skip_validation,
+        strict=args.strict,
+        model_id=args.model,
+        license=args.license,
+        overwrite=args.overwrite,
+        progress=say,
+    )
+    if args.push_to_hub:
+        from ..cards import push_folder_to_hub
+
+        push_folder_to_hub(args.output, args.push_to_hub, private=args.private or None, progress=say)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``conversion/convert_snapgen_to_coreml.py``): same arguments, same exit codes."""
+    parser = argparse.ArgumentParser(prog="convert_snapgen_to_coreml", description=HELP)
+    configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        print(f"convert_snapgen_to_coreml: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _register() -> None:
+    try:
+        from ..cli import register_subcommand
+    except ImportError:  # pragma: no cover - the console script module is absent
+        return
+    register_subcommand("convert-coreml", HELP, configure, run)
+
+
+_register()
