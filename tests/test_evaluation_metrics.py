@@ -147,3 +147,15 @@ def test_classifier_constructor_validates():
     model = EmojiClassifier(["a", "b"], image_size=16, widths=(4, 8))
     assert model.embed(torch.rand(5, 3, 40, 40), batch_size=2).shape == (5, 8)
     assert model.logits([Image.new("RGB", (20, 20))]).shape == (1, 2)
+
+
+def test_psnr_ssim_agrees_with_the_decoder_training_metrics():
+    """The evaluation harness and the tiny-decoder training report the same PSNR/SSIM definitions."""
+    from diffusers_snapgen.training.decoder_training import psnr, ssim
+
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.rand(3, 3, 40, 48, generator=generator)
+    noisy = (reference + 0.08 * torch.randn(reference.shape, generator=generator)).clamp(0, 1)
+    result = psnr_ssim(reference, noisy)
+    assert result["psnr"] == pytest.approx(psnr(noisy, reference).mean().item(), abs=1e-3)
+    assert result["ssim"] == pytest.approx(ssim(noisy, reference).mean().item(), abs=1e-3)

@@ -72,8 +72,12 @@ def fid(features_a, features_b) -> float:
 
 
 def psnr_ssim(reference, reconstruction) -> dict:
-    """Mean PSNR (dB) and SSIM (scikit-image, colour, data range 1) over image pairs; tensors ``(N, 3, H, W)`` in
-    [0, 1] or PIL lists of equal sizes. Returns ``{"psnr", "ssim", "count"}`` (PSNR of identical images is inf)."""
+    """Mean PSNR (dB) and SSIM over image pairs; tensors ``(N, 3, H, W)`` in [0, 1] or PIL lists of equal sizes.
+    Returns ``{"psnr", "ssim", "count"}`` (PSNR of identical images is inf).
+
+    SSIM is Wang et al. 2004 (11x11 Gaussian window, sigma 1.5, population covariances, data range 1, mean over
+    colour channels): the definition the decoder-training evaluation uses
+    (:func:`diffusers_snapgen.training.decoder_training.ssim`), so numbers from both are comparable."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     ref, rec = to_tensor(reference), to_tensor(reconstruction)
@@ -84,7 +88,8 @@ def psnr_ssim(reference, reconstruction) -> dict:
     psnrs, ssims = [], []
     for x, y in zip(ref_np, rec_np):
         psnrs.append(float("inf") if np.array_equal(x, y) else peak_signal_noise_ratio(x, y, data_range=1.0))
-        ssims.append(structural_similarity(x, y, data_range=1.0, channel_axis=-1))
+        ssims.append(structural_similarity(x, y, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False))
     return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "count": len(psnrs)}
 
 
