@@ -7,6 +7,7 @@ Importing this package makes its classes loadable through diffusers' own entry p
 __version__ = "0.1.0.dev0"
 
 from ._registration import register as _register
+from .default_model import default_model_path, load_default_pipeline
 from .models import SnapGenUNet2DModel, SnapGenUNet2DOutput, TinyDecoder
 from .pipelines import SnapGenPipeline, SnapGenPipelineOutput
 
@@ -18,4 +19,6 @@ __all__ = [
     "SnapGenUNet2DModel",
     "SnapGenUNet2DOutput",
     "TinyDecoder",
+    "default_model_path",
+    "load_default_pipeline",
 ]

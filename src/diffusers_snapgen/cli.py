@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_USAGE = 2
-#: The model ``--model`` defaults to. None until an embedded default SnapGen model ships.
-DEFAULT_MODEL: str | None = None
 #: Modules that register more subcommands when imported; a missing module is skipped.
 SUBCOMMAND_MODULES: tuple[str, ...] = ("diffusers_snapgen.coreml.cli", "diffusers_snapgen.evaluation.cli")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -115,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def resolve_model(model: str | None) -> str:
-    """``--model`` or the embedded default; ValueError when neither exists."""
+    """``--model`` or the embedded default's folder (:func:`diffusers_snapgen.default_model_path`); ValueError when
+    neither exists."""
+    from .default_model import default_model_path
+
     if model:
         return model
-    if DEFAULT_MODEL is None:
+    folder = default_model_path()
+    if folder is None:
         raise ValueError(
-            "--model is required: this version ships no default SnapGen model yet. Pass --model with a folder "
+            "--model is required: this build ships no default SnapGen model. Pass --model with a folder "
             "written by `SnapGenPipeline.save_pretrained` or a Hub repo id."
         )
-    return DEFAULT_MODEL
+    return str(folder)
 
 
 def _positive_int(text: str) -> int:
@@ -240,6 +242,7 @@ def output_paths(output: str | None, count: int, prompt: str, seed: int) -> list
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .default_model import load_default_pipeline
     from .pipelines import SnapGenPipeline
 
     model = resolve_model(args.model)
@@ -248,9 +251,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     paths = output_paths(args.output, args.num_images, args.prompt, seed)  # fail before loading the model
 
-    folder = SnapGenPipeline._checked_folder(model, argument="--model")
     with _quiet_loading():
-        pipe = SnapGenPipeline.from_pretrained(folder, dtype=dtype).to(device)
+        if args.model:
+            folder = SnapGenPipeline._checked_folder(model, argument="--model")
+            pipe = SnapGenPipeline.from_pretrained(folder, dtype=dtype)
+        else:  # the embedded model: its MiniLM text encoder comes from its PyPI package
+            pipe = load_default_pipeline(dtype=dtype)
+        pipe = pipe.to(device)
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,

