@@ -132,3 +132,15 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(saved_pipeline, tmp_path, ca
     assert len(lines) == 1, err
     assert needle in lines[0] and "error" in lines[0] and "Traceback" not in err
     assert out == ""
+
+
+@pytest.mark.parametrize("module", ["diffusers_snapgen", "diffusers_snapgen.cli"])
+def test_python_dash_m_sees_every_subcommand(module):
+    """`python -m` must run the imported cli module, where `eval` and `convert-coreml` register themselves."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("generate", "info", "eval", "convert-coreml"):
+        assert name in proc.stdout

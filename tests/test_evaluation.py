@@ -141,6 +141,24 @@ def test_teacher_transformer_samples_through_a_base_pipeline(saved_models):
     assert images.shape == (2, 3, 64, 64) and images.float().std() > 0
 
 
+def test_shipped_model_without_text_encoder_borrows_the_base_encoder(saved_models, tmp_path):
+    """The embedded default model ships without its text encoder; evaluation takes the base pipeline's."""
+    from diffusers_snapgen import SnapGenPipeline
+
+    student = SnapGenPipeline.from_pretrained(str(saved_models["student"]))
+    SnapGenPipeline(unet=student.unet, vae=student.vae, scheduler=student.scheduler).save_pretrained(tmp_path / "ship")
+    with pytest.raises(ValueError, match="no text encoder"):
+        load_model(tmp_path / "ship")
+    shipped = load_model(tmp_path / "ship", base=saved_models["base"])
+    assert shipped.text_encoder_mode == "generic"
+    base = SnapGenPipeline.from_pretrained(str(saved_models["base"]))
+    expected = SnapGenPipeline(unet=student.unet, vae=student.vae, scheduler=student.scheduler,
+                               text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+    expected.set_progress_bar_config(disable=True)
+    images = generate_images(shipped, ["red apple"], [4], steps=2)
+    assert torch.equal(images, generate_images(expected, ["red apple"], [4], steps=2))
+
+
 def test_evaluate_models_one_table_and_grid(classifier, rendered, data_dir, saved_models, tmp_path):
     images, texts, _ = rendered
     student = tiny_pipeline("generic", vae="kl")

@@ -347,5 +347,7 @@ register_subcommand("generate", "generate images from a text prompt", _configure
 register_subcommand("info", "show a model's components, parameter counts and scheduler", _configure_info, _run_info)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m diffusers_snapgen.cli`: run the imported module, where subcommands register
+    from diffusers_snapgen.cli import main as _main
+
+    sys.exit(_main())

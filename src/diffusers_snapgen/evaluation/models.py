@@ -14,6 +14,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+_TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 _SPEC = re.compile(r"(?P<name>[A-Za-z0-9_.+-]+)=(?P<path>.+?):(?P<steps>[0-9]+)(?::(?P<guidance>[0-9]*\.?[0-9]+))?")
 
 
@@ -114,6 +115,14 @@ def load_model(path, base=None, device=None, dtype: torch.dtype | None = None):
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if (folder / "model_index.json").is_file():
         pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+        if isinstance(pipe, SnapGenPipeline) and pipe.text_encoder_mode is None:
+            # Shipped without text encoder (the embedded default model): borrow the base pipeline's.
+            if base is None:
+                raise ValueError(f"model {str(path)!r} has no text encoder: pass --base with the SnapGen pipeline "
+                                 "whose text encoder it was trained with.")
+            base_pipe = base if isinstance(base, SnapGenPipeline) else SnapGenPipeline.from_pretrained(str(base),
+                                                                                                       **kwargs)
+            pipe.register_modules(**{name: getattr(base_pipe, name) for name in _TEXT_COMPONENTS})
     else:
         transformer_folder = _transformer_folder(folder)
         if transformer_folder is None:
