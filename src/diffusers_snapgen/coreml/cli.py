@@ -9,20 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import _positive_int
+
 __all__ = ["HELP", "add_convert_coreml_parser", "configure", "run", "main"]
 
 HELP = "export a SnapGen pipeline to Core ML packages (iPhone/iPad/Mac) in the Hub layout"
 _TARGETS = ("iOS17", "iOS18")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _target(text: str) -> str:

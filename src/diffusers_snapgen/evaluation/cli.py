@@ -11,17 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import DTYPES, _positive_int, register_subcommand
+from ..cli import DTYPES, _positive_int, register_subcommand, whole_number
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_non_negative_int = whole_number(0)
 
 
 def _size(text: str) -> int:
