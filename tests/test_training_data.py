@@ -48,6 +48,21 @@ def test_imagefolder_with_metadata_captions(hf_dataset, imagefolder, tmp_path):
         load_image_caption_dataset()
 
 
+def test_a_split_folder_named_test_loads_all_its_images(tmp_path):
+    """`--validation_data_dir data/emoji/test` holds `bullet-train.png`: datasets reads file names as split patterns
+    and would make that one file the train split."""
+    root = tmp_path / "emoji"
+    write_imagefolder(root / "train", n=3, size=40)
+    test = write_imagefolder(root / "test", n=5, size=40)
+    (test / "000.png").rename(test / "bullet-train.png")
+    metadata = (test / "metadata.jsonl").read_text().replace('"000.png"', '"bullet-train.png"')
+    (test / "metadata.jsonl").write_text(metadata)
+    held = load_image_caption_dataset(train_data_dir=str(root / "test"), cache_dir=str(tmp_path / "hf"))
+    assert len(held) == 5 and "text" in held.column_names
+    whole = load_image_caption_dataset(train_data_dir=str(root), cache_dir=str(tmp_path / "hf"))
+    assert len(whole) == 3  # a folder with split subfolders: its train split
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(hf_dataset):
     ds = ImageCaptionDataset(hf_dataset, resolution=32, center_crop=False, random_flip=True, seed=3)
     a = [ds[i] for i in range(6)]
@@ -156,7 +171,7 @@ def _save_forever(root):
 
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
-    model = acc.prepare(torch.nn.Linear(2048, 4096))  # 32 MB per save: slow enough to be killed mid-way
+    _model = acc.prepare(torch.nn.Linear(2048, 4096))  # 32 MB per save: slow enough to be killed mid-way
     state = TrainingState()
     acc.register_for_checkpointing(state)
     step = 0

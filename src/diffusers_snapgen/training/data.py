@@ -48,6 +48,10 @@ def load_image_caption_dataset(dataset_name=None, dataset_config_name=None, trai
         raise ValueError("Pass `dataset_name` (--dataset_name) or `train_data_dir` (--train_data_dir).")
     if dataset_name is not None:
         ds = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, data_dir=train_data_dir)
+    elif _is_flat_folder(train_data_dir):
+        # one folder of images (+ metadata.jsonl) is the train split: datasets infers splits from file names too,
+        # and the emoji test split's `bullet-train.png` would otherwise be the whole train split
+        ds = load_dataset("imagefolder", data_files={"train": str(Path(train_data_dir) / "**")}, cache_dir=cache_dir)
     else:
         ds = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     if "train" not in ds:
@@ -64,6 +68,12 @@ def load_image_caption_dataset(dataset_name=None, dataset_config_name=None, trai
     if len(ds) == 0:
         raise ValueError("the training dataset is empty.")
     return ds
+
+
+def _is_flat_folder(data_dir) -> bool:
+    """A local folder whose files sit at its top level (no ``train/``/``test/`` split subfolders)."""
+    root = Path(data_dir)
+    return root.is_dir() and not any(child.is_dir() for child in root.iterdir() if not child.name.startswith("."))
 
 
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
