@@ -217,6 +217,24 @@ def test_text_encoder_sets(kind, tokens, width):
     assert torch.isfinite(out).all()
 
 
+def test_a_stored_text_length_is_the_default(tmp_path):
+    """A model trained on short padded prompts stores its length; the UNet attends to padding, so it matters."""
+    pipe = tiny_pipeline("generic")
+    assert "max_sequence_length" not in pipe.sampling_defaults
+    embeds = pipe.encode_prompt("a red apple", do_classifier_free_guidance=False)[0]
+    default_tokens = embeds.shape[1]
+    pipe.set_sampling_defaults(max_sequence_length=6)
+    assert pipe.sampling_defaults["max_sequence_length"] == 6
+    pipe.scheduler.save_pretrained(tmp_path)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert pipe.encode_prompt("a red apple", do_classifier_free_guidance=False)[0].shape[1] == 6 != default_tokens
+    assert pipe.encode_prompt("a red apple", do_classifier_free_guidance=False,
+                              max_sequence_length=9)[0].shape[1] == 9  # an explicit length still wins
+    with pytest.raises(ValueError, match="`max_sequence_length`"):
+        pipe.set_sampling_defaults(max_sequence_length=0)
+    assert snapgen_scheduler(max_sequence_length=16).config[SAMPLING_DEFAULTS_KEY] == {"max_sequence_length": 16}
+
+
 def test_vae_swap_tiny_decoder_and_autoencoder_kl():
     """Both decoders get the same unscaled latents (latents / scaling_factor + shift_factor)."""
     pipe = tiny_pipeline("none")

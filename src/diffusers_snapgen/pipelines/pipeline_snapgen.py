@@ -50,19 +50,23 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def snapgen_scheduler(
-    num_inference_steps: int | None = None, guidance_scale: float | None = None, shift: float = DEFAULT_SHIFT
+    num_inference_steps: int | None = None, guidance_scale: float | None = None, shift: float = DEFAULT_SHIFT,
+    max_sequence_length: int | None = None,
 ) -> FlowMatchEulerDiscreteScheduler:
     """SnapGen's sampler: ``FlowMatchEulerDiscreteScheduler(shift=3)`` (DESIGN §4), optionally carrying the
     checkpoint's sampling defaults under ``SAMPLING_DEFAULTS_KEY``."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    defaults = _sampling_defaults_dict(num_inference_steps, guidance_scale)
+    defaults = _sampling_defaults_dict(num_inference_steps, guidance_scale, max_sequence_length)
     if defaults:
         scheduler.register_to_config(**{SAMPLING_DEFAULTS_KEY: defaults})
     return scheduler
 
 
-def _sampling_defaults_dict(num_inference_steps, guidance_scale) -> dict:
+def _sampling_defaults_dict(num_inference_steps, guidance_scale, max_sequence_length=None) -> dict:
     defaults = {}
+    if max_sequence_length is not None:
+        check_positive_int(max_sequence_length, "max_sequence_length")
+        defaults["max_sequence_length"] = int(max_sequence_length)
     if num_inference_steps is not None:
         check_positive_int(num_inference_steps, "num_inference_steps")
         defaults["num_inference_steps"] = int(num_inference_steps)
@@ -227,18 +231,25 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
     @property
     def sampling_defaults(self) -> dict:
         """``num_inference_steps`` and ``guidance_scale`` used when a call leaves them None: the scheduler
-        config's ``"_snapgen_defaults"`` entries, else 28 steps and guidance 3.5."""
+        config's ``"_snapgen_defaults"`` entries, else 28 steps and guidance 3.5. ``max_sequence_length`` is
+        included when the checkpoint stores one (the text length it was trained with)."""
         stored = self.scheduler.config.get(SAMPLING_DEFAULTS_KEY) or {}
-        return {
+        defaults = {
             "num_inference_steps": stored.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS),
             "guidance_scale": stored.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
         }
+        if stored.get("max_sequence_length") is not None:
+            defaults["max_sequence_length"] = stored["max_sequence_length"]
+        return defaults
 
-    def set_sampling_defaults(self, num_inference_steps: int | None = None, guidance_scale: float | None = None):
+    def set_sampling_defaults(self, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                              max_sequence_length: int | None = None):
         """Store sampling defaults in the scheduler config (saved with ``save_pretrained``), e.g.
-        ``pipe.set_sampling_defaults(4, 1.0)`` for a few-step, CFG-free model (paper §3.4)."""
+        ``pipe.set_sampling_defaults(4, 1.0)`` for a few-step, CFG-free model (paper §3.4).
+        ``max_sequence_length``: the text tokens the model was trained with. The UNet attends to padding tokens
+        too (as SD3 does), so a model trained on short padded prompts should be sampled with the same length."""
         defaults = dict(self.scheduler.config.get(SAMPLING_DEFAULTS_KEY) or {})
-        defaults.update(_sampling_defaults_dict(num_inference_steps, guidance_scale))
+        defaults.update(_sampling_defaults_dict(num_inference_steps, guidance_scale, max_sequence_length))
         self.scheduler.register_to_config(**{SAMPLING_DEFAULTS_KEY: defaults})
 
     # ------------------------------------------------------------------ properties used in the loop
@@ -441,7 +452,8 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` called after each step;
                 returned tensors (e.g. ``latents``) replace the pipeline's. Set ``pipe._interrupt = True`` to stop.
             callback_on_step_end_tensor_inputs: which of ``_callback_tensor_inputs`` go in ``callback_kwargs``.
-            max_sequence_length: T5 tokens (SD3 set, default 256) or tokens of a generic encoder (default 77).
+            max_sequence_length: T5 tokens (SD3 set, default 256) or tokens of a generic encoder (default 77);
+                a checkpoint's stored default (:attr:`sampling_defaults`) comes first.
 
         Returns:
             :class:`SnapGenPipelineOutput` with ``images``, or ``(images,)`` when ``return_dict=False``.

@@ -90,6 +90,8 @@ class SnapGenTextEncodingMixin:
 
     def _resolve_max_sequence_length(self, max_sequence_length: int | None) -> int:
         mode = self.text_encoder_mode
+        if max_sequence_length is None:  # the length the checkpoint was trained with, when it stores one
+            max_sequence_length = getattr(self, "sampling_defaults", {}).get("max_sequence_length")
         if max_sequence_length is not None:
             if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
                 raise TypeError(f"`max_sequence_length` must be an int, got {type(max_sequence_length).__name__}.")
