@@ -56,7 +56,9 @@ def test_coreml_card_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("kind,stage,tag", [("pipeline", "asd", "text-to-image"), ("unet", "kd", "text-to-image"),
-                                            ("tiny_decoder", "tiny_decoder", None)])
+                                            ("tiny_decoder", "tiny_decoder", None),
+                                            ("autoencoder", "autoencoder", None),
+                                            ("transformer", "teacher", None)])
 def test_pytorch_cards(kind, stage, tag, tmp_path):
     card = render_pytorch_card(kind, stage, "me/snapgen-test", base_model="stabilityai/stable-diffusion-3.5-large",
                                training={"max_train_steps": 1000, "learning_rate": 1e-4}, datasets=["me/captions"],
@@ -73,6 +75,16 @@ def test_pytorch_cards(kind, stage, tag, tmp_path):
         assert "num_inference_steps=4, guidance_scale=1.0" in loaded.text
     if kind == "tiny_decoder":
         assert "decoder.decode(z).sample" in loaded.text
+    if kind == "autoencoder":
+        assert "AutoencoderKL.from_pretrained(\"me/snapgen-test\")" in loaded.text
+        assert "autoencoder-kl" in loaded.data.tags
+        assert "train_autoencoder.py" in loaded.text and "snapgen generate" not in loaded.text
+    if kind == "transformer":
+        assert 'SD3Transformer2DModel.from_pretrained("me/snapgen-test", subfolder="transformer")' in loaded.text
+        assert 'SnapGenPipeline.from_pretrained("stabilityai/stable-diffusion-3.5-large")' in loaded.text
+        assert "--teacher_model_name_or_path me/snapgen-test --teacher_subfolder transformer" in loaded.text
+        assert "train_sd3_teacher.py" in loaded.text and "mmdit" in loaded.data.tags
+        assert "snapgen generate" not in loaded.text and "convert_snapgen_to_coreml" not in loaded.text
 
 
 def test_pytorch_card_argument_errors():
@@ -93,8 +105,11 @@ def test_templates_ship_as_package_data():
     import diffusers_snapgen
 
     assert hub_cards_dir() == Path(diffusers_snapgen.__file__).resolve().parent / "hub_cards"
-    setup_cfg = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
-    assert "diffusers_snapgen = hub_cards/*.md" in setup_cfg
+    import configparser
+
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert "hub_cards/*.md" in setup_cfg["options.package_data"]["diffusers_snapgen"].split()
 
 
 def _fake_upload(calls):
@@ -153,3 +168,56 @@ def test_decoder_push_writes_the_decoder_card(tmp_path, monkeypatch):
     assert "TinyDecoder.from_pretrained(\"me/tiny-decoder\")" in card.text
     assert "14.50 -> 18.12" in card.text and "0.2000 -> 0.5123" in card.text
     assert len(calls) == 1 and calls[0]["folder_path"] == str(tmp_path)
+
+
+def test_autoencoder_push_writes_the_autoencoder_card(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from diffusers_snapgen.training import autoencoder_training
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "upload_folder", _fake_upload(calls))
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_repo_id="me/emoji-vae", hub_token=None,
+                           vae_model_name_or_path=None, dataset_name=None, train_data_dir="data/emoji", resolution=256,
+                           learning_rate=1e-4, train_batch_size=32, reconstruction_loss="l1", kl_weight=1e-6)
+    results = {"step": 20000, "final": {"psnr": 31.234, "ssim": 0.91234}, "initial": {"psnr": 9.5, "ssim": 0.05},
+               "scaling_factor": 0.812345678, "shift_factor": -0.0123456}
+    autoencoder_training._push_to_hub(args, results)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.base_model is None and "vae" in card.data.tags
+    assert "AutoencoderKL.from_pretrained(\"me/emoji-vae\")" in card.text
+    assert "9.50 -> 31.23" in card.text and "| scaling_factor | 0.81235 |" in card.text
+    assert "| shift_factor | -0.01235 |" in card.text and "Trained from scratch on `data/emoji`" in card.text
+    assert len(calls) == 1 and calls[0]["repo_id"] == "me/emoji-vae" and "checkpoint-*" in calls[0]["ignore_patterns"]
+
+
+def test_teacher_push_writes_the_transformer_card(tmp_path, monkeypatch):
+    """train_sd3_teacher.py pushes <output_dir>/transformer with a `transformer` card of stage `teacher`."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from diffusers_snapgen.training import loop
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "upload_folder", _fake_upload(calls))
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_repo_id="me/emoji-teacher", hub_token=None,
+                           pretrained_model_name_or_path=str(tmp_path), dataset_name=None, train_data_dir="data/emoji",
+                           resolution=256, learning_rate=2e-4, train_batch_size=64, mixed_precision="bf16",
+                           use_ema=True)
+    ctx = SimpleNamespace(args=args, extra={"stage": "teacher", "card_kind": "transformer",
+                                            "card_subfolder": "transformer"},
+                          state=SimpleNamespace(global_step=30000),
+                          pipeline=SimpleNamespace(sampling_defaults={"num_inference_steps": 28,
+                                                                      "guidance_scale": 3.0}))
+    loop._push_to_hub(ctx, images=[])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag is None and card.data.base_model is None
+    assert 'SD3Transformer2DModel.from_pretrained("me/emoji-teacher", subfolder="transformer")' in card.text
+    assert "SD3TransformerDenoiser.wrap(transformer)" in card.text and "path/to/base-pipeline" in card.text
+    assert "num_inference_steps=28, guidance_scale=3.0" in card.text and "| steps | 30000 |" in card.text
+    assert "train_sd3_teacher.py" in card.text and "| teacher |" not in card.text
+    assert len(calls) == 1 and calls[0]["repo_id"] == "me/emoji-teacher"
+    assert "checkpoint-*" in calls[0]["ignore_patterns"]

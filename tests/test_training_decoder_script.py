@@ -196,4 +196,5 @@ def test_decoder_options_continue_from_a_decoder_with_r1_accumulation_bf16(dec):
     assert len(metrics) == 2 and all({"r1", "g_adv", "d_loss"} <= m.keys() for m in metrics)
     results = json.loads((out / "eval_results.json").read_text())
     ref = json.loads((dec / "ref" / "eval_results.json").read_text())
-    assert results["initial"]["psnr"] == pytest.approx(ref["final"]["psnr"], abs=1e-3)  # it started from the trained one
+    # it started from the trained decoder (an untrained one is dB lower); bf16 evaluation moves PSNR by ~1e-3 dB
+    assert results["initial"]["psnr"] == pytest.approx(ref["final"]["psnr"], abs=0.02)

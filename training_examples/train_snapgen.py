@@ -17,44 +17,26 @@ The output folder is a complete ``SnapGenPipeline`` (EMA weights with ``--use_em
 import logging
 
 from diffusers_snapgen.training import (
-    flow_matching_loss,
-    load_base_components,
     load_student,
-    load_vae_encoder,
     parse_args,
-    student_flow_matching_step,
     text_widths,
-    weight_dtype_for,
 )
 from diffusers_snapgen.training.loop import (
     build_data,
     finish_setup,
+    flow_matching_task_loss,
     prepare_student_pipeline,
     save_final_pipeline,
-    setup_accelerator,
+    setup_base,
     train,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def compute_loss(ctx, batch, generator):
-    """The flow-matching task loss; per-sample values feed the per-timestep-bucket statistics."""
-    fm, model_pred, _, _ = student_flow_matching_step(ctx, batch, generator)
-    task = flow_matching_loss(model_pred, fm.target, fm.sigmas, ctx.args.weighting_scheme)
-    loss = task.mean()
-    return loss, {}, {"t": fm.sigmas, "task": task}
-
-
 def main(args):
-    accelerator = setup_accelerator(args)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-
     # Frozen text encoders, VAE and scheduler from the base pipeline (SnapGen, or SD3/SD3.5).
-    components = load_base_components(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                      args.cache_dir, dtype=weight_dtype)
-    latent_vae = load_vae_encoder(components, args.pretrained_vae_model_name_or_path, weight_dtype,
-                                  args.revision, args.variant, args.cache_dir)
+    accelerator, components, latent_vae = setup_base(args)
 
     # The student: --unet_model_name_or_path, the base pipeline's unet, or a fresh paper-config UNet.
     student = load_student(
@@ -69,7 +51,7 @@ def main(args):
     params = [p for p in student.parameters() if p.requires_grad]
     trainable, clip = finish_setup(ctx, [], [{"params": params}])
 
-    train(ctx, compute_loss, trainable, clip)
+    train(ctx, flow_matching_task_loss, trainable, clip)
     save_final_pipeline(ctx)
 
 

@@ -29,11 +29,8 @@ import math
 from diffusers_snapgen.training import (
     FlowMatchingSampler,
     check_teacher_student,
-    load_base_components,
     load_student,
     load_teacher,
-    load_vae_encoder,
-    weight_dtype_for,
 )
 from diffusers_snapgen.training.asd import (
     AdversarialStepDistillation,
@@ -52,7 +49,7 @@ from diffusers_snapgen.training.loop import (
     finish_setup,
     prepare_student_pipeline,
     save_final_pipeline,
-    setup_accelerator,
+    setup_base,
     train,
 )
 
@@ -60,13 +57,7 @@ logger = logging.getLogger(__name__)
 
 
 def main(args):
-    accelerator = setup_accelerator(args)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-
-    components = load_base_components(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                      args.cache_dir, dtype=weight_dtype)
-    latent_vae = load_vae_encoder(components, args.pretrained_vae_model_name_or_path, weight_dtype,
-                                  args.revision, args.variant, args.cache_dir)
+    accelerator, components, latent_vae = setup_base(args)
 
     # Frozen few-step teacher: KD targets and the discriminator's feature network.
     teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_subfolder, DTYPES[args.teacher_dtype],

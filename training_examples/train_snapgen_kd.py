@@ -31,15 +31,12 @@ from diffusers_snapgen.training import (
     default_sd3_snapgen_layer_pairs,
     denoiser_forward,
     flow_matching_loss,
-    load_base_components,
     load_student,
     load_teacher,
-    load_vae_encoder,
     output_kd_loss,
     parse_args,
     parse_layer_pairs,
     student_flow_matching_step,
-    weight_dtype_for,
 )
 from diffusers_snapgen.training.components import DTYPES
 from diffusers_snapgen.training.loop import (
@@ -47,7 +44,7 @@ from diffusers_snapgen.training.loop import (
     finish_setup,
     prepare_student_pipeline,
     save_final_pipeline,
-    setup_accelerator,
+    setup_base,
     train,
 )
 
@@ -80,13 +77,7 @@ def compute_loss(ctx, batch, generator):
 
 
 def main(args):
-    accelerator = setup_accelerator(args)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-
-    components = load_base_components(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                      args.cache_dir, dtype=weight_dtype)
-    latent_vae = load_vae_encoder(components, args.pretrained_vae_model_name_or_path, weight_dtype,
-                                  args.revision, args.variant, args.cache_dir)
+    accelerator, components, latent_vae = setup_base(args)
 
     # Frozen teacher, kept out of the optimizer and of accelerator.prepare.
     teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_subfolder, DTYPES[args.teacher_dtype],

@@ -1,7 +1,8 @@
 """Model cards (``huggingface_hub.ModelCard`` from the ``hub_cards/`` templates) and Hub uploads.
 
 Two templates: ``coreml_model_card.md`` for the Core ML repos written by :func:`export_pipeline` and
-``pytorch_model_card.md`` for the diffusers repos the training examples push (pipeline, UNet or tiny decoder).
+``pytorch_model_card.md`` for the diffusers repos the training examples push (pipeline, UNet, tiny decoder,
+autoencoder or SD3 transformer teacher).
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ PYTORCH_KINDS = {
     "pipeline": ("SnapGen text-to-image pipeline", "text-to-image"),
     "unet": ("SnapGen UNet", "text-to-image"),
     "tiny_decoder": ("SnapGen tiny decoder", None),
+    "autoencoder": ("SnapGen-compatible autoencoder", None),
+    "transformer": ("SD3 transformer", None),
 }
 STAGES = {
     "pretrain": ("train_snapgen.py", "flow-matching pre-training (paper §3.3)"),
     "kd": ("train_snapgen_kd.py", "multi-level knowledge distillation with timestep-aware scaling (paper §3.3)"),
     "asd": ("train_snapgen_asd.py", "adversarial step distillation, few-step (paper §3.4)"),
     "tiny_decoder": ("train_tiny_decoder.py", "tiny decoder training: MSE + LPIPS + adversarial (paper §3.2)"),
+    "autoencoder": ("train_autoencoder.py", "autoencoder training: L1/MSE + KL + LPIPS + adversarial (SD3 latents)"),
+    "teacher": ("train_sd3_teacher.py", "teacher training: flow matching of an SD3Transformer2DModel (paper §3.3)"),
 }
 
 
@@ -138,8 +143,9 @@ def render_pytorch_card(
 ) -> ModelCard:
     """The README of a PyTorch repo pushed by a training example.
 
-    ``kind``: ``"pipeline"``, ``"unet"`` or ``"tiny_decoder"``; ``stage``: ``"pretrain"``, ``"kd"``, ``"asd"`` or
-    ``"tiny_decoder"``; ``training``: hyper-parameters shown as a table (e.g. ``{"steps": 1000, "lr": 1e-4}``).
+    ``kind``: ``"pipeline"``, ``"unet"``, ``"tiny_decoder"``, ``"autoencoder"`` or ``"transformer"``; ``stage``:
+    ``"pretrain"``, ``"kd"``, ``"asd"``, ``"tiny_decoder"``, ``"autoencoder"`` or ``"teacher"``; ``training``:
+    hyper-parameters shown as a table (e.g. ``{"steps": 1000, "lr": 1e-4}``).
     """
     if kind not in PYTORCH_KINDS:
         raise ValueError(f"`kind` must be one of {tuple(PYTORCH_KINDS)}, got {kind!r}.")
@@ -152,7 +158,9 @@ def render_pytorch_card(
     _check_license(license)
     title, pipeline_tag = PYTORCH_KINDS[kind]
     script, stage_label = STAGES[stage]
-    tags = ["snapgen", "diffusers", "safetensors"] + (["text-to-image"] if pipeline_tag else ["vae", "tiny-decoder"])
+    kind_tags = {"tiny_decoder": ["vae", "tiny-decoder"], "autoencoder": ["vae", "autoencoder-kl"],
+                 "transformer": ["sd3", "mmdit", "teacher"]}
+    tags = ["snapgen", "diffusers", "safetensors"] + (["text-to-image"] if pipeline_tag else kind_tags[kind])
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag=pipeline_tag,
@@ -167,6 +175,12 @@ def render_pytorch_card(
         "unet": "The SnapGen efficient UNet (paper §3.1), a drop-in `unet` for `SnapGenPipeline`.",
         "tiny_decoder": "SnapGen's 1.4M-parameter tiny decoder for SD3 latents (paper §3.2); also a fast drop-in "
                         "decoder for diffusers' SD3 pipelines.",
+        "autoencoder": "A diffusers `AutoencoderKL` with SD3's latent layout (16 channels, f = 8), the encoder/decoder "
+                       "of a small SnapGen; its config carries the measured `scaling_factor` and `shift_factor` (SD3 "
+                       "convention: `(z - shift_factor) * scaling_factor`).",
+        "transformer": "A diffusers `SD3Transformer2DModel` (MMDiT) trained with flow matching on the latents and text "
+                       "encoding of a SnapGen base pipeline: the teacher of SnapGen's knowledge distillation and "
+                       "adversarial step distillation (paper §3.3-3.4), sampled through `SnapGenPipeline`.",
     }
     rows = sorted((str(k), str(v)) for k, v in (training or {}).items())
     kwargs = dict(

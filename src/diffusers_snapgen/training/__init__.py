@@ -11,10 +11,12 @@
 - :mod:`.asd` - adversarial step distillation (paper §3.4): few-step grid sampler, teacher rollout, the objective.
 - :mod:`.discriminator`, :mod:`.adversarial` - teacher-feature and patch discriminators; hinge, non-saturating, R1.
 - :mod:`.decoder_training`, :mod:`.decoder_loop` - tiny-decoder training (paper §3.2): patches, metrics, losses, loop.
+- :mod:`.autoencoder_training` - the 16-channel, f = 8 ``AutoencoderKL`` of the demo model: KL, latent statistics.
 """
 
 from .adversarial import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty, set_requires_grad
 from .args import build_parser, parse_args, validate_args
+from .autoencoder_training import latent_statistics, train_autoencoder
 from .asd import AdversarialStepDistillation, FewStepSampler, TeacherTargets, few_step_sigmas, teacher_rollout
 from .checkpointing import (
     TrainingState,
@@ -75,7 +77,7 @@ from .kd import (
     select_feature,
     tokens_to_map,
 )
-from .loop import TrainContext, batch_conditioning, student_flow_matching_step
+from .loop import TrainContext, batch_conditioning, flow_matching_task_loss, student_flow_matching_step
 from .scaling import ALPHA_SCHEDULES, AlphaSchedule, TimestepAwareScaling, TimestepBucketStats
 
 __all__ = [name for name in dir() if not name.startswith("_")]

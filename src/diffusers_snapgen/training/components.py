@@ -202,9 +202,19 @@ def check_teacher_student(teacher, student):
 
 
 def build_pipeline(components: dict, student):
-    """A :class:`SnapGenPipeline` around ``student`` with the base components (progress bar off)."""
+    """A :class:`SnapGenPipeline` around ``student`` with the base components (progress bar off). An
+    ``SD3Transformer2DModel`` student (``train_sd3_teacher.py``) is wrapped by ``SD3TransformerDenoiser``, which
+    shares its parameters, so the pipeline samples the model being trained."""
+    from diffusers import SD3Transformer2DModel
+
     from ..pipelines import SnapGenPipeline
 
+    if not isinstance(components, dict):
+        raise TypeError(f"`components` must be the dict of load_base_components, got {type(components).__name__}.")
+    if isinstance(student, SD3Transformer2DModel):
+        from ..evaluation.models import SD3TransformerDenoiser
+
+        student = SD3TransformerDenoiser.wrap(student)
     comps = {k: components.get(k) for k in (*_TEXT, "vae", "scheduler")}
     pipe = SnapGenPipeline(unet=student, **comps)
     pipe.set_progress_bar_config(disable=True)

@@ -6,6 +6,10 @@ evaluation on held-out images, the decoder saved in diffusers format, and the Hu
 Each optimizer step: encode a batch of patches with the frozen ``AutoencoderKL`` (``latent_dist.sample()``), decode
 with the ``TinyDecoder``, update the decoder on ``MSE + LPIPS + gan_weight * L_adv`` (discriminator frozen), then the
 discriminator on ``hinge(D(real), D(sg(recon)))``.
+
+The pieces after the model is built (:func:`prepare_run`, :func:`run_training_loop`, :func:`finish_training`) take
+any diffusers model that maps images to reconstructions; ``autoencoder_training`` trains an ``AutoencoderKL`` with
+them (its own ``reconstruct`` adds the KL term).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from .flow_matching import step_generator
 
 logger = logging.getLogger("diffusers_snapgen.training")
 
-__all__ = ["DecoderRun", "load_decoder_data", "build_decoder", "train_tiny_decoder"]
+__all__ = ["DecoderRun", "load_decoder_data", "build_decoder", "prepare_run", "run_training_loop", "finish_training",
+           "push_model_to_hub", "train_tiny_decoder"]
 
 EVAL_FILE = "eval_results.json"
 
@@ -140,22 +145,41 @@ def _evaluate(run: DecoderRun, step: int, use_ema: bool = True) -> dict:
 
 
 def _setup(args) -> DecoderRun:
-    from diffusers.optimization import get_scheduler
-
     from ..models import TinyDecoder
     from .components import load_vae_encoder, weight_dtype_for
-    from .discriminator import PatchDiscriminator
-    from .loop import build_ema, build_optimizer, setup_accelerator
+    from .loop import setup_accelerator
 
     acc = setup_accelerator(args)
     weight_dtype = weight_dtype_for(acc.mixed_precision)
     vae = load_vae_encoder({}, args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path,
                            weight_dtype, args.revision, args.variant, args.cache_dir).to(acc.device)
     decoder = build_decoder(args, vae)
+    return prepare_run(args, acc, vae, decoder, TinyDecoder, "decoder")
+
+
+def prepare_run(args, accelerator, vae, decoder, model_cls, subfolder: str = "decoder",
+                reconstruction_loss: str = "mse", lpips_fallback: str = "MSE + GAN") -> DecoderRun:
+    """Everything after the model is built: patch discriminator, losses (:class:`DecoderLosses` with
+    ``reconstruction_loss``), data, optimizers and schedules of both networks, EMA, checkpoint hooks (the model of
+    class ``model_cls`` saved in ``<checkpoint>/<subfolder>``), ``accelerator.prepare``. ``vae`` is the encoder
+    :func:`run_training_loop` evaluates with (``None``: set ``run.vae`` afterwards)."""
+    from diffusers.optimization import get_scheduler
+
+    from .discriminator import PatchDiscriminator
+    from .loop import build_ema, build_optimizer
+
+    if not isinstance(decoder, torch.nn.Module) or not hasattr(decoder, "save_pretrained"):
+        raise TypeError(f"`decoder` must be a diffusers model, got {type(decoder).__name__}.")
+    if not isinstance(model_cls, type) or not isinstance(decoder, model_cls):
+        raise TypeError(f"`model_cls` must be the model's class ({type(decoder).__name__}), got {model_cls!r}.")
+    if not isinstance(subfolder, str) or not subfolder:
+        raise ValueError(f"`subfolder` must be a non-empty folder name, got {subfolder!r}.")
+    acc = accelerator
     disc = PatchDiscriminator(3, args.discriminator_channels, args.discriminator_num_layers,
                               norm_num_groups=math.gcd(32, args.discriminator_channels))
-    lpips_model = load_lpips(args.lpips_net, acc.device) if args.lpips_weight > 0 else None
-    losses = DecoderLosses(args.mse_weight, args.lpips_weight, args.gan_weight, args.gan_loss, args.r1_gamma, lpips_model)
+    lpips_model = load_lpips(args.lpips_net, acc.device, fallback=lpips_fallback) if args.lpips_weight > 0 else None
+    losses = DecoderLosses(args.mse_weight, args.lpips_weight, args.gan_weight, args.gan_loss, args.r1_gamma,
+                           lpips_model, reconstruction_loss=reconstruction_loss)
     dataset, eval_images = load_decoder_data(args)
     from .data import EpochShuffleSampler
 
@@ -180,23 +204,34 @@ def _setup(args) -> DecoderRun:
     run.ema = build_ema(args, decoder)
     if run.ema is not None:
         run.ema.to(acc.device)
-    register_checkpoint_hooks(acc, TinyDecoder, ema=run.ema, state=run.state, student_subfolder="decoder")
+    register_checkpoint_hooks(acc, model_cls, ema=run.ema, state=run.state, student_subfolder=subfolder)
     (run.decoder, run.discriminator, run.optimizer, run.d_optimizer, run.dataloader, run.lr_scheduler,
      run.d_lr_scheduler) = acc.prepare(decoder, disc, run.optimizer, run.d_optimizer, loader, run.lr_scheduler,
                                        run.d_lr_scheduler)
     return run
 
 
-def _train_step(run: DecoderRun, batch, generator) -> dict:
+def _decoder_reconstruct(run: DecoderRun, pixels, generator):
+    """The tiny decoder's reconstruction of ``pixels`` from the frozen encoder's sampled latents; no extra loss."""
+    z = encode_for_decoder(run.vae, pixels, generator=generator)
+    return run.decoder(z, return_dict=False)[0], None, {}
+
+
+def _train_step(run: DecoderRun, batch, generator, reconstruct=None) -> dict:
+    """One micro-batch: ``reconstruct(run, pixels, generator) -> (recon, extra_loss or None, extra_logs)`` (default:
+    the tiny decoder's), the model's update on the :class:`DecoderLosses` generator loss (+ ``extra_loss``), then the
+    discriminator's."""
     args, acc = run.args, run.accelerator
     disc = acc.unwrap_model(run.discriminator)
     pixels = batch["pixel_values"].to(acc.device)
-    z = encode_for_decoder(run.vae, pixels, generator=generator)
     use_gan = args.gan_weight > 0 and run.state.global_step >= args.gan_start_step
     with acc.accumulate(run.decoder, run.discriminator):
-        recon = run.decoder(z, return_dict=False)[0]
+        recon, extra_loss, extra_logs = (reconstruct or _decoder_reconstruct)(run, pixels, generator)
         set_requires_grad(disc, False)  # no discriminator gradients from the decoder's loss
         loss, logs = run.losses.generator(recon, pixels, disc if use_gan else None)
+        if extra_loss is not None:
+            loss = loss + extra_loss
+        logs.update(extra_logs)
         acc.backward(loss)
         if acc.sync_gradients and args.max_grad_norm > 0:
             acc.clip_grad_norm_(run.decoder.parameters(), args.max_grad_norm)
@@ -219,12 +254,25 @@ def _train_step(run: DecoderRun, batch, generator) -> dict:
 
 def train_tiny_decoder(args) -> dict:
     """Sets up and runs decoder training (see the module docstring); returns the final evaluation."""
-    from tqdm.auto import tqdm
-
     for name in ("output_dir", "seed", "lpips_weight", "eval_resolution"):
         if not hasattr(args, name):
             raise TypeError(f"`args` must come from parse_decoder_args() (no `{name}`).")
     run = _setup(args)
+    initial = run_training_loop(run)
+    return finish_training(run, initial, push=_push_to_hub)
+
+
+def run_training_loop(run: DecoderRun, reconstruct=None, label: str = "tiny decoder"):
+    """Resume (``--resume_from_checkpoint``) or evaluate the untrained model, then the epoch loop: :func:`_train_step`
+    with ``reconstruct``, EMA, logs, checkpoints every ``--checkpointing_steps``, evaluations every
+    ``--validation_steps``. Returns the initial evaluation (``None`` when resumed or not the main process)."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(run, DecoderRun) or run.dataloader is None:
+        raise TypeError("`run` must be a DecoderRun from prepare_run().")
+    if reconstruct is not None and not callable(reconstruct):
+        raise TypeError(f"`reconstruct` must be callable (run, pixels, generator) or None, got {reconstruct!r}.")
+    args = run.args
     acc, state = run.accelerator, run.state
     n_batches = len(run.dataloader)
     steps_per_epoch = math.ceil(n_batches / args.gradient_accumulation_steps)
@@ -244,8 +292,8 @@ def train_tiny_decoder(args) -> dict:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     elif acc.is_main_process:
         initial = _evaluate(run, 0, use_ema=False)
-    logger.info("***** Training the tiny decoder: %d images, %d held out, %d steps, batch %d per device *****",
-                len(run.dataset), len(run.eval_images), max_steps, args.train_batch_size)
+    logger.info("***** Training the %s: %d images, %d held out, %d steps, batch %d per device *****",
+                label, len(run.dataset), len(run.eval_images), max_steps, args.train_batch_size)
     progress = tqdm(range(max_steps), initial=state.global_step, desc="Steps", disable=not acc.is_local_main_process)
     start, accum, done = time.perf_counter(), {}, state.global_step >= max_steps
     for epoch in range(state.epoch, num_epochs):
@@ -260,7 +308,7 @@ def train_tiny_decoder(args) -> dict:
         run.discriminator.train()
         for batch in loader:
             generator = step_generator(args.seed, epoch * n_batches + state.batches_in_epoch, acc.process_index)
-            logs = _train_step(run, batch, generator)
+            logs = _train_step(run, batch, generator, reconstruct)
             state.batches_in_epoch += 1
             for k, v in logs.items():
                 accum[k] = accum.get(k, 0.0) + v / args.gradient_accumulation_steps
@@ -288,36 +336,65 @@ def train_tiny_decoder(args) -> dict:
                 done = True
                 break
     progress.close()
+    return initial
+
+
+def finish_training(run: DecoderRun, initial=None, before_save=None, push=None):
+    """Main process: EMA weights into the model, ``before_save(run, model) -> dict`` (extra entries of the results,
+    e.g. measured config values), the final evaluation, ``save_pretrained`` into ``--output_dir`` (atomic),
+    ``eval_results.json`` (``initial`` and final PSNR/SSIM) and, with ``--push_to_hub``, ``push(args, results)``.
+    Returns the final evaluation (``None`` on other processes)."""
+    if not isinstance(run, DecoderRun):
+        raise TypeError("`run` must be a DecoderRun from prepare_run().")
+    for name, fn in (("before_save", before_save), ("push", push)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"`{name}` must be callable or None, got {fn!r}.")
+    args, acc, state = run.args, run.accelerator, run.state
     acc.wait_for_everyone()
     final = None
     if acc.is_main_process:
         decoder = acc.unwrap_model(run.decoder)
         if run.ema is not None:
             run.ema.copy_to(decoder.parameters())
+        extra = before_save(run, decoder) if before_save is not None else {}
         final = _evaluate(run, state.global_step, use_ema=False)
         save_model_atomically(decoder.eval(), args.output_dir)
         results = {"final": {k: final[k] for k in ("psnr", "ssim")}, "step": state.global_step,
                    "num_eval_images": len(run.eval_images), "eval_resolution": args.eval_resolution,
-                   "lpips": run.losses.lpips_model is not None}
+                   "lpips": run.losses.lpips_model is not None, **(extra or {})}
         if initial is not None:
             results["initial"] = {k: initial[k] for k in ("psnr", "ssim")}
         tmp = Path(args.output_dir, f".tmp-{EVAL_FILE}")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(Path(args.output_dir, EVAL_FILE))
-        if args.push_to_hub:
-            _push_to_hub(args, results)
+        if args.push_to_hub and push is not None:
+            push(args, results)
     acc.end_training()
     return final
 
 
 def _push_to_hub(args, results):
     """Renders the tiny-decoder model card (``hub_cards/pytorch_model_card.md``) and uploads ``--output_dir``."""
+    source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+    data = args.dataset_name or args.train_data_dir
+    push_model_to_hub(args, results, "tiny_decoder", source,
+                      f"Trained against the frozen encoder of `{source}` on `{data}`.")
+
+
+def push_model_to_hub(args, results: dict, kind: str, source=None, notes: str | None = None,
+                      extra_rows: dict | None = None):
+    """Writes the ``kind`` model card (``cards.render_pytorch_card``, stage ``kind``; training table: steps, patch
+    size, LR, batch, held-out PSNR/SSIM initial -> final, ``extra_rows``) into ``--output_dir`` and uploads it to
+    ``args.hub_repo_id``. ``source``: the model trained from / against (a Hub id becomes the card's base model)."""
     from huggingface_hub import upload_folder
 
     from ..cards import render_pytorch_card
     from .loop import _hub_base_model
 
-    source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+    if not isinstance(results, dict) or "final" not in results or "step" not in results:
+        raise TypeError("`results` must be the eval_results dict of finish_training (with 'final' and 'step').")
+    if extra_rows is not None and not isinstance(extra_rows, dict):
+        raise TypeError(f"`extra_rows` must be a dict of card rows or None, got {type(extra_rows).__name__}.")
     training = {
         "steps": results["step"],
         "patch size": args.resolution,
@@ -328,10 +405,10 @@ def _push_to_hub(args, results):
     for metric, fmt, label in (("psnr", ".2f", "held-out PSNR (dB)"), ("ssim", ".4f", "held-out SSIM")):
         final = format(results["final"][metric], fmt)
         training[label] = f"{format(initial[metric], fmt)} -> {final}" if initial else final
+    training.update(extra_rows or {})
     card = render_pytorch_card(
-        "tiny_decoder", "tiny_decoder", args.hub_repo_id, base_model=_hub_base_model(source), training=training,
-        datasets=[args.dataset_name] if args.dataset_name else None,
-        notes=f"Trained against the frozen encoder of `{source}` on `{args.dataset_name or args.train_data_dir}`.",
+        kind, kind, args.hub_repo_id, base_model=_hub_base_model(source), training=training,
+        datasets=[args.dataset_name] if args.dataset_name else None, notes=notes,
     )
     card.save(str(Path(args.output_dir, "README.md")))
     upload_folder(repo_id=args.hub_repo_id, folder_path=args.output_dir, commit_message="End of training",

@@ -40,6 +40,7 @@ __all__ = [
     "ssim",
     "load_lpips",
     "DecoderLosses",
+    "RECONSTRUCTION_LOSSES",
     "encode_for_decoder",
     "evaluate_decoder",
     "save_model_atomically",
@@ -146,33 +147,39 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0
     return s.flatten(1).mean(dim=1).float()
 
 
-def load_lpips(net: str = "vgg", device="cpu"):
+def load_lpips(net: str = "vgg", device="cpu", fallback: str = "MSE + GAN"):
     """The ``lpips`` package's LPIPS metric (frozen, eval) on ``net``, or ``None`` after ONE warning when the package
     is not installed or its backbone weights cannot be loaded (they are downloaded from the web on first use and no
-    offline copy exists: DESIGN.md §7)."""
+    offline copy exists: DESIGN.md §7). ``fallback`` names the losses training continues with, for the warning."""
     if net not in ("alex", "vgg", "squeeze"):
         raise ValueError(f"`net` (--lpips_net) must be 'alex', 'vgg' or 'squeeze', got {net!r}.")
+    if not isinstance(fallback, str) or not fallback:
+        raise ValueError(f"`fallback` must name the remaining losses (e.g. 'MSE + GAN'), got {fallback!r}.")
     try:
         import lpips
     except ImportError:
         logger.warning("LPIPS is OFF: the `lpips` package is not installed (`pip install lpips`; it also downloads "
-                       "its %s backbone weights on first use). Training continues with MSE + GAN only.", net)
+                       "its %s backbone weights on first use). Training continues with %s only.", net, fallback)
         return None
     try:
         model = lpips.LPIPS(net=net, verbose=False)
     except Exception as e:  # offline: torchvision cannot download the backbone
         logger.warning("LPIPS is OFF: the %s backbone weights of `lpips` could not be loaded (%s: %s); they come from "
-                       "the web on first use. Training continues with MSE + GAN only.", net, type(e).__name__, e)
+                       "the web on first use. Training continues with %s only.", net, type(e).__name__, e, fallback)
         return None
     return model.requires_grad_(False).eval().to(device)
 
 
+RECONSTRUCTION_LOSSES = ("mse", "l1")
+
+
 class DecoderLosses:
     """``L_G = w_mse * MSE + w_lpips * LPIPS + w_gan * L_adv(D(recon))`` and ``L_D = gan(D(real), D(recon))
-    [+ gamma/2 * R1]``, images in [-1, 1]. ``lpips_model`` ``None`` drops the LPIPS term."""
+    [+ gamma/2 * R1]``, images in [-1, 1]. ``lpips_model`` ``None`` drops the LPIPS term. ``reconstruction_loss="l1"``
+    makes the first term the mean absolute error (still weighted by ``mse_weight``; logged as ``"l1"``)."""
 
     def __init__(self, mse_weight: float = 1.0, lpips_weight: float = 1.0, gan_weight: float = 0.1,
-                 gan_loss: str = "hinge", r1_gamma: float = 0.0, lpips_model=None):
+                 gan_loss: str = "hinge", r1_gamma: float = 0.0, lpips_model=None, reconstruction_loss: str = "mse"):
         for name, v in (("mse_weight", mse_weight), ("lpips_weight", lpips_weight), ("gan_weight", gan_weight),
                         ("r1_gamma", r1_gamma)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -181,6 +188,10 @@ class DecoderLosses:
             raise ValueError(f"`gan_loss` (--gan_loss) must be one of {GAN_LOSSES}, got {gan_loss!r}.")
         if lpips_model is not None and not callable(lpips_model):
             raise TypeError("`lpips_model` must be callable (an lpips.LPIPS module) or None.")
+        if reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"`reconstruction_loss` (--reconstruction_loss) must be one of {RECONSTRUCTION_LOSSES}, "
+                             f"got {reconstruction_loss!r}.")
+        self.reconstruction_loss = reconstruction_loss
         self.mse_weight, self.lpips_weight, self.gan_weight = float(mse_weight), float(lpips_weight), float(gan_weight)
         self.gan_loss, self.r1_gamma, self.lpips_model = gan_loss, float(r1_gamma), lpips_model
 
@@ -190,8 +201,9 @@ class DecoderLosses:
         _check_images("target", target)
         if recon.shape != target.shape:
             raise ValueError(f"`recon` {tuple(recon.shape)} and `target` {tuple(target.shape)} differ.")
-        mse = F.mse_loss(recon.float(), target.float())
-        loss, logs = self.mse_weight * mse, {"mse": mse.item()}
+        loss_fn = F.l1_loss if self.reconstruction_loss == "l1" else F.mse_loss
+        rec = loss_fn(recon.float(), target.float())
+        loss, logs = self.mse_weight * rec, {self.reconstruction_loss: rec.item()}
         if self.lpips_model is not None and self.lpips_weight > 0:
             lp = self.lpips_model(recon.float(), target.float()).mean()
             loss = loss + self.lpips_weight * lp

@@ -429,4 +429,4 @@ class MultiLevelKD(nn.Module):
     def forward(self) -> torch.Tensor:
         losses = self.pair_losses()
         total = sum(p.weight for p in self.pairs) or 1.0
-        return sum(p.weight * l for p, l in zip(self.pairs, losses)) / total
+        return sum(p.weight * loss for p, loss in zip(self.pairs, losses)) / total

@@ -1,9 +1,11 @@
-"""The training loop shared by ``train_snapgen.py`` and ``train_snapgen_kd.py``.
+"""The training loop shared by ``train_snapgen.py``, ``train_snapgen_kd.py``, ``train_snapgen_asd.py`` and
+``train_sd3_teacher.py``.
 
 The scripts build their models and a ``compute_loss(ctx, batch, generator)`` function; everything else - accelerator
 and tracker setup, data and caches, optimizer, LR schedule, EMA, gradient accumulation and clipping, atomic
 checkpoints with exact resume, validation images, per-timestep-bucket statistics, the final ``SnapGenPipeline`` and
-the Hub upload - lives here, in the shape of diffusers' example scripts.
+the Hub upload - lives here, in the shape of diffusers' example scripts. The student is a SnapGen UNet or (the
+teacher script) an ``SD3Transformer2DModel``, which the pipeline samples through ``SD3TransformerDenoiser``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from .data import (
     cache_fingerprint,
     load_image_caption_dataset,
 )
-from .flow_matching import FlowMatchingSampler, denoiser_forward, prepare_flow_matching_batch, step_generator
+from .flow_matching import (
+    FlowMatchingSampler,
+    denoiser_forward,
+    flow_matching_loss,
+    prepare_flow_matching_batch,
+    step_generator,
+)
 from .scaling import TimestepBucketStats
 
 logger = logging.getLogger("diffusers_snapgen.training")
@@ -48,8 +56,10 @@ __all__ = [
     "build_data",
     "build_optimizer",
     "build_ema",
+    "setup_base",
     "batch_conditioning",
     "student_flow_matching_step",
+    "flow_matching_task_loss",
     "log_validation",
     "train",
     "save_final_pipeline",
@@ -135,6 +145,21 @@ def setup_accelerator(args):
                 args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
             ).repo_id
     return accelerator
+
+
+def setup_base(args):
+    """The start of every UNet/teacher script: :func:`setup_accelerator`, then the frozen parts of the base pipeline
+    ``--pretrained_model_name_or_path`` (text encoders, VAE, scheduler) in the run's weight dtype and the latent
+    encoder (``--pretrained_vae_model_name_or_path`` when given). Returns ``(accelerator, components, latent_vae)``."""
+    from .components import load_base_components, load_vae_encoder, weight_dtype_for
+
+    accelerator = setup_accelerator(args)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    components = load_base_components(args.pretrained_model_name_or_path, args.revision, args.variant,
+                                      args.cache_dir, dtype=weight_dtype)
+    latent_vae = load_vae_encoder(components, args.pretrained_vae_model_name_or_path, weight_dtype,
+                                  args.revision, args.variant, args.cache_dir)
+    return accelerator, components, latent_vae
 
 
 def build_data(ctx: TrainContext, max_sequence_length=None):
@@ -241,6 +266,14 @@ def student_flow_matching_step(ctx: TrainContext, batch: dict, generator: torch.
     fm = prepare_flow_matching_batch(latents, ctx.sampler, generator)
     pred = denoiser_forward(ctx.student, fm.noisy_latents, fm.timesteps, embeds, pooled)
     return fm, pred, embeds, pooled
+
+
+def flow_matching_task_loss(ctx: TrainContext, batch: dict, generator: torch.Generator):
+    """The ``compute_loss`` of plain flow-matching training (``--weighting_scheme`` weighted); the per-sample values
+    feed the per-timestep-bucket statistics. Returns ``(loss, {}, {"t": sigmas, "task": per_sample})``."""
+    fm, model_pred, _, _ = student_flow_matching_step(ctx, batch, generator)
+    task = flow_matching_loss(model_pred, fm.target, fm.sigmas, ctx.args.weighting_scheme)
+    return task.mean(), {}, {"t": fm.sigmas, "task": task}
 
 
 @torch.no_grad()
@@ -403,12 +436,19 @@ def train(ctx: TrainContext, compute_loss: Callable, trainable: list[torch.nn.Mo
     return state
 
 
-def save_final_pipeline(ctx: TrainContext, num_inference_steps=None, guidance_scale=None):
+def save_final_pipeline(ctx: TrainContext, num_inference_steps=None, guidance_scale=None,
+                        save_model: Callable | None = None):
     """Writes the complete ``SnapGenPipeline`` (EMA weights when on) to ``--output_dir`` atomically, with the sampling
-    defaults in the scheduler config, runs the final validation and pushes to the Hub when asked."""
+    defaults in the scheduler config, runs the final validation and pushes to the Hub when asked.
+
+    ``save_model(student, output_dir)``, when given, writes the (unwrapped, EMA when on) student instead of the
+    pipeline, e.g. ``train_sd3_teacher.py`` saves only ``<output_dir>/transformer/``."""
     from ..pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
     _check_ctx(ctx, "pipeline")
+    if save_model is not None and not callable(save_model):
+        raise TypeError(f"`save_model` must be callable as save_model(student, output_dir) or None, got "
+                        f"{type(save_model).__name__}.")
     args, acc = ctx.args, ctx.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -422,7 +462,10 @@ def save_final_pipeline(ctx: TrainContext, num_inference_steps=None, guidance_sc
             guidance_scale=guidance_scale if guidance_scale is not None else (
                 args.validation_guidance_scale if args.validation_guidance_scale is not None else DEFAULT_GUIDANCE_SCALE),
         )
-        atomic_save_pipeline(pipe, args.output_dir)
+        if save_model is None:
+            atomic_save_pipeline(pipe, args.output_dir)
+        else:
+            save_model(student, args.output_dir)
         images = log_validation(ctx, ctx.state.global_step, final=True)
         if args.push_to_hub:
             _push_to_hub(ctx, images)
@@ -430,7 +473,8 @@ def save_final_pipeline(ctx: TrainContext, num_inference_steps=None, guidance_sc
 
 
 def _push_to_hub(ctx, images):
-    """Renders the PyTorch model card (``hub_cards/pytorch_model_card.md``) into ``--output_dir`` and uploads it."""
+    """Renders the PyTorch model card (``hub_cards/pytorch_model_card.md``; ``ctx.extra``'s ``card_kind``, default
+    ``"pipeline"``, and ``card_subfolder``) into ``--output_dir`` and uploads it."""
     from huggingface_hub import upload_folder
 
     from ..cards import render_pytorch_card
@@ -450,7 +494,8 @@ def _push_to_hub(ctx, images):
         training["teacher"] = args.teacher_model_name_or_path
     dataset = args.dataset_name or args.train_data_dir
     card = render_pytorch_card(
-        "pipeline", stage, args.hub_repo_id, base_model=_hub_base_model(args.pretrained_model_name_or_path),
+        ctx.extra.get("card_kind", "pipeline"), stage, args.hub_repo_id, subfolder=ctx.extra.get("card_subfolder"),
+        base_model=_hub_base_model(args.pretrained_model_name_or_path),
         training=training, datasets=[args.dataset_name] if args.dataset_name else None,
         num_inference_steps=defaults.get("num_inference_steps"), guidance_scale=defaults.get("guidance_scale"),
         notes=f"Trained on `{dataset}`; {len(images or [])} validation images were logged at the end.",
@@ -493,14 +538,19 @@ def prepare_student_pipeline(args, accelerator, components, student, latent_vae)
     return ctx
 
 
-def finish_setup(ctx: TrainContext, extra_models: list[torch.nn.Module], param_groups: list[dict]):
+def finish_setup(ctx: TrainContext, extra_models: list[torch.nn.Module], param_groups: list[dict],
+                 student_subfolder: str = "unet"):
     """Optimizer, LR scheduler, EMA and checkpoint hooks; ``accelerator.prepare`` of student, extra models,
-    optimizer, data loader and scheduler. Returns the prepared ``(trainable_modules, params_to_clip)``."""
+    optimizer, data loader and scheduler. Checkpoints hold the student in ``<ckpt>/<student_subfolder>`` (and its
+    EMA in ``<student_subfolder>_ema``). Returns the prepared ``(trainable_modules, params_to_clip)``."""
     from diffusers.optimization import get_scheduler
 
     _check_ctx(ctx, "dataloader")
     if not all(isinstance(m, torch.nn.Module) for m in extra_models):
         raise TypeError("`extra_models` must be a list of nn.Modules (e.g. the KD projectors).")
+    if not isinstance(student_subfolder, str) or not student_subfolder or "/" in student_subfolder:
+        raise ValueError(f"`student_subfolder` must be a folder name such as 'unet' or 'transformer', got "
+                         f"{student_subfolder!r}.")
     args, acc = ctx.args, ctx.accelerator
     if args.scale_lr:
         scale = args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
@@ -517,7 +567,8 @@ def finish_setup(ctx: TrainContext, extra_models: list[torch.nn.Module], param_g
     ctx.ema = build_ema(args, acc.unwrap_model(ctx.student))
     if ctx.ema is not None:
         ctx.ema.to(acc.device)
-    register_checkpoint_hooks(acc, type(acc.unwrap_model(ctx.student)), ema=ctx.ema, state=ctx.state)
+    register_checkpoint_hooks(acc, type(acc.unwrap_model(ctx.student)), ema=ctx.ema, state=ctx.state,
+                              student_subfolder=student_subfolder)
     prepared = acc.prepare(ctx.student, *extra_models, ctx.optimizer, ctx.dataloader, ctx.lr_scheduler)
     ctx.student = prepared[0]
     extra = list(prepared[1 : 1 + len(extra_models)])
