@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_fixtures import tiny_teacher, write_imagefolder
+from test_training_fixtures import run_once, session_folder, tiny_teacher, write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 ASD = ROOT / "training_examples" / "train_snapgen_asd.py"
@@ -38,14 +38,6 @@ def _args(root, out, steps, *extra):
             "--cache_latents", "--cache_text_embeddings", "--use_ema", "--discriminator_head_channels", "16", *extra]
 
 
-def _once(root: Path, name: str, build):
-    from filelock import FileLock
-
-    with FileLock(str(root / ".lock")):
-        if not (root / f"{name}.done").exists():
-            build()
-            (root / f"{name}.done").touch()
-
 
 def _make_assets(root: Path):
     from diffusers_snapgen.testing import tiny_pipeline
@@ -63,11 +55,9 @@ def _make_assets(root: Path):
 @pytest.fixture(scope="session")
 def asd(tmp_path_factory, worker_id, testrun_uid):
     """Assets and the reference ASD run, built once per session even across xdist workers."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / f"snapgen-asd-{testrun_uid}"
-    root.mkdir(parents=True, exist_ok=True)
-    _once(root, "assets", lambda: _make_assets(root))
-    _once(root, "reference", lambda: _run(_args(root, root / "ref", STEPS, "--validation_prompt", "a red circle",
+    root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-asd")
+    run_once(root, "assets", lambda: _make_assets(root))
+    run_once(root, "reference", lambda: _run(_args(root, root / "ref", STEPS, "--validation_prompt", "a red circle",
                                                  "--validation_steps", "6"), root / "hf"))
     return root
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_training_fixtures import run_once, session_folder
 
 from diffusers_snapgen.testing import tiny_autoencoder_kl
 from diffusers_snapgen.training.autoencoder_training import (
@@ -79,22 +80,12 @@ def _make_assets(root: Path):
     (root / "vae.json").write_text(json.dumps(VAE_CONFIG))
 
 
-def _once(root: Path, name: str, build):
-    from filelock import FileLock
-
-    with FileLock(str(root / ".lock")):
-        if not (root / f"{name}.done").exists():
-            build()
-            (root / f"{name}.done").touch()
-
 
 @pytest.fixture(scope="session")
 def ae(tmp_path_factory, worker_id, testrun_uid):
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / f"snapgen-autoencoder-{testrun_uid}"
-    root.mkdir(parents=True, exist_ok=True)
-    _once(root, "assets", lambda: _make_assets(root))
-    _once(root, "reference", lambda: (root / "ref-log.txt").write_text(
+    root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-autoencoder")
+    run_once(root, "assets", lambda: _make_assets(root))
+    run_once(root, "reference", lambda: (root / "ref-log.txt").write_text(
         _run(_args(root, root / "ref", STEPS), root / "hf").stderr))
     return root
 

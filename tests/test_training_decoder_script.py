@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from test_training_fixtures import run_once, session_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training_examples" / "train_tiny_decoder.py"
@@ -88,14 +89,6 @@ def trained_tiny_autoencoder(images: list[Image.Image], out: Path, steps: int = 
     return out
 
 
-def _once(root: Path, name: str, build):
-    from filelock import FileLock
-
-    with FileLock(str(root / ".lock")):
-        if not (root / f"{name}.done").exists():
-            build()
-            (root / f"{name}.done").touch()
-
 
 def _make_assets(root: Path):
     images = [landscape(i) for i in range(20)]
@@ -107,11 +100,9 @@ def _make_assets(root: Path):
 
 @pytest.fixture(scope="session")
 def dec(tmp_path_factory, worker_id, testrun_uid):
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / f"snapgen-decoder-{testrun_uid}"
-    root.mkdir(parents=True, exist_ok=True)
-    _once(root, "assets", lambda: _make_assets(root))
-    _once(root, "reference", lambda: (root / "ref-log.txt").write_text(
+    root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-decoder")
+    run_once(root, "assets", lambda: _make_assets(root))
+    run_once(root, "reference", lambda: (root / "ref-log.txt").write_text(
         _run(_args(root / "vae", root / "data", root / "ref", STEPS, "--num_eval_images", "4"), root / "hf").stderr))
     return root
 

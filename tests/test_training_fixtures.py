@@ -65,3 +65,21 @@ def tiny_models():
     from diffusers_snapgen.testing import tiny_unet
 
     return tiny_unet(), tiny_teacher()
+
+
+def session_folder(tmp_path_factory, worker_id: str, testrun_uid: str, name: str) -> Path:
+    """A folder shared by every pytest-xdist worker of this test session (``name-<testrun_uid>``)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / f"{name}-{testrun_uid}"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def run_once(root: Path, name: str, build):
+    """Runs ``build()`` once per test session, whichever xdist worker gets there first; the others wait."""
+    from filelock import FileLock
+
+    with FileLock(str(root / ".lock")):
+        if not (root / f"{name}.done").exists():
+            build()
+            (root / f"{name}.done").touch()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_fixtures import tiny_teacher, write_imagefolder
+from test_training_fixtures import run_once, session_folder, tiny_teacher, write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "training_examples" / "train_snapgen.py"
@@ -63,24 +63,13 @@ def _make_assets(root: Path):
     write_imagefolder(root / "data", n=8, size=40)
 
 
-def _once(root: Path, name: str, build):
-    """Runs ``build()`` once per test session, whichever xdist worker gets there first."""
-    from filelock import FileLock
-
-    with FileLock(str(root / ".lock")):
-        if not (root / f"{name}.done").exists():
-            build()
-            (root / f"{name}.done").touch()
-
 
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory, worker_id, testrun_uid):
     """Assets and the reference pretraining run, built once per test session even across xdist workers."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / f"snapgen-train-{testrun_uid}"
-    root.mkdir(parents=True, exist_ok=True)
-    _once(root, "assets", lambda: _make_assets(root))
-    _once(root, "reference", lambda: run_script(
+    root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-train")
+    run_once(root, "assets", lambda: _make_assets(root))
+    run_once(root, "reference", lambda: run_script(
         PRETRAIN, _args(root, root / "ref", STEPS, "--validation_prompt", "a red circle", "--validation_steps", "10",
                         "--validation_num_inference_steps", "2", "--validation_guidance_scale", "1.0"), root / "hf"))
     return root
@@ -94,7 +83,7 @@ def _kd_args(shared, out, steps, *extra):
 
 @pytest.fixture(scope="session")
 def kd_run(shared):
-    _once(shared, "kd", lambda: run_script(KD, _kd_args(shared, shared / "kd", STEPS // 2), shared / "hf"))
+    run_once(shared, "kd", lambda: run_script(KD, _kd_args(shared, shared / "kd", STEPS // 2), shared / "hf"))
     return shared / "kd"
 
 

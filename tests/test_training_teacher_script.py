@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_fixtures import write_imagefolder
-from test_training_scripts import _once, run_script
+from test_training_fixtures import run_once, session_folder, write_imagefolder
+from test_training_scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "training_examples" / "train_sd3_teacher.py"
@@ -60,17 +60,15 @@ def _make_assets(root: Path):
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory, worker_id, testrun_uid):
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / f"snapgen-teacher-{testrun_uid}"
-    root.mkdir(parents=True, exist_ok=True)
-    _once(root, "assets", lambda: _make_assets(root))
+    root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-teacher")
+    run_once(root, "assets", lambda: _make_assets(root))
     return root
 
 
 @pytest.fixture(scope="session")
 def teacher_run(assets):
     """The reference run (built once per session even across xdist workers), validation images at the end."""
-    _once(assets, "reference", lambda: run_script(
+    run_once(assets, "reference", lambda: run_script(
         TEACHER, _args(assets, assets / "ref", STEPS, "--validation_prompt", "a red circle",
                        "--validation_num_inference_steps", "2", "--validation_guidance_scale", "1.0"), assets / "hf"))
     return assets / "ref"
