@@ -7,13 +7,11 @@ ends with bitwise the same student, EMA, discriminator heads and discriminator o
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_training_scripts import run_script
 from test_training_fixtures import run_once, session_folder, tiny_teacher, write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,12 +20,7 @@ STEPS = 12
 
 
 def _run(args, home, timeout=300):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=str(home), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(ASD), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=str(ROOT))
-    assert proc.returncode == 0, f"train_snapgen_asd.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return run_script(ASD, args, home, timeout)
 
 
 def _args(root, out, steps, *extra):

@@ -8,16 +8,14 @@ generalise). A run resumed from a mid-run checkpoint in a new process ends bitwi
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_training_scripts import run_script
 from test_training_fixtures import run_once, session_folder
 
 from diffusers_snapgen.testing import tiny_autoencoder_kl
@@ -53,12 +51,7 @@ def shapes(seed: int, size: int = 48) -> Image.Image:
 
 
 def _run(args, home, timeout=300):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=str(home))
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=str(ROOT))
-    assert proc.returncode == 0, f"train_autoencoder.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return run_script(SCRIPT, args, home, timeout)
 
 
 def _args(root, out, steps, *extra):

@@ -8,15 +8,13 @@ from a mid-run checkpoint in a new process ends bitwise identical (decoder, EMA,
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from test_training_scripts import run_script
 from test_training_fixtures import run_once, session_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +24,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
 def _run(args, home, timeout=300):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=str(home))
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=str(ROOT))
-    assert proc.returncode == 0, f"train_tiny_decoder.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return run_script(SCRIPT, args, home, timeout)
 
 
 def _args(vae, data, out, steps, *extra):
