@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_emoji_data import write_iconify_json
 
@@ -32,6 +33,7 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     }
     proc = subprocess.run(["bash", str(RECIPE)], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "feature KD pairs (student_to_teacher projectors)" in proc.stderr  # the recipe's KD_PROJECTOR_DIRECTION
     steps = [line for line in proc.stderr.splitlines() if line.startswith("=== ")]
     assert steps == [f"=== {s} ===" for s in
                      ("data", "classifier", "vae", "decoder", "base", "teacher", "kd", "nokd", "asd", "ship", "eval")]
@@ -66,3 +68,56 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     for name in MODELS:
         assert f"| {name} |" in table, table
     assert (results / "eval_quality_grid.png").is_file()
+    assert "| kd-output |" not in table  # the ablation row appears only once its step ran
+
+    # On request: the output-KD-only ablation, then its row in the same table.
+    proc = subprocess.run(["bash", str(RECIPE), "kd_output", "eval"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kd_output_config = json.loads((runs / "student-kd-output" / "unet" / "config.json").read_text())
+    kd_config = json.loads((runs / "student-kd" / "unet" / "config.json").read_text())
+    assert kd_output_config == kd_config  # the same student, only the loss differs
+    table = (results / "eval_quality.md").read_text()
+    for name in [*MODELS, "kd-output"]:
+        assert f"| {name} |" in table, table
+
+
+@pytest.mark.parametrize("preset, latent, vae_size, widths", [
+    ("gpu", 8, 64, [96, 192, 256]),
+    ("full", 32, 256, [96, 192, 256]),
+    ("cpu", 8, 64, [64, 128, 192]),
+])
+def test_recipe_presets_write_configs_for_their_resolution(tmp_path, preset, latent, vae_size, widths):
+    env = {**os.environ, "PRESET": preset, "RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", str(RECIPE), "configs"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    configs = Path(proc.stdout.strip().splitlines()[-1])
+    assert configs == tmp_path / "runs" / "configs"
+    student = json.loads((configs / "student_unet.json").read_text())
+    teacher = json.loads((configs / "teacher_transformer.json").read_text())
+    vae = json.loads((configs / "vae.json").read_text())
+    assert (student["sample_size"], teacher["sample_size"], vae["sample_size"]) == (latent, latent, vae_size)
+    assert student["block_out_channels"] == widths
+    # the teacher's position table covers its latent grid (patch 2), never less than 16
+    assert teacher["pos_embed_max_size"] == max(latent, 16)
+
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers_snapgen import SnapGenUNet2DModel
+
+    with torch.device("meta"):  # the configs build (no forward needed): the student is the smaller model
+        unet = SnapGenUNet2DModel(**student, joint_attention_dim=384, pooled_projection_dim=384)
+        dit = SD3Transformer2DModel(**teacher)
+    n_student, n_teacher = (sum(p.numel() for p in m.parameters()) for m in (unet, dit))
+    assert n_student < n_teacher
+
+
+def test_recipe_rejects_unknown_presets_and_steps(tmp_path):
+    env = {**os.environ, "RUNS": str(tmp_path / "runs")}
+    bad_preset = subprocess.run(["bash", str(RECIPE), "configs"], env={**env, "PRESET": "huge"},
+                                capture_output=True, text=True, timeout=60)
+    assert bad_preset.returncode == 2 and "PRESET must be 'full', 'gpu', 'cpu' or 'smoke'" in bad_preset.stderr
+    bad_step = subprocess.run(["bash", str(RECIPE), "configs", "train_everything"], env={**env, "PRESET": "gpu"},
+                              capture_output=True, text=True, timeout=60)
+    assert bad_step.returncode == 2 and "unknown step 'train_everything'" in bad_step.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written before the arguments are checked

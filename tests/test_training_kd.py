@@ -145,6 +145,68 @@ def test_default_pairs_for_paper_student_and_sd35_large():
         default_sd3_snapgen_layer_pairs(0, student)
 
 
+def assert_feature_loss_trains_student_only(kd, student, teacher, inputs):
+    """One forward of both models with gradients on the student: the feature loss reaches the student, never the
+    teacher."""
+    kd.clear()
+    denoiser_forward(student, *inputs)
+    with torch.no_grad():
+        denoiser_forward(teacher, *inputs)
+    kd().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_student_to_teacher_projectors_regress_onto_the_fixed_teacher_feature(tiny_models):
+    """FitNets direction: projectors map student channels onto the teacher's, and the target is the teacher feature
+    itself, so zeroing the projector cannot drive the loss to zero (it can with teacher_to_student)."""
+    _, teacher = tiny_models
+    from diffusers_snapgen.testing import tiny_unet
+
+    student = tiny_unet().train()
+    pairs = default_sd3_snapgen_layer_pairs(teacher.config.num_layers, student)
+    kd = MultiLevelKD.from_models(student, teacher, pairs, projector_direction="student_to_teacher")
+    assert [p.proj.in_channels for p in kd.projectors] == [48, 48, 48, 32]
+    assert [p.proj.out_channels for p in kd.projectors] == [32] * 4
+    kd.attach(student, teacher)
+    lat, ts, ehs, pooled = probe_inputs(student, batch_size=2, latent_size=8)
+    with torch.no_grad():
+        for proj in kd.projectors:
+            proj.proj.weight.zero_()
+            proj.proj.bias.zero_()
+    kd.clear()
+    denoiser_forward(student, lat, ts, ehs, pooled)
+    with torch.no_grad():
+        denoiser_forward(teacher, lat, ts, ehs, pooled)
+    per_pair = kd.pair_losses()
+    for pair, loss in zip(kd.pairs, per_pair):  # a zero projection leaves exactly the teacher feature's energy
+        t = kd.teacher_capture[pair.teacher].float()
+        torch.testing.assert_close(loss, (t**2).reshape(2, -1).mean(dim=1))
+        assert (loss > 0).all()
+    with torch.no_grad():
+        for proj in kd.projectors:
+            torch.nn.init.normal_(proj.proj.weight, std=0.1)
+    assert_feature_loss_trains_student_only(kd, student, teacher, (lat, ts, ehs, pooled))
+    kd.detach_hooks()
+
+    teacher_side = MultiLevelKD.from_models(student, teacher, pairs)  # the default direction, for contrast
+    with torch.no_grad():
+        for proj in teacher_side.projectors:
+            proj.proj.weight.zero_()
+            proj.proj.bias.zero_()
+    teacher_side.attach(student, teacher)
+    teacher_side.clear()
+    with torch.no_grad():
+        denoiser_forward(student, lat, ts, ehs, pooled)
+        denoiser_forward(teacher, lat, ts, ehs, pooled)
+    for pair, loss in zip(teacher_side.pairs, teacher_side.pair_losses()):
+        s = teacher_side.student_capture[pair.student].float()  # the target is the (zero) projection:
+        torch.testing.assert_close(loss, (s**2).reshape(2, -1).mean(dim=1))  # the student can shrink to meet it
+    teacher_side.detach_hooks()
+    with pytest.raises(ValueError, match="projector_direction"):
+        MultiLevelKD(pairs, [32] * 4, [48, 48, 48, 32], projector_direction="sideways")
+
+
 def test_multilevel_kd_trains_projectors_and_student_not_teacher(tiny_models):
     unet, teacher = tiny_models
     from diffusers_snapgen.testing import tiny_unet
@@ -172,13 +234,7 @@ def test_multilevel_kd_trains_projectors_and_student_not_teacher(tiny_models):
         losses.append(loss.mean().item())
     assert losses[-1] < 0.5 * losses[0]
     # with gradients on, the student gets them too; the teacher never does
-    kd.clear()
-    denoiser_forward(student, lat, ts, ehs, pooled)
-    with torch.no_grad():
-        denoiser_forward(teacher, lat, ts, ehs, pooled)
-    kd().mean().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
+    assert_feature_loss_trains_student_only(kd, student, teacher, (lat, ts, ehs, pooled))
     assert "projectors.0.proj.weight" in kd.state_dict() and not any(k.startswith("student") for k in kd.state_dict())
     kd.detach_hooks()
     with pytest.raises(RuntimeError, match="attach"):

@@ -25,17 +25,15 @@ import torch
 
 from diffusers_snapgen.training import (
     AlphaSchedule,
-    MultiLevelKD,
     TimestepAwareScaling,
     check_teacher_student,
-    default_sd3_snapgen_layer_pairs,
     denoiser_forward,
+    feature_kd_from_args,
     flow_matching_loss,
     load_student,
     load_teacher,
     output_kd_loss,
     parse_args,
-    parse_layer_pairs,
     student_flow_matching_step,
 )
 from diffusers_snapgen.training.components import DTYPES
@@ -91,15 +89,12 @@ def main(args):
     )
     check_teacher_student(teacher, student)
 
-    # Feature KD: hooks on named modules, learned projectors teacher -> student features.
-    kd = None
+    # Feature KD: hooks on named modules, learned projectors between teacher and student features.
     if not args.disable_feature_kd:
-        pairs = (parse_layer_pairs(args.kd_feature_layers) if args.kd_feature_layers
-                 else default_sd3_snapgen_layer_pairs(teacher.config.num_layers, student))
         teacher.to(accelerator.device)
-        kd = MultiLevelKD.from_models(student, teacher, pairs, projector_type=args.kd_projector_type)
-        kd.attach(student, teacher)
-        logger.info("feature KD pairs: %s", pairs)
+    kd = feature_kd_from_args(args, student, teacher)
+    if kd is not None:
+        logger.info("feature KD pairs (%s projectors): %s", kd.projector_direction, kd.pairs)
 
     if args.kd_scaling == "constant":
         scaling = TimestepAwareScaling.constant(args.kd_alpha)

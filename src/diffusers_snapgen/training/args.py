@@ -129,6 +129,11 @@ def build_parser(kd: bool = False, description: str | None = None) -> argparse.A
         k("--disable_output_kd", action="store_true", help="Drop the output (velocity) KD term.")
         k("--disable_feature_kd", action="store_true", help="Drop the feature KD term.")
         k("--kd_projector_type", type=str, default="linear", choices=["linear", "mlp"])
+        k("--kd_projector_direction", type=str, default="teacher_to_student",
+          choices=["teacher_to_student", "student_to_teacher"],
+          help="teacher_to_student: the projector maps teacher features onto the student's (the paper's description; "
+               "target and projector both learn); student_to_teacher: it maps student features onto the fixed teacher "
+               "features (FitNets), which the projector cannot shrink.")
         k("--projector_learning_rate", type=float, default=None, help="LR of the projectors (default: --learning_rate).")
         k("--kd_scaling", type=str, default="timestep_aware", choices=["timestep_aware", "constant"],
           help="timestep_aware: alpha_t*L_task + (1-alpha_t)*sg(L_task/L_kd)*L_kd; constant: alpha*L_task + (1-alpha)*L_kd.")

@@ -30,7 +30,7 @@ import torch
 
 from .adversarial import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty, set_requires_grad
 from .flow_matching import FlowMatchingSampler, add_flow_noise, denoiser_forward, flow_matching_loss
-from .kd import output_kd_loss
+from .kd import feature_kd_from_args, output_kd_loss  # feature_kd_from_args: re-exported (it lived here)
 
 logger = logging.getLogger("diffusers_snapgen.training")
 
@@ -425,21 +425,6 @@ def kd_scaling_from_args(args):
     schedule = AlphaSchedule(args.kd_alpha_schedule, alpha_min=args.kd_alpha_min, alpha_max=args.kd_alpha_max,
                              alpha=args.kd_alpha, logit_mean=args.logit_mean, logit_std=args.logit_std)
     return TimestepAwareScaling(schedule, ratio=args.kd_ratio)
-
-
-def feature_kd_from_args(args, student, teacher):
-    """An attached :class:`~.kd.MultiLevelKD` for ``--kd_feature_layers`` (SD3 -> SnapGen defaults), or ``None``
-    with ``--disable_feature_kd``."""
-    from .kd import MultiLevelKD, default_sd3_snapgen_layer_pairs, parse_layer_pairs
-
-    if args.disable_feature_kd:
-        return None
-    pairs = (parse_layer_pairs(args.kd_feature_layers) if args.kd_feature_layers
-             else default_sd3_snapgen_layer_pairs(teacher.config.num_layers, student))
-    kd = MultiLevelKD.from_models(student, teacher, pairs, projector_type=args.kd_projector_type)
-    kd.attach(student, teacher)
-    logger.info("feature KD pairs: %s", pairs)
-    return kd
 
 
 def build_discriminator_optimizer(args, accelerator, discriminator, max_train_steps: int):

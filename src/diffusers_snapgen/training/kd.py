@@ -4,7 +4,9 @@
 * Feature KD: features of named teacher and student modules are captured by forward hooks
   (:class:`FeatureCapture`); DiT token sequences ``(B, N, C)`` are folded back onto their patch grid
   ``(B, C, H/p, W/p)``; a learned :class:`FeatureProjector` per layer pair maps the teacher map onto the
-  student's channels and spatial size; the loss is the per-sample MSE (:class:`MultiLevelKD`).
+  student's channels and spatial size (the paper's description), or the student map onto the teacher's
+  (``projector_direction="student_to_teacher"``, FitNets-style: the target is the fixed teacher feature, so the
+  projector cannot shrink it); the loss is the per-sample MSE (:class:`MultiLevelKD`).
 
 Layer pairs are configurable (:class:`KDLayerPair`, :func:`parse_layer_pairs`); the default for an SD3/SD3.5
 teacher and a SnapGen UNet student is :func:`default_sd3_snapgen_layer_pairs` (*reconstructed*: the paper does
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PROJECTOR_DIRECTIONS = ("teacher_to_student", "student_to_teacher")
+
 __all__ = [
     "KDLayerPair",
     "parse_layer_pairs",
@@ -31,6 +35,8 @@ __all__ = [
     "FeatureCapture",
     "FeatureProjector",
     "MultiLevelKD",
+    "PROJECTOR_DIRECTIONS",
+    "feature_kd_from_args",
     "output_kd_loss",
     "probe_inputs",
 ]
@@ -350,8 +356,11 @@ class MultiLevelKD(nn.Module):
     """
 
     def __init__(self, pairs: Sequence[KDLayerPair], teacher_channels: Sequence[int],
-                 student_channels: Sequence[int], projector_type: str = "linear"):
+                 student_channels: Sequence[int], projector_type: str = "linear",
+                 projector_direction: str = "teacher_to_student"):
         super().__init__()
+        if projector_direction not in PROJECTOR_DIRECTIONS:
+            raise ValueError(f"`projector_direction` must be one of {PROJECTOR_DIRECTIONS}, got {projector_direction!r}.")
         pairs = parse_layer_pairs(list(pairs))
         if not len(pairs) == len(teacher_channels) == len(student_channels):
             raise ValueError(
@@ -360,16 +369,18 @@ class MultiLevelKD(nn.Module):
             )
         self.pairs = pairs
         self.projector_type = projector_type
-        self.projectors = nn.ModuleList(
-            FeatureProjector(int(ct), int(cs), projector_type) for ct, cs in zip(teacher_channels, student_channels)
-        )
+        self.projector_direction = projector_direction
+        channels = zip(teacher_channels, student_channels)
+        if projector_direction == "student_to_teacher":
+            channels = ((cs, ct) for ct, cs in channels)
+        self.projectors = nn.ModuleList(FeatureProjector(int(c_in), int(c_out), projector_type) for c_in, c_out in channels)
         self.student_capture: FeatureCapture | None = None
         self.teacher_capture: FeatureCapture | None = None
 
     @classmethod
     @torch.no_grad()
     def from_models(cls, student: nn.Module, teacher: nn.Module, pairs, projector_type: str = "linear",
-                    probe_latent_size: int = 16) -> "MultiLevelKD":
+                    probe_latent_size: int = 16, projector_direction: str = "teacher_to_student") -> "MultiLevelKD":
         """Builds projectors whose channels are read from one tiny forward of each model."""
         pairs = parse_layer_pairs(pairs)
         from .flow_matching import denoiser_forward
@@ -385,7 +396,7 @@ class MultiLevelKD(nn.Module):
                 denoiser_forward(model, *probe_inputs(model, latent_size=probe_latent_size))
                 channels.append([cap[n].shape[1] for n in names])
             model.train(was_training)
-        return cls(pairs, channels[1], channels[0], projector_type)
+        return cls(pairs, channels[1], channels[0], projector_type, projector_direction)
 
     def attach(self, student: nn.Module, teacher: nn.Module) -> "MultiLevelKD":
         """Registers the hooks on (unwrapped) ``student`` and ``teacher``; call once before training."""
@@ -413,13 +424,17 @@ class MultiLevelKD(nn.Module):
                 cap.clear()
 
     def pair_losses(self) -> list[torch.Tensor]:
-        """Per-pair, per-sample MSE between the student feature and the projected teacher feature."""
+        """Per-pair, per-sample MSE between the student feature and the projected teacher feature (or, with
+        ``projector_direction="student_to_teacher"``, between the projected student feature and the teacher's)."""
         if self.student_capture is None:
             raise RuntimeError("MultiLevelKD is not attached: call `kd.attach(student, teacher)` first.")
         losses = []
         for pair, proj in zip(self.pairs, self.projectors):
-            s = self.student_capture[pair.student]
-            t = proj(self.teacher_capture[pair.teacher], tuple(s.shape[-2:]))
+            s, t = self.student_capture[pair.student], self.teacher_capture[pair.teacher]
+            if self.projector_direction == "teacher_to_student":
+                t = proj(t, tuple(s.shape[-2:]))
+            else:
+                s = proj(s, tuple(t.shape[-2:]))
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"batch sizes differ for pair {pair}: student {s.shape[0]}, teacher {t.shape[0]}.")
             err = (s.float() - t.float()) ** 2
@@ -430,3 +445,16 @@ class MultiLevelKD(nn.Module):
         losses = self.pair_losses()
         total = sum(p.weight for p in self.pairs) or 1.0
         return sum(p.weight * loss for p, loss in zip(self.pairs, losses)) / total
+
+
+def feature_kd_from_args(args, student: nn.Module, teacher: nn.Module) -> MultiLevelKD | None:
+    """An attached :class:`MultiLevelKD` for the training scripts' ``--kd_feature_layers`` (default: SD3 -> SnapGen
+    pairs), ``--kd_projector_type`` and ``--kd_projector_direction``, or ``None`` with ``--disable_feature_kd``.
+    ``student`` and ``teacher`` are the unwrapped models, on the same device."""
+    if args.disable_feature_kd:
+        return None
+    pairs = (parse_layer_pairs(args.kd_feature_layers) if args.kd_feature_layers
+             else default_sd3_snapgen_layer_pairs(teacher.config.num_layers, student))
+    kd = MultiLevelKD.from_models(student, teacher, pairs, projector_type=args.kd_projector_type,
+                                  projector_direction=getattr(args, "kd_projector_direction", "teacher_to_student"))
+    return kd.attach(student, teacher)
