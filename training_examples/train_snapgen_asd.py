@@ -71,6 +71,8 @@ def main(args):
     if args.gradient_checkpointing:  # the generator's adversarial loss backpropagates through the teacher
         teacher.enable_gradient_checkpointing()
     feature_kd = feature_kd_from_args(args, student, teacher)
+    if feature_kd is not None:
+        logger.info("feature KD pairs (%s projectors): %s", feature_kd.projector_direction, feature_kd.pairs)
 
     ctx = prepare_student_pipeline(args, accelerator, components, student, latent_vae)
     ctx.extra["stage"] = "asd"  # names the stage in the pushed model card

@@ -11,6 +11,7 @@ import json
 import os
 
 from .flow_matching import WEIGHTING_SCHEMES
+from .kd import PROJECTOR_DIRECTIONS
 from .scaling import ALPHA_SCHEDULES
 
 __all__ = ["build_parser", "parse_args", "validate_args", "load_json_arg"]
@@ -129,8 +130,7 @@ def build_parser(kd: bool = False, description: str | None = None) -> argparse.A
         k("--disable_output_kd", action="store_true", help="Drop the output (velocity) KD term.")
         k("--disable_feature_kd", action="store_true", help="Drop the feature KD term.")
         k("--kd_projector_type", type=str, default="linear", choices=["linear", "mlp"])
-        k("--kd_projector_direction", type=str, default="teacher_to_student",
-          choices=["teacher_to_student", "student_to_teacher"],
+        k("--kd_projector_direction", type=str, default="teacher_to_student", choices=PROJECTOR_DIRECTIONS,
           help="teacher_to_student: the projector maps teacher features onto the student's (the paper's description; "
                "target and projector both learn); student_to_teacher: it maps student features onto the fixed teacher "
                "features (FitNets), which the projector cannot shrink.")
