@@ -128,7 +128,8 @@ KD_LAYERS="down_blocks.2.attentions.0=transformer_blocks.3:1,mid_block=transform
 COMMON_DATA=(--train_data_dir "$DATA" --resolution "$RESOLUTION" --cache_latents --cache_text_embeddings
              --proportion_empty_prompts 0.1 --dataloader_num_workers "$WORKERS" --seed "$SEED")
 COMMON_OPT=(--train_batch_size "$BATCH" --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 500
-            --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT" --resume_from_checkpoint latest
+            --use_ema --foreach_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT"
+            --resume_from_checkpoint latest
             --validation_prompts "red apple" "artist" "snowman" --validation_steps "$VALIDATION_STEPS"
             --report_to "$REPORT_TO" "${PRECISION[@]}")
 
@@ -163,7 +164,7 @@ step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + p
   $LAUNCH "$ROOT/training_examples/train_tiny_decoder.py" --pretrained_model_name_or_path "$RUNS/vae" \
     --train_data_dir "$DATA" --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" \
     --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" --learning_rate 1e-4 \
-    --lpips_weight 0 --gan_weight 0.1 --gan_start_step 5000 --use_ema --max_train_steps "$DECODER_STEPS" \
+    --lpips_weight 0 --gan_weight 0.1 --gan_start_step 5000 --use_ema --foreach_ema --max_train_steps "$DECODER_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
     --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" --output_dir "$RUNS/tiny_decoder"
 }

@@ -85,6 +85,8 @@ def build_parser(kd: bool = False, description: str | None = None) -> argparse.A
     a("--max_grad_norm", type=float, default=1.0)
     a("--use_ema", action="store_true", help="Keep an EMA of the UNet; the final pipeline gets the EMA weights.")
     a("--ema_decay", type=float, default=0.9999)
+    a("--foreach_ema", action="store_true",
+      help="Update the EMA with torch._foreach ops (diffusers' EMAModel(foreach=True)): fewer kernel launches a step.")
     a("--weighting_scheme", type=str, default="logit_normal", choices=WEIGHTING_SCHEMES,
       help="Timestep density and loss weighting, as in diffusers' SD3 examples.")
     a("--logit_mean", type=float, default=0.0)

@@ -228,7 +228,8 @@ def build_optimizer(args, param_groups: list[dict]):
 
 
 def build_ema(args, student):
-    """diffusers' ``EMAModel`` of the student (``None`` without ``--use_ema``)."""
+    """diffusers' ``EMAModel`` of the student (``None`` without ``--use_ema``; ``--foreach_ema`` for its foreach
+    update)."""
     _check_args(args)
     if not isinstance(student, torch.nn.Module) or not hasattr(student, "config"):
         raise TypeError(f"`student` must be a diffusers model, got {type(student).__name__}.")
@@ -236,7 +237,8 @@ def build_ema(args, student):
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(student.parameters(), decay=args.ema_decay, model_cls=type(student), model_config=student.config)
+    return EMAModel(student.parameters(), decay=args.ema_decay, model_cls=type(student), model_config=student.config,
+                    foreach=bool(getattr(args, "foreach_ema", False)))
 
 
 def batch_conditioning(ctx: TrainContext, batch: dict, generator: torch.Generator):
