@@ -38,7 +38,8 @@ case "$PRESET" in
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}" ;;
   gpu)  # the full preset's model widths at 64², with the step counts one H200 reached in a 20-minute budget
          # (benchmarks/results/eval_quality_gpu_h200.md): too few student steps to beat the CPU preset; raise
-         # STUDENT_STEPS (7.7 steps/s alone on an H200) and ASD_STEPS when you have the GPU time
+         # STUDENT_STEPS (7.7 steps/s alone on an H200) and ASD_STEPS when you have the GPU time. That run used
+         # KD_PROJECTOR_DIRECTION=teacher_to_student and no --foreach_ema (the defaults then)
     RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-1250}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-9500}"
     TEACHER_STEPS="${TEACHER_STEPS:-1000}"; STUDENT_STEPS="${STUDENT_STEPS:-500}"; ASD_STEPS="${ASD_STEPS:-250}"
