@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_training_scripts import run_script
-from test_training_fixtures import run_once, session_folder, tiny_teacher, write_imagefolder
+from test_training_fixtures import (
+    assert_same_weights,
+    load_weights,
+    run_once,
+    session_folder,
+    tiny_teacher,
+    write_imagefolder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ASD = ROOT / "training_examples" / "train_snapgen_asd.py"
@@ -55,23 +62,10 @@ def asd(tmp_path_factory, worker_id, testrun_uid):
     return root
 
 
-def _load(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def _heads_file(ckpt: Path) -> Path:
-    found = [p for p in ckpt.glob("model*.safetensors") if any(k.startswith("heads.") for k in _load(p))]
+    found = [p for p in ckpt.glob("model*.safetensors") if any(k.startswith("heads.") for k in load_weights(p))]
     assert len(found) == 1, [p.name for p in ckpt.glob("model*.safetensors")]
     return found[0]
-
-
-def _assert_same(a: Path, b: Path):
-    x, y = _load(a), _load(b)
-    assert x.keys() == y.keys()
-    diff = max((x[k].float() - y[k].float()).abs().max().item() for k in x)
-    assert diff == 0.0, f"{a} vs {b}: differ by up to {diff}"
 
 
 def test_asd_run_saves_a_four_step_pipeline_closer_to_the_teacher(asd):
@@ -85,7 +79,7 @@ def test_asd_run_saves_a_four_step_pipeline_closer_to_the_teacher(asd):
     assert sorted(p.name for p in ref.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
     for name in ("unet", "unet_ema", "optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"):
         assert (ckpt / name).exists(), name  # both optimizers and LR schedules are checkpointed
-    assert len([k for k in _load(_heads_file(ckpt)) if k.startswith("heads.")]) > 0
+    assert len([k for k in load_weights(_heads_file(ckpt)) if k.startswith("heads.")]) > 0
     metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert {"task_mean", "kd_out_mean", "kd_feat_mean", "adv_mean", "d_loss", "d_real", "d_fake"} <= metrics[0].keys()
@@ -131,9 +125,9 @@ def test_asd_resume_restores_student_ema_discriminator_and_both_optimizers(asd):
     assert "Resuming from checkpoint" in proc.stdout + proc.stderr
     ref, new = asd / "ref" / f"checkpoint-{STEPS}", out / f"checkpoint-{STEPS}"
     for sub in ("unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"):
-        _assert_same(ref / sub, new / sub)
-    _assert_same(_heads_file(ref), _heads_file(new))
-    _assert_same(asd / "ref" / "unet" / "diffusion_pytorch_model.safetensors",
+        assert_same_weights(ref / sub, new / sub)
+    assert_same_weights(_heads_file(ref), _heads_file(new))
+    assert_same_weights(asd / "ref" / "unet" / "diffusion_pytorch_model.safetensors",
                  out / "unet" / "diffusion_pytorch_model.safetensors")
     a, b = (torch.load(str(p / "optimizer_1.bin"), weights_only=False) for p in (ref, new))
     assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from test_training_scripts import run_script
-from test_training_fixtures import run_once, session_folder
+from test_training_fixtures import assert_same_weights, run_once, session_folder
 
 from diffusers_snapgen.testing import tiny_autoencoder_kl
 from diffusers_snapgen.training.autoencoder_training import (
@@ -279,8 +279,6 @@ def test_autoencoder_run_learns_and_writes_a_diffusers_autoencoder(ae):
 
 def test_autoencoder_resume_from_a_mid_run_checkpoint_is_identical(ae):
     """A new process resumes the reference run's step-40 checkpoint (GAN on since step 30) and ends where it ended."""
-    from safetensors.torch import load_file
-
     out = ae / "resume"
     out.mkdir()
     shutil.copytree(ae / "ref" / "checkpoint-40", out / "checkpoint-40")
@@ -289,8 +287,7 @@ def test_autoencoder_resume_from_a_mid_run_checkpoint_is_identical(ae):
     for sub in ("diffusion_pytorch_model.safetensors", f"checkpoint-{STEPS}/vae/diffusion_pytorch_model.safetensors",
                 f"checkpoint-{STEPS}/vae_ema/diffusion_pytorch_model.safetensors",
                 f"checkpoint-{STEPS}/model.safetensors"):
-        a, b = load_file(str(ae / "ref" / sub)), load_file(str(out / sub))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+        assert_same_weights(ae / "ref" / sub, out / sub, sub)
     ref_config = json.loads((ae / "ref" / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert (config["scaling_factor"], config["shift_factor"]) == (ref_config["scaling_factor"],

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from test_training_scripts import run_script
-from test_training_fixtures import run_once, session_folder
+from test_training_fixtures import assert_same_weights, run_once, session_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training_examples" / "train_tiny_decoder.py"
@@ -134,8 +134,6 @@ def test_decoder_resume_from_a_mid_run_checkpoint_is_identical(dec):
     """A new process resumes the reference run's step-40 checkpoint and ends where the reference ended."""
     import shutil
 
-    from safetensors.torch import load_file
-
     out = dec / "resume"
     out.mkdir()
     shutil.copytree(dec / "ref" / "checkpoint-40", out / "checkpoint-40")
@@ -145,8 +143,7 @@ def test_decoder_resume_from_a_mid_run_checkpoint_is_identical(dec):
     for sub in ("diffusion_pytorch_model.safetensors", f"checkpoint-{STEPS}/decoder/diffusion_pytorch_model.safetensors",
                 f"checkpoint-{STEPS}/decoder_ema/diffusion_pytorch_model.safetensors",
                 f"checkpoint-{STEPS}/model.safetensors"):
-        a, b = load_file(str(dec / "ref" / sub)), load_file(str(out / sub))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+        assert_same_weights(dec / "ref" / sub, out / sub, sub)
     # a resumed run does not re-evaluate the untrained decoder
     assert "initial" not in json.loads((out / "eval_results.json").read_text())
 

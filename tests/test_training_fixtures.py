@@ -83,3 +83,29 @@ def run_once(root: Path, name: str, build):
         if not (root / f"{name}.done").exists():
             build()
             (root / f"{name}.done").touch()
+
+
+def load_weights(source) -> dict:
+    """A state dict from a dict, a safetensors file, or a model folder (its ``diffusion_pytorch_model.safetensors``)."""
+    if isinstance(source, dict):
+        return source
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    return load_file(str(path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path))
+
+
+def max_weight_diff(a, b) -> float:
+    """Largest absolute difference between two state dicts with the same keys (see :func:`load_weights`)."""
+    a, b = load_weights(a), load_weights(b)
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def assert_same_weights(a, b, what: str = ""):
+    """Same keys, bitwise equal tensors (``torch.equal``); the message names the first differing tensor."""
+    x, y = load_weights(a), load_weights(b)
+    assert x.keys() == y.keys(), what
+    differ = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not differ, (f"{what or a}: {len(differ)} tensors differ, e.g. {differ[0]} by up to "
+                        f"{(x[differ[0]].float() - y[differ[0]].float()).abs().max().item()}")

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_fixtures import run_once, session_folder, tiny_teacher, write_imagefolder
+from test_training_fixtures import (
+    assert_same_weights,
+    load_weights,
+    run_once,
+    session_folder,
+    tiny_teacher,
+    write_imagefolder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "training_examples" / "train_snapgen.py"
@@ -87,19 +94,6 @@ def kd_run(shared):
     return shared / "kd"
 
 
-def _unet(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
-
-
-def _assert_same(a, b, what):
-    a, b = _unet(a), _unet(b)
-    assert a.keys() == b.keys()
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert diff == 0.0, f"{what}: weights differ by up to {diff}"
-
-
 @pytest.fixture(scope="session")
 def evaluator(shared):
     """Task loss and velocity error to the teacher of a UNet on a fixed batch (all 8 images, 4 noise draws)."""
@@ -147,7 +141,7 @@ def test_pretraining_writes_a_loadable_pipeline_and_learns(shared, evaluator):
     assert json.loads((ckpt / "training_state.json").read_text())["global_step"] == STEPS
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet", "unet_ema"):
         assert (ckpt / name).exists(), name
-    _assert_same(ref / "unet", ckpt / "unet_ema", "final pipeline vs EMA")
+    assert_same_weights(ref / "unet", ckpt / "unet_ema", "final pipeline vs EMA")
     metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert all(m["step_time"] > 0 and m["loss"] > 0 for m in metrics)
@@ -198,15 +192,14 @@ def test_sigkill_at_a_random_moment_then_resume_completes(shared):
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
     # resume is exact, so wherever the kill landed the result is the uninterrupted run's
     for sub in ("unet", "checkpoint-20/unet", "checkpoint-20/unet_ema"):
-        _assert_same(shared / "ref" / sub, out / sub, f"{sub} (seed {seed}, mode {mode})")
+        assert_same_weights(shared / "ref" / sub, out / sub, f"{sub} (seed {seed}, mode {mode})")
 
 
 def test_kd_script_distils_the_teacher(shared, kd_run, evaluator):
     from diffusers import DiffusionPipeline
-    from safetensors.torch import load_file
 
     ckpt = kd_run / "checkpoint-10"
-    projectors = load_file(str(ckpt / "model.safetensors"))  # the projectors are saved with the student
+    projectors = load_weights(ckpt / "model.safetensors")  # the projectors are saved with the student
     assert {k.split(".")[0] for k in projectors} == {"projectors"} and len(projectors) == 8
     assert len(list((kd_run / "cache").glob("latents-*.safetensors"))) == 1
     assert len(list((kd_run / "cache").glob("text-*.safetensors"))) == 1
@@ -231,8 +224,6 @@ def test_kd_stop_halfway_and_resume_gives_identical_weights_and_projectors(share
     proc = run_script(KD, _kd_args(shared, out, STEPS // 2, "--resume_from_checkpoint", "latest"), shared / "hf")
     assert "Resuming from checkpoint" in proc.stdout + proc.stderr
     for sub in ("unet", "checkpoint-10/unet", "checkpoint-10/unet_ema"):
-        _assert_same(kd_run / sub, out / sub, sub)
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(kd_run / "checkpoint-10" / "model.safetensors")), load_file(str(out / "checkpoint-10" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_weights(kd_run / sub, out / sub, sub)
+    assert_same_weights(kd_run / "checkpoint-10" / "model.safetensors", out / "checkpoint-10" / "model.safetensors",
+                        "projectors")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_fixtures import run_once, session_folder, write_imagefolder
+from test_training_fixtures import max_weight_diff, run_once, session_folder, write_imagefolder
 from test_training_scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,18 +74,6 @@ def teacher_run(assets):
     return assets / "ref"
 
 
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
-
-
-def _max_diff(a, b):
-    a, b = _weights(a) if not isinstance(a, dict) else a, _weights(b) if not isinstance(b, dict) else b
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 def test_teacher_run_saves_a_trained_sd3_transformer(assets, teacher_run):
     from diffusers import SD3Transformer2DModel
 
@@ -102,14 +90,14 @@ def test_teacher_run_saves_a_trained_sd3_transformer(assets, teacher_run):
     ckpt = out / f"checkpoint-{STEPS}"
     assert json.loads((ckpt / "training_state.json").read_text())["global_step"] == STEPS
     assert (ckpt / "transformer" / "config.json").is_file() and (ckpt / "transformer_ema" / "config.json").is_file()
-    assert _max_diff(out / "transformer", ckpt / "transformer_ema") == 0.0
+    assert max_weight_diff(out / "transformer", ckpt / "transformer_ema") == 0.0
 
     # the initial weights (the script's own loader, same config and seed) moved
     script = _script()
     args = script.parse_teacher_args(_args(assets, out, STEPS))
     initial = {k: v.detach() for k, v in script.load_transformer(args, 4, TEXT_DIMS).state_dict().items()}
-    assert _max_diff(initial, out / "transformer") > 1e-4
-    assert _max_diff(initial, ckpt / "transformer") > 1e-4
+    assert max_weight_diff(initial, out / "transformer") > 1e-4
+    assert max_weight_diff(initial, ckpt / "transformer") > 1e-4
 
     # the validation pipeline sampled the transformer during training; the loss was logged every step
     assert (out / "validation" / f"step-{STEPS}" / "00-00.png").is_file()
@@ -139,7 +127,7 @@ def test_evaluation_load_model_samples_the_teacher(assets, teacher_run):
 
     pipe = load_model(teacher_run, base=assets / "base")
     assert isinstance(pipe.unet, SD3TransformerDenoiser)
-    assert _max_diff(pipe.unet.transformer.state_dict(), teacher_run / "transformer") == 0.0
+    assert max_weight_diff(pipe.unet.transformer.state_dict(), teacher_run / "transformer") == 0.0
     image = pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
@@ -151,7 +139,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(assets, teacher_r
     proc = run_script(TEACHER, _args(assets, out, STEPS, "--resume_from_checkpoint", "latest"), assets / "hf")
     assert "Resuming from checkpoint" in proc.stdout + proc.stderr
     for sub in ("transformer", f"checkpoint-{STEPS}/transformer", f"checkpoint-{STEPS}/transformer_ema"):
-        assert _max_diff(teacher_run / sub, out / sub) == 0.0, sub
+        assert max_weight_diff(teacher_run / sub, out / sub) == 0.0, sub
 
 
 def test_continue_from_an_existing_transformer(assets, teacher_run):
@@ -162,7 +150,7 @@ def test_continue_from_an_existing_transformer(assets, teacher_run):
     args = script.parse_teacher_args(argv)
     model = script.load_transformer(args, 4, TEXT_DIMS)  # finds the `transformer` subfolder
     assert model.training and all(p.requires_grad for p in model.parameters())
-    assert _max_diff({k: v.detach() for k, v in model.state_dict().items()}, teacher_run / "transformer") == 0.0
+    assert max_weight_diff({k: v.detach() for k, v in model.state_dict().items()}, teacher_run / "transformer") == 0.0
     with pytest.raises(ValueError, match="--transformer_model_name_or_path: joint_attention_dim=28 is narrower"):
         script.load_transformer(args, 4, (64, 20))
 
