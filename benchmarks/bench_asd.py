@@ -53,8 +53,8 @@ from diffusers_snapgen.training import (
     step_generator,
 )
 from diffusers_snapgen.training.adversarial import set_requires_grad
-from diffusers_snapgen.training.asd import AdversarialStepDistillation, few_step_sigmas
-from diffusers_snapgen.training.decoder_training import (
+from diffusers_snapgen.training.asd import AdversarialStepDistillation, few_step_sigmas, rollout_steps
+from diffusers_snapgen.training.reconstruction import (
     DecoderLosses,
     encode_for_decoder,
 )
@@ -111,13 +111,14 @@ class ASDIteration:
         self.kd.clear()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred = denoiser_forward(self.student, fm.noisy_latents, fm.timesteps, embeds, pooled)
-            loss, logs, _ = self.objective.losses(fm, pred, embeds, pooled, g)
+            loss, _, _ = self.objective.losses(fm, pred, embeds, pooled, g)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.g_opt.step()
+        self.objective.discriminator_step()
         self.g_opt.zero_grad(set_to_none=True)
         self.kd.clear()
-        return int(logs["teacher_forwards"])
+        return rollout_steps(self.grid[grid_index:grid_index + 1], self.grid)
 
     def reset(self):
         self.g_opt.zero_grad(set_to_none=True)

@@ -18,8 +18,12 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import sys
+
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # shared modules (_sd3_fixtures) for tests/*/ too
 
 # Tests run tiny models, often two pytest workers at once: one intra-op thread each is several times faster
 # than oversubscribed cores.

@@ -26,3 +26,23 @@ def test_bench_training_tiny_writes_json_and_table(tmp_path):
         assert r["step_s"] > 0 and r["images_per_s"] > 0
     table = (tmp_path / "bench_training.md").read_text()
     assert "| 32² | True | 2+ (max_batch" in table
+
+
+def test_bench_train_loop_runs_the_engine_in_each_mode(tmp_path):
+    """benchmarks/bench_train_loop.py on the CPU (tiny models): every requested config x mode gives a timed row from
+    the real engine; graph modes fall back to eager steps off CUDA and say so in `step_mode`."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_loop.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--configs",
+                           "student16,decoder128", "--modes", "eager,graph_eager", "--warmup", "1", "--steps", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "bench_train_loop_smoke.json").read_text())
+    rows = {(r["config"], r["mode"]): r for r in info["rows"]}
+    assert set(rows) == {(c, m) for c in ("student16", "decoder128") for m in ("eager", "graph_eager")}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["steps_per_s"] > 0 and row["step_mode"] == "eager" and row["params_m"] > 0
+    assert "| student16 | graph_eager |" in (tmp_path / "bench_train_loop_smoke.md").read_text()
+    bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--configs", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--configs" in bad.stderr

@@ -5,7 +5,7 @@ training_examples/recipes/emoji_demo.sh; SnapGen, Hu et al., CVPR 2025, arXiv 24
 
     accelerate launch training_examples/train_autoencoder.py \
       --train_data_dir data/emoji --vae_config runs/emoji/configs/vae.json \
-      --resolution 256 --random_flip --train_batch_size 32 --learning_rate 1e-4 \
+      --resolution 256 --random_flip --cache_images --train_batch_size 32 --learning_rate 1e-4 \
       --reconstruction_loss l1 --kl_weight 1e-6 --lpips_weight 0 --use_ema \
       --max_train_steps 20000 --checkpointing_steps 2000 --resume_from_checkpoint latest --output_dir runs/emoji/vae
 
@@ -19,21 +19,13 @@ the config (SD3 convention: (z - shift_factor) * scaling_factor). The output fol
     vae = AutoencoderKL.from_pretrained("runs/emoji/vae")
 """
 
-from diffusers_snapgen.training.autoencoder_training import (
-    build_autoencoder_parser,
-    train_autoencoder,
-    validate_autoencoder_args,
-)
+from diffusers_snapgen.training import parse_or_exit
+from diffusers_snapgen.training.task_args import parse_autoencoder_args
+from diffusers_snapgen.training.tasks import train_autoencoder
 
 
 def main(argv=None):
-    parser = build_autoencoder_parser()
-    args = parser.parse_args(argv)
-    try:
-        args = validate_autoencoder_args(args)
-    except ValueError as e:  # a bad flag: argparse's usage line and exit status 2
-        parser.error(str(e))
-    return train_autoencoder(args)
+    return train_autoencoder(parse_or_exit(parse_autoencoder_args, argv))
 
 
 if __name__ == "__main__":

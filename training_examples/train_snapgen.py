@@ -10,50 +10,46 @@ checkpoint.
       --validation_prompt "a red apple on a wooden table" --output_dir snapgen-256
 
 Loss: ``mean((v_theta(x_t, t, c) - (eps - x0))^2)`` with ``x_t = (1 - t) x0 + t eps`` and logit-normal ``t``.
-The output folder is a complete ``SnapGenPipeline`` (EMA weights with ``--use_ema``). All reusable logic lives in
-``diffusers_snapgen.training``; see training_examples/README.md for the full recipe.
+The output folder is a complete ``SnapGenPipeline`` (EMA weights with ``--use_ema``). With ``--cache_latents
+--cache_text_embeddings --compile --cuda_graphs`` a step is one replayed CUDA graph. All reusable logic lives in
+``diffusers_snapgen.training``; see training_examples/README.md for the full recipe and the fast path.
 """
 
 import logging
 
 from diffusers_snapgen.training import (
+    finish,
     load_student,
     parse_args,
-    text_widths,
-)
-from diffusers_snapgen.training.loop import (
-    build_data,
-    finish_setup,
-    flow_matching_task_loss,
-    prepare_student_pipeline,
-    save_final_pipeline,
-    setup_base,
+    parse_or_exit,
+    prepare_run,
+    setup_accelerator,
     train,
 )
+from diffusers_snapgen.training.tasks import FlowMatchingTask, load_denoiser_base
 
 logger = logging.getLogger(__name__)
 
 
 def main(args):
+    accelerator = setup_accelerator(args)
     # Frozen text encoders, VAE and scheduler from the base pipeline (SnapGen, or SD3/SD3.5).
-    accelerator, components, latent_vae = setup_base(args)
+    base = load_denoiser_base(args, accelerator)
 
     # The student: --unet_model_name_or_path, the base pipeline's unet, or a fresh paper-config UNet.
     student = load_student(
         args.pretrained_model_name_or_path, args.unet_model_name_or_path, args.unet_config, args.from_scratch,
-        latent_channels=latent_vae.config.latent_channels, text_dims=text_widths(components), seed=args.seed,
+        latent_channels=base.latent_channels, text_dims=base.text_dims, seed=args.seed,
         revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
     )
-    ctx = prepare_student_pipeline(args, accelerator, components, student, latent_vae)
-    ctx.extra["stage"] = "pretrain"  # names the stage in the pushed model card
-    build_data(ctx, args.max_sequence_length)
+    task = FlowMatchingTask(args, accelerator, base, student)
+    batches, dataloader = task.build_data()  # on-device caches with --cache_latents --cache_text_embeddings
 
     params = [p for p in student.parameters() if p.requires_grad]
-    trainable, clip = finish_setup(ctx, [], [{"params": params}])
-
-    train(ctx, flow_matching_task_loss, trainable, clip)
-    save_final_pipeline(ctx)
+    run = prepare_run(args, accelerator, task, student, [{"params": params}], batches, dataloader=dataloader)
+    train(run)
+    finish(run)  # the SnapGenPipeline (EMA weights with --use_ema) in --output_dir
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_or_exit(parse_args))

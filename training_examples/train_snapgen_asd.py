@@ -13,7 +13,8 @@
 
 The student starts from a SnapGen checkpoint and trains on the scheduler's 4- (or 8-) step grid. A frozen few-step
 teacher (any diffusers ``SD3Transformer2DModel``, e.g. SD3.5-Large-Turbo) run along its own schedule gives the KD
-targets, and its block features carry the discriminator heads (LADD-style diffusion GAN). Per step:
+targets, and its block features carry the discriminator heads (LADD-style diffusion GAN). Per step (both updated
+once, after the micro-batches; the student's loss sees the heads before their update):
 
     discriminator: hinge(D(real_t'), D(sg(x0_student)_t'))  [+ gamma/2 * R1]       (its own optimizer)
     student:       S(L_task, L_out) + S(L_task, L_feat) + lambda_adv * -D(x0_student_t')
@@ -24,42 +25,31 @@ no CFG by default: ``pipe(prompt)``.
 """
 
 import logging
-import math
 
 from diffusers_snapgen.training import (
-    FlowMatchingSampler,
     check_teacher_student,
+    feature_kd_from_args,
+    finish,
     load_student,
     load_teacher,
-)
-from diffusers_snapgen.training.asd import (
-    AdversarialStepDistillation,
-    FewStepSampler,
-    build_discriminator_optimizer,
-    feature_kd_from_args,
-    few_step_sigmas,
-    kd_scaling_from_args,
-    parse_asd_args,
-    require_student_checkpoint,
-)
-from diffusers_snapgen.training.components import DTYPES
-from diffusers_snapgen.training.discriminator import TeacherFeatureDiscriminator
-from diffusers_snapgen.training.loop import (
-    build_data,
-    finish_setup,
-    prepare_student_pipeline,
-    save_final_pipeline,
-    setup_base,
+    parse_or_exit,
+    prepare_run,
+    setup_accelerator,
     train,
 )
+from diffusers_snapgen.training.asd import parse_asd_args, require_student_checkpoint
+from diffusers_snapgen.training.components import DTYPES
+from diffusers_snapgen.training.discriminator import TeacherFeatureDiscriminator
+from diffusers_snapgen.training.tasks import ASDTask, kd_scaling_from_args, load_denoiser_base
 
 logger = logging.getLogger(__name__)
 
 
 def main(args):
-    accelerator, components, latent_vae = setup_base(args)
+    accelerator = setup_accelerator(args)
+    base = load_denoiser_base(args, accelerator)
 
-    # Frozen few-step teacher: KD targets and the discriminator's feature network.
+    # The frozen few-step teacher: KD targets and the discriminator's feature network.
     teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_subfolder, DTYPES[args.teacher_dtype],
                            args.teacher_revision, args.teacher_variant, args.cache_dir)
     # The student: a trained SnapGen UNet (never from scratch).
@@ -73,46 +63,27 @@ def main(args):
     feature_kd = feature_kd_from_args(args, student, teacher)
     if feature_kd is not None:
         logger.info("feature KD pairs (%s projectors): %s", feature_kd.projector_direction, feature_kd.pairs)
-
-    ctx = prepare_student_pipeline(args, accelerator, components, student, latent_vae)
-    ctx.extra["stage"] = "asd"  # names the stage in the pushed model card
-    ctx.sampler = FewStepSampler(ctx.pipeline.scheduler, args.num_inference_steps, args.weighting_scheme)
-    ctx.extra["teacher"] = teacher
-    logger.info("student grid (sigmas): %s", ctx.sampler.grid.tolist())
-    build_data(ctx, args.max_sequence_length)
-
     discriminator = TeacherFeatureDiscriminator.from_teacher(
-        teacher, args.discriminator_layers, args.discriminator_num_heads,
-        head_channels=args.discriminator_head_channels,
-    ).to(accelerator.device)
+        teacher, args.discriminator_layers, args.discriminator_num_heads, head_channels=args.discriminator_head_channels,
+    )
     logger.info("discriminator heads on %s", discriminator.layers)
 
-    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
-    extra_models = []
-    if feature_kd is not None:
-        groups.append({"params": list(feature_kd.parameters()), "lr": args.projector_learning_rate or args.learning_rate})
-        extra_models.append(feature_kd)
-    extra_models.append(discriminator)  # prepared with the student: checkpointed, and in accelerate.accumulate
-    steps_per_epoch = math.ceil(len(ctx.dataloader) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    trainable, clip = finish_setup(ctx, extra_models, groups)
-    d_optimizer, d_lr_scheduler = build_discriminator_optimizer(args, accelerator, trainable[-1], max_steps)
+    task = ASDTask(args, accelerator, base, student, teacher, feature_kd, kd_scaling_from_args(args), discriminator)
+    logger.info("student grid (sigmas): %s", task.sampler.grid.tolist())
+    batches, dataloader = task.build_data()
 
-    objective = AdversarialStepDistillation(
-        teacher, trainable[-1], d_optimizer, d_lr_scheduler,
-        scaling=kd_scaling_from_args(args),
-        feature_kd=trainable[1] if feature_kd is not None else None,
-        output_kd=not args.disable_output_kd,
-        adversarial_weight=args.adversarial_weight, gan_loss=args.gan_loss, r1_gamma=args.r1_gamma,
-        adversarial_sampler=FlowMatchingSampler(ctx.pipeline.scheduler, "logit_normal", args.adversarial_logit_mean,
-                                                args.adversarial_logit_std),
-        teacher_sigmas=few_step_sigmas(ctx.pipeline.scheduler, args.teacher_num_inference_steps, args.teacher_shift),
-        real_source=args.adversarial_real_source, weighting_scheme=args.weighting_scheme,
-        max_grad_norm=args.max_grad_norm, accelerator=accelerator,
-    )
-    train(ctx, objective, trainable, clip)
-    save_final_pipeline(ctx, num_inference_steps=args.num_inference_steps, guidance_scale=1.0)
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    extra_modules = []
+    if feature_kd is not None:
+        groups.append({"params": list(feature_kd.parameters()),
+                       "lr": args.projector_learning_rate or args.learning_rate})
+        extra_modules.append(feature_kd)
+    extra_modules.append(discriminator)  # prepared with the student: checkpointed with it (the last extra module)
+    run = prepare_run(args, accelerator, task, student, groups, batches, extra_modules=extra_modules,
+                      dataloader=dataloader)
+    train(run)
+    finish(run)  # the pipeline samples with --num_inference_steps and guidance 1 by default
 
 
 if __name__ == "__main__":
-    main(parse_asd_args())
+    main(parse_or_exit(parse_asd_args))

@@ -21,61 +21,27 @@ with L_out = ||v_s - v_T||^2 and L_feat the MSE between student features and pro
 
 import logging
 
-import torch
-
 from diffusers_snapgen.training import (
-    AlphaSchedule,
-    TimestepAwareScaling,
     check_teacher_student,
-    denoiser_forward,
     feature_kd_from_args,
-    flow_matching_loss,
+    finish,
     load_student,
     load_teacher,
-    output_kd_loss,
     parse_args,
-    student_flow_matching_step,
-)
-from diffusers_snapgen.training.components import DTYPES
-from diffusers_snapgen.training.loop import (
-    build_data,
-    finish_setup,
-    prepare_student_pipeline,
-    save_final_pipeline,
-    setup_base,
+    parse_or_exit,
+    prepare_run,
+    setup_accelerator,
     train,
 )
+from diffusers_snapgen.training.components import DTYPES
+from diffusers_snapgen.training.tasks import KDTask, kd_scaling_from_args, load_denoiser_base
 
 logger = logging.getLogger(__name__)
 
 
-def compute_loss(ctx, batch, generator):
-    """Task loss + timestep-aware-scaled output KD and feature KD."""
-    args, teacher, kd, scaling = ctx.args, ctx.extra["teacher"], ctx.extra["kd"], ctx.extra["scaling"]
-    if kd is not None:
-        ctx.accelerator.unwrap_model(kd).clear()  # drop the previous step's hooked features
-    fm, model_pred, embeds, pooled = student_flow_matching_step(ctx, batch, generator)
-    with torch.no_grad():
-        t_dtype = teacher.dtype
-        teacher_pred = denoiser_forward(teacher, fm.noisy_latents.to(t_dtype), fm.timesteps,
-                                        embeds.to(t_dtype), pooled.to(t_dtype))
-    task = flow_matching_loss(model_pred, fm.target, fm.sigmas, args.weighting_scheme)
-    loss = torch.zeros((), device=task.device)
-    per_sample = {"t": fm.sigmas, "task": task}
-    if not args.disable_output_kd:
-        l_out = output_kd_loss(model_pred, teacher_pred)
-        loss = loss + scaling(task, l_out, fm.sigmas)
-        per_sample["kd_out"] = l_out
-    if kd is not None:
-        l_feat = kd()
-        loss = loss + scaling(task, l_feat, fm.sigmas)
-        per_sample["kd_feat"] = l_feat
-    logs = {f"{k}_mean": v.detach().mean().item() for k, v in per_sample.items() if k != "t"}
-    return loss, logs, per_sample
-
-
 def main(args):
-    accelerator, components, latent_vae = setup_base(args)
+    accelerator = setup_accelerator(args)
+    base = load_denoiser_base(args, accelerator)
 
     # Frozen teacher, kept out of the optimizer and of accelerator.prepare.
     teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_subfolder, DTYPES[args.teacher_dtype],
@@ -96,32 +62,19 @@ def main(args):
     if kd is not None:
         logger.info("feature KD pairs (%s projectors): %s", kd.projector_direction, kd.pairs)
 
-    if args.kd_scaling == "constant":
-        scaling = TimestepAwareScaling.constant(args.kd_alpha)
-    else:
-        scaling = TimestepAwareScaling(
-            AlphaSchedule(args.kd_alpha_schedule, alpha_min=args.kd_alpha_min, alpha_max=args.kd_alpha_max,
-                          alpha=args.kd_alpha, logit_mean=args.logit_mean, logit_std=args.logit_std),
-            ratio=args.kd_ratio,
-        )
-
-    ctx = prepare_student_pipeline(args, accelerator, components, student, latent_vae)
-    ctx.extra["stage"] = "kd"  # names the stage in the pushed model card
-    teacher.to(accelerator.device)
-    ctx.extra.update(teacher=teacher, scaling=scaling)
-    build_data(ctx, args.max_sequence_length)
+    task = KDTask(args, accelerator, base, student, teacher, kd, kd_scaling_from_args(args))
+    batches, dataloader = task.build_data()
 
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
-    extra_models = []
+    extra_modules = []
     if kd is not None:
         groups.append({"params": list(kd.parameters()), "lr": args.projector_learning_rate or args.learning_rate})
-        extra_models.append(kd)
-    trainable, clip = finish_setup(ctx, extra_models, groups)
-    ctx.extra["kd"] = trainable[1] if kd is not None else None
-
-    train(ctx, compute_loss, trainable, clip)
-    save_final_pipeline(ctx)
+        extra_modules.append(kd)
+    run = prepare_run(args, accelerator, task, student, groups, batches, extra_modules=extra_modules,
+                      dataloader=dataloader)
+    train(run)
+    finish(run)
 
 
 if __name__ == "__main__":
-    main(parse_args(kd=True))
+    main(parse_or_exit(parse_args, kd=True))

@@ -20,8 +20,9 @@ and written to ``<output_dir>/eval_results.json``; the decoder is saved in diffu
     pipe = SnapGenPipeline.from_pretrained(..., vae=decoder)  # or StableDiffusion3Pipeline(..., vae=decoder)
 """
 
-from diffusers_snapgen.training.decoder_loop import train_tiny_decoder
-from diffusers_snapgen.training.decoder_training import parse_decoder_args
+from diffusers_snapgen.training import parse_or_exit
+from diffusers_snapgen.training.task_args import parse_decoder_args
+from diffusers_snapgen.training.tasks import train_tiny_decoder
 
 if __name__ == "__main__":
-    train_tiny_decoder(parse_decoder_args())
+    train_tiny_decoder(parse_or_exit(parse_decoder_args))

@@ -1,22 +1,29 @@
-"""Reusable SnapGen training pieces (paper §3.3; DESIGN.md §4), used by ``training_examples/``.
+"""Reusable SnapGen training pieces (paper §3.2-3.4; docs/design.md), used by ``training_examples/``.
+
+The engine (one loop for every script; docs/training_speed.md):
+
+- :mod:`.engine` - setup, the loop (accumulate -> backward -> clip -> step -> EMA -> log -> checkpoint -> validate),
+  resume; :class:`TrainingTask` is what a script varies.
+- :mod:`.step` - one optimizer step, eager or captured in a CUDA graph; device-side random numbers.
+- :mod:`.batches`, :mod:`.metrics` - on-device data and metrics (no host sync in the step).
+- :mod:`.tasks` - flow matching, KD, ASD, tiny decoder, autoencoder.
+- :mod:`.args`, :mod:`.task_args` - the scripts' command lines, composed from argument groups.
+
+The objectives and their pieces:
 
 - :mod:`.flow_matching` - rectified-flow objective on diffusers' timestep densities and loss weightings.
 - :mod:`.kd` - multi-level knowledge distillation: output KD, hooked feature KD with learned projectors.
 - :mod:`.scaling` - timestep-aware scaling of task and KD losses; per-timestep-bucket loss statistics.
-- :mod:`.data` - HF datasets / imagefolder loading, deterministic augmentation, latent and text caches.
-- :mod:`.checkpointing` - atomic, resumable accelerate checkpoints; atomic pipeline saving.
-- :mod:`.components` - loading encoders, VAE, student and teacher.
-- :mod:`.args` - the scripts' command line.
-- :mod:`.loop` - the shared training loop.
 - :mod:`.asd` - adversarial step distillation (paper §3.4): few-step grid sampler, teacher rollout, the objective.
 - :mod:`.discriminator`, :mod:`.adversarial` - teacher-feature and patch discriminators; hinge, non-saturating, R1.
-- :mod:`.decoder_training`, :mod:`.decoder_loop` - tiny-decoder training (paper §3.2): patches, metrics, losses, loop.
-- :mod:`.autoencoder_training` - the 16-channel, f = 8 ``AutoencoderKL`` of the demo model: KL, latent statistics.
+- :mod:`.reconstruction` - tiny-decoder pieces (paper §3.2): patches, PSNR/SSIM, losses, evaluation.
+- :mod:`.autoencoder` - the 16-channel, f = 8 ``AutoencoderKL`` of the demo model: KL, latent statistics.
+- :mod:`.data`, :mod:`.checkpointing`, :mod:`.components` - data and caches, atomic checkpoints, model loading.
 """
 
 from .adversarial import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty, set_requires_grad
-from .args import build_parser, parse_args, validate_args
-from .autoencoder_training import latent_statistics, train_autoencoder
+from .args import build_parser, parse_args, parse_or_exit, validate_args
+from .autoencoder import kl_divergence, latent_statistics
 from .asd import AdversarialStepDistillation, FewStepSampler, TeacherTargets, few_step_sigmas, teacher_rollout
 from .checkpointing import (
     TrainingState,
@@ -52,8 +59,7 @@ from .data import (
     load_image_caption_dataset,
     preprocess_image,
 )
-from .decoder_loop import train_tiny_decoder
-from .decoder_training import DecoderLosses, ImagePatchDataset, evaluate_decoder, psnr, ssim
+from .reconstruction import DecoderLosses, ImagePatchDataset, evaluate_decoder, psnr, ssim
 from .discriminator import DiscriminatorHead, PatchDiscriminator, TeacherFeatureDiscriminator
 from .flow_matching import (
     WEIGHTING_SCHEMES,
@@ -79,7 +85,32 @@ from .kd import (
     select_feature,
     tokens_to_map,
 )
+from .batches import DeviceImageCache, DeviceIndexBatches, LoaderBatches
+from .engine import (
+    StepOutput,
+    TrainingRun,
+    TrainingTask,
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    finish,
+    prepare_run,
+    setup_accelerator,
+    train,
+)
 from .loop import TrainContext, batch_conditioning, flow_matching_task_loss, student_flow_matching_step
+from .metrics import StepMetrics
 from .scaling import ALPHA_SCHEDULES, AlphaSchedule, TimestepAwareScaling, TimestepBucketStats
+from .step import StepProgram, StepRandom, step_seed
+from .tasks import (
+    ASDTask,
+    AutoencoderTask,
+    FlowMatchingTask,
+    KDTask,
+    TinyDecoderTask,
+    load_denoiser_base,
+    train_autoencoder,
+    train_tiny_decoder,
+)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,4 +1,4 @@
-"""Adversarial step distillation (ASD; paper §3.4, DESIGN.md §4; partly *reconstructed*).
+"""Adversarial step distillation (ASD; paper §3.4, docs/design.md; partly *reconstructed*).
 
 The student (a trained SnapGen UNet) learns to sample in ``K`` = 4 or 8 Euler steps:
 
@@ -14,14 +14,15 @@ The student (a trained SnapGen UNet) learns to sample in ``K`` = 4 or 8 Euler st
   :class:`~.discriminator.TeacherFeatureDiscriminator` (heads on frozen teacher features) scores them. Hinge loss by
   default, non-saturating as an option, optional R1.
 
-Generator loss: ``S(L_task, L_out) + S(L_task, L_feat) + lambda_adv * L_adv``. Each iteration first updates the
-discriminator (its own optimizer, on the detached student sample), then returns the generator loss with the
-discriminator frozen: :class:`AdversarialStepDistillation` is a ``compute_loss`` for :func:`~.loop.train`.
+Generator loss: ``S(L_task, L_out) + S(L_task, L_feat) + lambda_adv * L_adv``. :meth:`AdversarialStepDistillation.losses`
+backpropagates the discriminator's loss (on the detached student sample) into the heads and returns the generator
+loss computed with the heads frozen; :meth:`~AdversarialStepDistillation.discriminator_step` then updates the heads,
+once per optimizer step (simultaneous updates). Nothing here waits for the device, so the whole step can be captured
+in a CUDA graph. The training script's task is :class:`~.tasks.asd.ASDTask`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 from .adversarial import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty, set_requires_grad
 from .flow_matching import FlowMatchingSampler, add_flow_noise, denoiser_forward, flow_matching_loss
 from .kd import feature_kd_from_args, output_kd_loss  # feature_kd_from_args: re-exported (it lived here)
+from .task_args import REAL_SOURCES, build_asd_parser, parse_asd_args, validate_asd_args  # re-exported
 
 logger = logging.getLogger("diffusers_snapgen.training")
 
@@ -40,17 +42,24 @@ __all__ = [
     "FewStepSampler",
     "TeacherTargets",
     "teacher_rollout",
+    "rollout_steps",
     "AdversarialStepDistillation",
     "build_asd_parser",
     "validate_asd_args",
     "parse_asd_args",
     "kd_scaling_from_args",
     "feature_kd_from_args",
-    "build_discriminator_optimizer",
     "require_student_checkpoint",
 ]
 
-REAL_SOURCES = ("data", "teacher")
+
+def kd_scaling_from_args(args):
+    """The :class:`~.scaling.TimestepAwareScaling` the KD flags ask for (``--kd_scaling``, ``--kd_alpha*``)."""
+    from .tasks.denoising import kd_scaling_from_args as build
+
+    return build(args)
+
+
 
 
 def _scheduler_config(scheduler, shift=None) -> dict:
@@ -99,8 +108,9 @@ class FewStepSampler(FlowMatchingSampler):
     def __call__(self, batch_size: int, generator: torch.Generator | None = None, device="cpu"):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-        index = torch.randint(0, len(self.grid), (batch_size,), generator=generator)
-        sigmas = self.grid[index]
+        draw_device = generator.device if generator is not None else torch.device(device)
+        index = torch.randint(0, len(self.grid), (batch_size,), generator=generator, device=draw_device)
+        sigmas = self._table(self.grid, draw_device)[index]
         return sigmas.to(device), (sigmas * self.num_train_timesteps).to(device)
 
 
@@ -115,29 +125,59 @@ class TeacherTargets:
     num_forwards: int
 
 
+def rollout_steps(student_sigmas, teacher_sigmas=None) -> int:
+    """Teacher forwards :func:`teacher_rollout` needs for the worst sample of a student grid: 1 + the number of
+    teacher schedule points below the largest student sigma."""
+    student = torch.as_tensor(student_sigmas, dtype=torch.float32).flatten()
+    if teacher_sigmas is None:
+        return 1
+    grid = torch.as_tensor(teacher_sigmas, dtype=torch.float32).flatten()
+    return 1 + int((grid[None, :] < student[:, None] - 1e-6).sum(dim=1).max())
+
+
 @torch.no_grad()
 def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, encoder_hidden_states: torch.Tensor,
                     pooled_projections: torch.Tensor | None = None, teacher_sigmas: torch.Tensor | None = None,
-                    num_train_timesteps: int = 1000) -> TeacherTargets:
+                    num_train_timesteps: int = 1000, num_steps: int | None = None) -> TeacherTargets:
     """Runs ``teacher`` with Euler steps from each sample's ``sigma`` down to 0 through the points of its own
     schedule ``teacher_sigmas`` below that sigma (``None`` or a one-point schedule: a single step, i.e. plain
     output KD). Inputs are cast to the teacher's dtype; the integration runs in float32. The first call sees the
-    whole batch (so feature-KD hooks capture every sample)."""
+    whole batch (so feature-KD hooks capture every sample).
+
+    ``num_steps`` (:func:`rollout_steps` of the student's grid) makes the loop static: every call sees the whole
+    batch and finished samples stay put, so nothing is read back to the host (CUDA-graph safe). Without it the loop
+    runs until every sample reached 0, calling the teacher on the unfinished samples only."""
     for name, v in (("noisy_latents", noisy_latents), ("sigmas", sigmas), ("encoder_hidden_states", encoder_hidden_states)):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(v).__name__}.")
     b = noisy_latents.shape[0]
     if sigmas.shape != (b,):
         raise ValueError(f"`sigmas` must have shape ({b},), got {tuple(sigmas.shape)}.")
-    if not bool((sigmas > 0).all()) or not bool((sigmas <= 1).all()):
+    capturing = noisy_latents.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and (not bool((sigmas > 0).all()) or not bool((sigmas <= 1).all())):
         raise ValueError("`sigmas` must lie in (0, 1]: the student's grid never includes sigma = 0.")
     grid = torch.zeros(0) if teacher_sigmas is None else torch.as_tensor(teacher_sigmas, dtype=torch.float32).flatten()
     grid = grid.to(noisy_latents.device)
     dtype = next(teacher.parameters()).dtype
     x = noisy_latents.detach().float().clone()
     cur = sigmas.detach().float().to(x.device).clone()
+    shape = (-1, *([1] * (x.ndim - 1)))
+
+    def next_sigma(c):
+        if not grid.numel():
+            return torch.zeros_like(c)
+        return torch.where(grid[None, :] < c[:, None] - 1e-6, grid[None, :], torch.zeros_like(grid[None, :])).max(1).values
+
     first, calls = None, 0
-    while bool((cur > 0).any()):
+    if num_steps is not None:
+        for _ in range(num_steps):
+            v = denoiser_forward(teacher, x.to(dtype), cur * num_train_timesteps, encoder_hidden_states.to(dtype),
+                                 None if pooled_projections is None else pooled_projections.to(dtype)).float()
+            first = v if first is None else first
+            nxt = next_sigma(cur)
+            x = x + (nxt - cur).reshape(shape) * v
+            cur, calls = nxt, calls + 1
+    while num_steps is None and bool((cur > 0).any()):
         idx = (cur > 0).nonzero().squeeze(1)
         c = cur[idx]
         v = denoiser_forward(teacher, x[idx].to(dtype), c * num_train_timesteps, encoder_hidden_states[idx].to(dtype),
@@ -145,11 +185,10 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
         calls += 1
         if first is None:
             first = v
-        below = torch.where(grid[None, :] < c[:, None] - 1e-6, grid[None, :], torch.zeros_like(grid[None, :]))
-        nxt = below.max(dim=1).values if grid.numel() else torch.zeros_like(c)
-        x[idx] = x[idx] + (nxt - c).reshape(-1, *([1] * (x.ndim - 1))) * v
+        nxt = next_sigma(c)
+        x[idx] = x[idx] + (nxt - c).reshape(shape) * v
         cur[idx] = nxt
-    s = sigmas.float().to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+    s = sigmas.float().to(x.device).reshape(shape)
     velocity = (noisy_latents.float() - x) / s
     return TeacherTargets(velocity=velocity, sample=x, first_velocity=first, num_forwards=calls)
 
@@ -161,19 +200,22 @@ def _unwrap(module):
 
 
 class AdversarialStepDistillation:
-    """The ASD objective. ``__call__(ctx, batch, generator)`` is a ``compute_loss`` for :func:`~.loop.train`
-    (with ``ctx.sampler`` a :class:`FewStepSampler`); :meth:`losses` is the same on tensors (benchmarks, tests).
+    """The ASD objective on tensors: :meth:`losses` (the discriminator's loss backpropagated into its heads, then the
+    generator loss with the heads frozen) and :meth:`discriminator_step` (the heads' optimizer step, once per
+    optimizer step of the student).
 
     Args:
         teacher: frozen few-step teacher (``SD3Transformer2DModel``); also the discriminator's feature network.
         discriminator: a :class:`~.discriminator.TeacherFeatureDiscriminator` (possibly ``accelerator.prepare``d).
-        d_optimizer, d_lr_scheduler: the discriminator's optimizer and LR scheduler (``None``: no D update).
+        d_optimizer: the discriminator's optimizer (``None``: no D update); d_lr_scheduler: its LR schedule, stepped
+            by :meth:`discriminator_step` (leave it ``None`` when the training engine steps it).
         scaling: :class:`~.scaling.TimestepAwareScaling` for ``S(L_task, L_kd)``.
         feature_kd: a prepared/attached :class:`~.kd.MultiLevelKD` or ``None``; output_kd: use ``||v_s - v_T||^2``.
         adversarial_weight: ``lambda_adv``. gan_loss: ``"hinge"`` or ``"non_saturating"``. r1_gamma: R1 weight
             (``gamma / 2 * R1``; 0 = off; costs a double backward through the teacher).
         adversarial_sampler: draws the re-noising times ``t'`` (a :class:`~.flow_matching.FlowMatchingSampler`).
         teacher_sigmas: the teacher's own schedule for :func:`teacher_rollout` (``None``: one step).
+        student_sigmas: the student's few-step grid; when given the teacher rollout is static (CUDA-graph safe).
         real_source: ``"data"`` (training latents) or ``"teacher"`` (the teacher's clean latent) as "real".
         weighting_scheme: task-loss weighting. max_grad_norm: discriminator gradient clipping (0 = off).
         accelerator: ``accelerate.Accelerator`` for backward/clipping (``None``: plain PyTorch).
@@ -182,7 +224,7 @@ class AdversarialStepDistillation:
     def __init__(self, teacher, discriminator, d_optimizer=None, d_lr_scheduler=None, *, scaling, feature_kd=None,
                  output_kd: bool = True, adversarial_weight: float = 0.5, gan_loss: str = "hinge",
                  r1_gamma: float = 0.0, adversarial_sampler: FlowMatchingSampler | None = None, teacher_sigmas=None,
-                 real_source: str = "data", weighting_scheme: str = "logit_normal", max_grad_norm: float = 1.0,
+                 student_sigmas=None, real_source: str = "data", weighting_scheme: str = "logit_normal", max_grad_norm: float = 1.0,
                  accelerator=None, num_train_timesteps: int = 1000):
         from .discriminator import TeacherFeatureDiscriminator
         from .scaling import TimestepAwareScaling
@@ -220,28 +262,30 @@ class AdversarialStepDistillation:
         self.teacher_sigmas = None if teacher_sigmas is None else torch.as_tensor(teacher_sigmas, dtype=torch.float32)
         self.weighting_scheme, self.max_grad_norm = weighting_scheme, float(max_grad_norm)
         self.accelerator, self.num_train_timesteps = accelerator, num_train_timesteps
+        self.rollout_steps = None if student_sigmas is None else rollout_steps(student_sigmas, self.teacher_sigmas)
 
     # ------------------------------------------------------------------ pieces
 
     def teacher_targets(self, noisy_latents, sigmas, encoder_hidden_states, pooled_projections) -> TeacherTargets:
         return teacher_rollout(self.teacher, noisy_latents, sigmas, encoder_hidden_states, pooled_projections,
-                               self.teacher_sigmas, self.num_train_timesteps)
+                               self.teacher_sigmas, self.num_train_timesteps, num_steps=self.rollout_steps)
 
     def renoise_draw(self, like: torch.Tensor, generator: torch.Generator | None):
-        """``(sigmas', timesteps', noise)`` for re-noising, drawn from ``generator`` on the CPU."""
+        """``(sigmas', timesteps', noise)`` for re-noising, drawn from ``generator`` (on its device)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         sig, ts = self.adversarial_sampler(like.shape[0], generator=generator, device=like.device)
         noise = randn_tensor(like.shape, generator=generator, device=like.device, dtype=torch.float32)
         return sig, ts, noise
 
-    def discriminator_step(self, real, fake, renoise, encoder_hidden_states, pooled_projections) -> dict:
-        """One discriminator update on ``real`` and (detached) ``fake`` clean latents, re-noised with ``renoise``;
-        leaves the discriminator frozen (``requires_grad=False``) for the generator's pass. Returns logs.
+    def discriminator_backward(self, real, fake, renoise, encoder_hidden_states, pooled_projections) -> dict:
+        """The discriminator's loss on ``real`` and (detached) ``fake`` clean latents, re-noised with ``renoise``,
+        backpropagated into the heads (when there is a ``d_optimizer``); leaves the discriminator frozen
+        (``requires_grad=False``) for the generator's pass. Returns its metrics (0-dim tensors).
 
-        With R1 the whole update runs with PyTorch's math attention kernel: R1 differentiates an input gradient
-        through the teacher, which the fused (flash / memory-efficient) kernels cannot, and gradient-checkpoint
-        recomputation must use the kernel of the forward."""
+        With R1 the pass runs with PyTorch's math attention kernel: R1 differentiates an input gradient through the
+        teacher, which the fused (flash / memory-efficient) kernels cannot, and gradient-checkpoint recomputation must
+        use the kernel of the forward."""
         context = contextlib.nullcontext()
         if self.r1_gamma > 0:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -250,15 +294,15 @@ class AdversarialStepDistillation:
         set_requires_grad(self.disc_module, True)
         try:
             with context:
-                return self._discriminator_update(real, fake, renoise, encoder_hidden_states, pooled_projections)
+                return self._discriminator_loss(real, fake, renoise, encoder_hidden_states, pooled_projections)
         finally:
             set_requires_grad(self.disc_module, False)
 
-    def _discriminator_update(self, real, fake, renoise, encoder_hidden_states, pooled_projections) -> dict:
+    def _discriminator_loss(self, real, fake, renoise, encoder_hidden_states, pooled_projections) -> dict:
         sig, ts, noise = renoise
         real_in = add_flow_noise(real.detach().float(), noise, sig)
         fake_in = add_flow_noise(fake.detach().float(), noise, sig)
-        logs = {}
+        metrics = {}
         if self.r1_gamma > 0:
             real_in.requires_grad_(True)
             real_logits = self.discriminator(real_in, ts, encoder_hidden_states, pooled_projections)
@@ -272,25 +316,30 @@ class AdversarialStepDistillation:
         if self.r1_gamma > 0:
             r1 = r1_penalty(real_logits, real_in)
             d_loss = d_loss + 0.5 * self.r1_gamma * r1
-            logs["r1"] = r1.item()
-        logs.update(d_loss=d_loss.item(), d_real=real_logits.detach().float().mean().item(),
-                    d_fake=fake_logits.detach().float().mean().item())
+            metrics["r1"] = r1.detach()
+        metrics.update(d_loss=d_loss.detach(), d_real=real_logits.detach().float().mean(),
+                       d_fake=fake_logits.detach().float().mean())
         if self.d_optimizer is not None:
-            params = [p for p in self.disc_module.parameters() if p.requires_grad]
-            acc = self.accelerator
-            if acc is not None:
-                acc.backward(d_loss)
-                if acc.sync_gradients and self.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, self.max_grad_norm)
+            if self.accelerator is not None:
+                self.accelerator.backward(d_loss)
             else:
                 d_loss.backward()
-                if self.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            self.d_optimizer.step()
-            if self.d_lr_scheduler is not None:
-                self.d_lr_scheduler.step()
-            self.d_optimizer.zero_grad(set_to_none=True)
-        return logs
+        return metrics
+
+    def discriminator_step(self):
+        """Clips and applies the heads' accumulated gradients, then zeroes them (once per optimizer step)."""
+        if self.d_optimizer is None:
+            return
+        params = [p for p in self.disc_module.parameters() if p.requires_grad or p.grad is not None]
+        if self.max_grad_norm > 0:
+            if self.accelerator is not None:
+                self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.d_optimizer.step()
+        if self.d_lr_scheduler is not None:
+            self.d_lr_scheduler.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
 
     def generator_adversarial_loss(self, fake, renoise, encoder_hidden_states, pooled_projections) -> torch.Tensor:
         """Per-sample adversarial loss ``(B,)`` of the student's clean estimate ``fake`` (gradients flow to it through
@@ -304,14 +353,15 @@ class AdversarialStepDistillation:
     # ------------------------------------------------------------------ the objective
 
     def losses(self, fm, student_pred, encoder_hidden_states, pooled_projections, generator=None):
-        """Discriminator update, then ``(generator_loss, logs, per_sample)`` for a flow-matching batch ``fm`` on the
-        few-step grid and the student's velocity ``student_pred``."""
+        """The discriminator's backward, then ``(generator_loss, metrics, per_sample)`` for a flow-matching batch
+        ``fm`` on the few-step grid and the student's velocity ``student_pred``. ``metrics`` are 0-dim tensors,
+        ``per_sample`` ``(B,)`` losses (``task``, ``kd_out``, ``kd_feat``, ``adv``)."""
         if not isinstance(student_pred, torch.Tensor) or student_pred.shape != fm.noisy_latents.shape:
             raise ValueError("`student_pred` must be the student's velocity, shaped like `fm.noisy_latents`.")
         targets = self.teacher_targets(fm.noisy_latents, fm.sigmas, encoder_hidden_states, pooled_projections)
         task = flow_matching_loss(student_pred, fm.target, fm.sigmas, self.weighting_scheme)
         loss = torch.zeros((), device=task.device)
-        per_sample = {"t": fm.sigmas, "task": task}
+        per_sample = {"task": task}
         if self.output_kd:
             l_out = output_kd_loss(student_pred, targets.velocity)
             loss = loss + self.scaling(task, l_out, fm.sigmas)
@@ -324,132 +374,14 @@ class AdversarialStepDistillation:
         fake = fm.noisy_latents.float() - s * student_pred.float()  # the student's clean estimate x0_s
         real = fm.latents if self.real_source == "data" else targets.sample
         renoise = self.renoise_draw(fake, generator)
-        d_logs = self.discriminator_step(real, fake, renoise, encoder_hidden_states, pooled_projections)
+        d_metrics = self.discriminator_backward(real, fake, renoise, encoder_hidden_states, pooled_projections)
         if self.adversarial_weight > 0:
             adv = self.generator_adversarial_loss(fake, renoise, encoder_hidden_states, pooled_projections)
             loss = loss + self.adversarial_weight * adv.mean()
             per_sample["adv"] = adv
-        logs = {f"{k}_mean": v.detach().float().mean().item() for k, v in per_sample.items() if k != "t"}
-        logs.update(d_logs, teacher_forwards=targets.num_forwards)
-        return loss, logs, per_sample
-
-    def __call__(self, ctx, batch, generator):
-        from .loop import student_flow_matching_step
-
-        if self.feature_kd is not None:
-            _unwrap(self.feature_kd).clear()  # drop the previous step's hooked features
-        fm, pred, embeds, pooled = student_flow_matching_step(ctx, batch, generator)
-        return self.losses(fm, pred, embeds, pooled, generator)
-
-
-# ---------------------------------------------------------------------- command line and setup helpers
-
-
-def build_asd_parser() -> argparse.ArgumentParser:
-    """The KD script's parser (:func:`~.args.build_parser` with ``kd=True``) plus the ASD flags."""
-    from .args import build_parser
-
-    p = build_parser(kd=True, description="SnapGen adversarial step distillation (few-step sampling)")
-    g = p.add_argument_group("adversarial step distillation")
-    a = g.add_argument
-    a("--num_inference_steps", type=int, default=4,
-      help="Steps the distilled student samples with (4 or 8 in the paper): it trains on this grid of the scheduler, "
-           "and the saved pipeline defaults to it (with guidance 1, no CFG).")
-    a("--teacher_num_inference_steps", type=int, default=4,
-      help="The few-step teacher's own schedule (SD3.5-Large-Turbo: 4). KD targets come from the teacher run along it "
-           "from the student's noise level down to 0; 1 = a single teacher forward (plain output KD).")
-    a("--teacher_shift", type=float, default=None, help="Shift of the teacher's schedule (default: the scheduler's).")
-    a("--discriminator_layers", type=str, default=None,
-      help='Teacher blocks carrying discriminator heads, "transformer_blocks.8,transformer_blocks.18,..." (default: '
-           "--discriminator_num_heads blocks spread over the teacher's depth).")
-    a("--discriminator_num_heads", type=int, default=4, help="Heads when --discriminator_layers is not given.")
-    a("--discriminator_head_channels", type=int, default=256, help="Width of each discriminator head.")
-    a("--discriminator_learning_rate", type=float, default=None, help="LR of the heads (default: --learning_rate).")
-    a("--gan_loss", type=str, default="hinge", choices=GAN_LOSSES)
-    a("--adversarial_weight", type=float, default=0.5,
-      help="lambda_adv in L = S(L_task, L_out) + S(L_task, L_feat) + lambda_adv * L_adv (reconstructed default).")
-    a("--r1_gamma", type=float, default=0.0,
-      help="R1 penalty weight on real samples (0: off; costs a double backward through the teacher).")
-    a("--adversarial_real_source", type=str, default="data", choices=REAL_SOURCES,
-      help='"data": the training latents are the real samples; "teacher": the teacher\'s clean latents (LADD).')
-    a("--adversarial_logit_mean", type=float, default=0.0, help="Logit-normal mean of the re-noising time t'.")
-    a("--adversarial_logit_std", type=float, default=1.0, help="Logit-normal std of the re-noising time t'.")
-    return p
-
-
-def validate_asd_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The KD checks (:func:`~.args.validate_args`) plus the ASD ones; fills few-step validation defaults."""
-    from .args import validate_args
-
-    if not isinstance(args, argparse.Namespace) or not hasattr(args, "num_inference_steps"):
-        raise TypeError("`args` must come from build_asd_parser().parse_args().")
-    args = validate_args(args, kd=True)
-    if args.from_scratch or args.unet_config is not None:
-        raise ValueError("ASD distils the steps of a trained SnapGen UNet: drop --from_scratch/--unet_config and pass "
-                         "--unet_model_name_or_path (or a SnapGen pipeline as --pretrained_model_name_or_path).")
-    for name in ("num_inference_steps", "teacher_num_inference_steps", "discriminator_num_heads",
-                 "discriminator_head_channels"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    for name in ("adversarial_weight", "r1_gamma"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
-    if args.discriminator_learning_rate is not None and args.discriminator_learning_rate <= 0:
-        raise ValueError(f"--discriminator_learning_rate must be > 0, got {args.discriminator_learning_rate}.")
-    if args.adversarial_logit_std <= 0:
-        raise ValueError(f"--adversarial_logit_std must be > 0, got {args.adversarial_logit_std}.")
-    if args.teacher_shift is not None and args.teacher_shift <= 0:
-        raise ValueError(f"--teacher_shift must be > 0, got {args.teacher_shift}.")
-    if args.validation_num_inference_steps is None:
-        args.validation_num_inference_steps = args.num_inference_steps
-    if args.validation_guidance_scale is None:
-        args.validation_guidance_scale = 1.0
-    if args.tracker_project_name is None:
-        args.tracker_project_name = "snapgen-asd"
-    return args
-
-
-def parse_asd_args(argv=None) -> argparse.Namespace:
-    """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
-    if argv is not None and not isinstance(argv, (list, tuple)):
-        raise TypeError(f"`argv` must be a list of strings or None, got {type(argv).__name__}.")
-    return validate_asd_args(build_asd_parser().parse_args(argv))
-
-
-def kd_scaling_from_args(args):
-    """The :class:`~.scaling.TimestepAwareScaling` the KD flags ask for (``--kd_scaling``, ``--kd_alpha*``)."""
-    from .scaling import AlphaSchedule, TimestepAwareScaling
-
-    if args.kd_scaling == "constant":
-        return TimestepAwareScaling.constant(args.kd_alpha)
-    schedule = AlphaSchedule(args.kd_alpha_schedule, alpha_min=args.kd_alpha_min, alpha_max=args.kd_alpha_max,
-                             alpha=args.kd_alpha, logit_mean=args.logit_mean, logit_std=args.logit_std)
-    return TimestepAwareScaling(schedule, ratio=args.kd_ratio)
-
-
-def build_discriminator_optimizer(args, accelerator, discriminator, max_train_steps: int):
-    """AdamW over the discriminator heads (``--discriminator_learning_rate``, the run's Adam settings and LR
-    schedule), prepared by ``accelerator``. Call it after :func:`~.loop.finish_setup` (which prepares the student's
-    optimizer first, and scales ``--learning_rate`` with ``--scale_lr``): checkpoints then hold both optimizers and
-    both schedulers in a fixed order. Returns ``(optimizer, lr_scheduler)``."""
-    from diffusers.optimization import get_scheduler
-
-    from .loop import build_optimizer
-
-    if not isinstance(discriminator, torch.nn.Module):
-        raise TypeError(f"`discriminator` must be an nn.Module, got {type(discriminator).__name__}.")
-    if isinstance(max_train_steps, bool) or not isinstance(max_train_steps, int) or max_train_steps < 1:
-        raise ValueError(f"`max_train_steps` must be a positive int, got {max_train_steps!r}.")
-    lr = args.discriminator_learning_rate or args.learning_rate
-    if args.scale_lr and args.discriminator_learning_rate is not None:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in _unwrap(discriminator).parameters() if p.requires_grad]
-    optimizer = build_optimizer(args, [{"params": params, "lr": lr}])
-    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                              num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=max_train_steps * accelerator.num_processes,
-                              num_cycles=args.lr_num_cycles, power=args.lr_power)
-    return accelerator.prepare(optimizer, scheduler)
+        metrics = {f"{k}_mean": v.detach().float().mean() for k, v in per_sample.items()}
+        metrics.update(d_metrics)
+        return loss, metrics, per_sample
 
 
 def require_student_checkpoint(args) -> str:

@@ -29,6 +29,8 @@ __all__ = [
     "encode_latents",
     "scale_latents",
     "load_vae_encoder",
+    "load_sd3_transformer",
+    "save_model_in_subfolder",
 ]
 
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -249,3 +251,61 @@ def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """SD3's latent normalisation: ``(z - shift_factor) * scaling_factor``."""
     shift = vae.config.get("shift_factor") or 0.0
     return (latents.float() - shift) * vae.config.scaling_factor
+
+
+def load_sd3_transformer(model_name_or_path=None, config: dict | None = None, latent_channels: int = 16,
+                         text_dims=None, seed: int = 0, revision=None, variant=None, cache_dir=None):
+    """A trainable ``SD3Transformer2DModel`` in fp32 (``train_sd3_teacher.py``): ``model_name_or_path`` (its
+    ``transformer`` subfolder if it has one, ``--transformer_model_name_or_path``), or a new one from ``config``
+    (``--transformer_config``) over the latent channels and the text widths ``text_dims = (joint_attention_dim,
+    pooled_projection_dim)``, initialised under ``torch.manual_seed(seed)``. Raises ValueError when the model cannot
+    take the base pipeline's latents or text embeddings."""
+    from diffusers import SD3Transformer2DModel
+
+    if isinstance(latent_channels, bool) or not isinstance(latent_channels, int) or latent_channels < 1:
+        raise ValueError(f"`latent_channels` must be a positive int (the VAE's latent_channels), got "
+                         f"{latent_channels!r}.")
+    if text_dims is not None and (len(text_dims) != 2 or not all(isinstance(d, int) and d > 0 for d in text_dims)):
+        raise ValueError(f"`text_dims` must be (joint_attention_dim, pooled_projection_dim) ints or None, got "
+                         f"{text_dims!r}.")
+    if (model_name_or_path is None) == (config is None):
+        raise ValueError("pass exactly one of --transformer_model_name_or_path and --transformer_config.")
+    if model_name_or_path is not None:
+        flag = "--transformer_model_name_or_path"
+        model = load_teacher(model_name_or_path, "transformer", torch.float32, revision, variant,
+                             cache_dir).requires_grad_(True).train()
+        logger.info("transformer: SD3Transformer2DModel from %s", model_name_or_path)
+    else:
+        flag = "--transformer_config"
+        full = {"in_channels": latent_channels, "out_channels": latent_channels}
+        if text_dims is not None:
+            full.update(joint_attention_dim=text_dims[0], pooled_projection_dim=text_dims[1])
+        full.update(config)
+        torch.manual_seed(seed)
+        try:
+            model = SD3Transformer2DModel(**full)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+            raise ValueError(f"{flag} does not build an SD3Transformer2DModel ({type(e).__name__}: {e}); "
+                             f"the full config was {full}.") from e
+        logger.info("transformer: a new SD3Transformer2DModel %s", full)
+    c = model.config
+    for key in ("in_channels", "out_channels"):
+        if c[key] != latent_channels:
+            raise ValueError(f"{flag}: {key}={c[key]} but the VAE has {latent_channels} latent channels; use "
+                             f"{key}={latent_channels}.")
+    if text_dims is not None:
+        for key, width in zip(("joint_attention_dim", "pooled_projection_dim"), text_dims):
+            if c[key] < width:
+                raise ValueError(f"{flag}: {key}={c[key]} is narrower than the base pipeline's text embeddings "
+                                 f"({width}); use {key}={width} (or leave it out of --transformer_config).")
+    logger.info("transformer: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def save_model_in_subfolder(model, output_dir, subfolder: str):
+    """``<output_dir>/<subfolder>/`` with ``save_pretrained``, atomically (its ``config.json`` is written last)."""
+    from .reconstruction import save_model_atomically
+
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"`model` must be a diffusers model, got {type(model).__name__}.")
+    return save_model_atomically(model, os.path.join(os.fspath(output_dir), subfolder))

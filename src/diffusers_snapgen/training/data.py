@@ -133,6 +133,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             f"caption {index} in column {self.caption_column!r} must be a string or a list of strings, got {cap!r}."
         )
 
+    def all_captions(self) -> list[list[str]]:
+        """Every caption of every sample (a one-item list for a string caption), without decoding images."""
+        column = self.dataset.select_columns([self.caption_column]) if hasattr(self.dataset, "select_columns") \
+            else [self.dataset[i] for i in range(len(self))]
+        out = []
+        for i, row in enumerate(column):
+            self._pick_caption(row[self.caption_column], i, None)  # validates the caption
+            cap = row[self.caption_column]
+            out.append([cap] if isinstance(cap, str) else list(cap))
+        return out
+
     def first_captions(self) -> list[str]:
         """The first caption of every sample, without decoding images (for text-embedding caching)."""
         if hasattr(self.dataset, "select_columns"):
@@ -224,11 +235,28 @@ def _save_atomic(tensors: dict, path: Path):
     os.replace(tmp, path)
 
 
+class _PixelRows(torch.utils.data.Dataset):
+    """Preprocessed pixels of every (index, flip) of an :class:`ImageCaptionDataset` (epoch-0 crops), for caching."""
+
+    def __init__(self, dataset: ImageCaptionDataset, flips):
+        self.dataset, self.flips = dataset, flips
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        ds = self.dataset
+        image = ds.dataset[i][ds.image_column]
+        return torch.stack([preprocess_image(image, ds.resolution, ds.center_crop, flip, _rng(ds.seed, 0, i, 1))
+                            for flip in self.flips])
+
+
 class LatentCache:
     """VAE latent distributions (mean and std) per dataset index, and per flip when ``random_flip``.
 
     ``sample(indices, flips, generator)`` draws ``mean + std * eps`` (the VAE's ``latent_dist.sample()``), in the VAE's
-    unscaled space; the caller applies ``shift_factor``/``scaling_factor``.
+    unscaled space; the caller applies ``shift_factor``/``scaling_factor``. :meth:`to` moves the cache to the
+    training device, where a batch is a gather (and the flips and the noise are drawn on the device).
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
@@ -239,29 +267,22 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def build(cls, dataset: ImageCaptionDataset, vae, batch_size: int = 8, device="cpu", dtype=torch.float32,
-              path: str | os.PathLike | None = None, progress: bool = False):
-        """Encodes every image of ``dataset`` (epoch-0 crops), or loads ``path`` if it exists; saves to ``path``."""
+              path: str | os.PathLike | None = None, progress: bool = False, num_workers: int = 0):
+        """Encodes every image of ``dataset`` (epoch-0 crops), or loads ``path`` if it exists; saves to ``path``.
+        ``num_workers`` processes decode the images."""
         if path is not None and Path(path).is_file():
             return cls.load(path)
         from tqdm.auto import tqdm
 
         flips = [False, True] if dataset.random_flip else [False]
+        loader = torch.utils.data.DataLoader(_PixelRows(dataset, flips), batch_size=batch_size,
+                                             num_workers=num_workers)
         means, stds = [], []
-        order = range(0, len(dataset), batch_size)
-        for start in tqdm(order, desc="caching latents", disable=not progress):
-            idx = range(start, min(start + batch_size, len(dataset)))
-            per_flip_mean, per_flip_std = [], []
-            for flip in flips:
-                pixels = torch.stack([
-                    preprocess_image(dataset.dataset[i][dataset.image_column], dataset.resolution,
-                                     dataset.center_crop, flip, _rng(dataset.seed, 0, i, 1))
-                    for i in idx
-                ])
-                dist = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-                per_flip_mean.append(dist.mean.float().cpu())
-                per_flip_std.append(dist.std.float().cpu())
-            means.append(torch.stack(per_flip_mean, dim=1))
-            stds.append(torch.stack(per_flip_std, dim=1))
+        for pixels in tqdm(loader, desc="caching latents", disable=not progress):
+            b, f = pixels.shape[:2]
+            dist = vae.encode(pixels.flatten(0, 1).to(device=device, dtype=dtype)).latent_dist
+            means.append(dist.mean.float().cpu().unflatten(0, (b, f)))
+            stds.append(dist.std.float().cpu().unflatten(0, (b, f)))
         cache = cls(torch.cat(means), torch.cat(stds))
         if path is not None:
             _save_atomic({"mean": cache.mean, "std": cache.std}, Path(path))
@@ -274,42 +295,79 @@ class LatentCache:
         t = load_file(str(path))
         return cls(t["mean"], t["std"])
 
-    def sample(self, indices: torch.Tensor, flips: torch.Tensor, generator: torch.Generator | None = None):
-        indices = indices.cpu().long()
-        slot = flips.cpu().long() if self.mean.shape[1] > 1 else torch.zeros_like(indices)
+    def __len__(self):
+        return self.mean.shape[0]
+
+    def to(self, device) -> "LatentCache":
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def sample(self, indices: torch.Tensor, flips: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``mean + std * eps`` of ``indices``, on the cache's device; ``flips`` ``None`` draws them from
+        ``generator`` (with ``random_flip`` caches)."""
+        device = self.mean.device
+        indices = indices.to(device).long()
+        if self.mean.shape[1] == 1:
+            slot = torch.zeros_like(indices)
+        elif flips is None:
+            slot = (torch.rand(indices.shape, generator=generator, device=device) < 0.5).long()
+        else:
+            slot = flips.to(device).long()
         mean, std = self.mean[indices, slot], self.std[indices, slot]
-        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
 
 
 class TextEmbeddingCache:
-    """``prompt_embeds``/``pooled_prompt_embeds`` per dataset index (first caption), plus the empty prompt's."""
+    """``prompt_embeds``/``pooled_prompt_embeds`` of every caption of every sample (a sample may have several:
+    rows ``sample_start[i] .. sample_start[i] + sample_count[i]``), plus the empty prompt's.
 
-    def __init__(self, embeds: torch.Tensor, pooled: torch.Tensor, empty_embeds: torch.Tensor, empty_pooled: torch.Tensor):
+    :meth:`draw` picks one caption per sample and applies caption dropout on the cache's device; :meth:`get` returns
+    each sample's first caption.
+    """
+
+    def __init__(self, embeds: torch.Tensor, pooled: torch.Tensor, empty_embeds: torch.Tensor,
+                 empty_pooled: torch.Tensor, sample_start: torch.Tensor | None = None,
+                 sample_count: torch.Tensor | None = None):
         if embeds.shape[0] != pooled.shape[0]:
-            raise ValueError("`embeds` and `pooled` must have one row per dataset sample.")
+            raise ValueError("`embeds` and `pooled` must have one row per caption.")
+        if sample_start is None:
+            sample_start = torch.arange(embeds.shape[0])
+            sample_count = torch.ones(embeds.shape[0], dtype=torch.long)
+        if sample_count is None or sample_start.shape != sample_count.shape:
+            raise ValueError("`sample_start` and `sample_count` must both be given, one entry per sample.")
         self.embeds, self.pooled, self.empty_embeds, self.empty_pooled = embeds, pooled, empty_embeds, empty_pooled
+        self.sample_start, self.sample_count = sample_start.long(), sample_count.long()
 
     @classmethod
     @torch.no_grad()
-    def build(cls, captions: list[str], encode_fn, batch_size: int = 16, path=None, progress: bool = False,
+    def build(cls, captions: list, encode_fn, batch_size: int = 16, path=None, progress: bool = False,
               dtype=torch.float32):
-        """``encode_fn(list_of_str) -> (embeds (B, L, D), pooled (B, P))``; loads ``path`` if it exists."""
+        """``captions``: one string, or a list of strings, per sample; ``encode_fn(list_of_str) -> (embeds (B, L, D),
+        pooled (B, P))``. Loads ``path`` if it exists, else encodes and saves it there."""
         if path is not None and Path(path).is_file():
             return cls.load(path)
         if not callable(encode_fn):
             raise TypeError("`encode_fn` must be callable: list[str] -> (prompt_embeds, pooled_prompt_embeds).")
         from tqdm.auto import tqdm
 
+        per_sample = [[c] if isinstance(c, str) else list(c) for c in captions]
+        if not all(per_sample) or not all(isinstance(c, str) for caps in per_sample for c in caps):
+            raise TypeError("`captions` must hold, per sample, a string or a non-empty list of strings.")
+        flat = [c for caps in per_sample for c in caps]
+        count = torch.tensor([len(caps) for caps in per_sample], dtype=torch.long)
+        start = torch.cumsum(count, 0) - count
         embeds, pooled = [], []
-        for start in tqdm(range(0, len(captions), batch_size), desc="caching text embeddings", disable=not progress):
-            e, p = encode_fn(list(captions[start : start + batch_size]))
+        for first in tqdm(range(0, len(flat), batch_size), desc="caching text embeddings", disable=not progress):
+            e, p = encode_fn(flat[first : first + batch_size])
             embeds.append(e.to("cpu", dtype))
             pooled.append(p.to("cpu", dtype))
         ee, ep = encode_fn([""])
-        cache = cls(torch.cat(embeds), torch.cat(pooled), ee[0].to("cpu", dtype), ep[0].to("cpu", dtype))
+        cache = cls(torch.cat(embeds), torch.cat(pooled), ee[0].to("cpu", dtype), ep[0].to("cpu", dtype), start, count)
         if path is not None:
             _save_atomic({"embeds": cache.embeds, "pooled": cache.pooled, "empty_embeds": cache.empty_embeds,
-                          "empty_pooled": cache.empty_pooled}, Path(path))
+                          "empty_pooled": cache.empty_pooled, "sample_start": cache.sample_start,
+                          "sample_count": cache.sample_count}, Path(path))
         return cache
 
     @classmethod
@@ -317,13 +375,39 @@ class TextEmbeddingCache:
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        return cls(t["embeds"], t["pooled"], t["empty_embeds"], t["empty_pooled"])
+        return cls(t["embeds"], t["pooled"], t["empty_embeds"], t["empty_pooled"], t.get("sample_start"),
+                   t.get("sample_count"))
+
+    def __len__(self):
+        return self.sample_start.shape[0]
+
+    def to(self, device) -> "TextEmbeddingCache":
+        for name in ("embeds", "pooled", "empty_embeds", "empty_pooled", "sample_start", "sample_count"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def _rows(self, rows: torch.Tensor, empty: torch.Tensor | None):
+        e, p = self.embeds[rows], self.pooled[rows]
+        if empty is not None:
+            m = empty.to(e.device).bool()
+            e = torch.where(m[:, None, None], self.empty_embeds.to(e.dtype), e)
+            p = torch.where(m[:, None], self.empty_pooled.to(p.dtype), p)
+        return e, p
 
     def get(self, indices: torch.Tensor, empty: torch.Tensor | None = None):
-        """Rows for ``indices``; rows where ``empty`` is True get the empty prompt's embeddings."""
-        indices = indices.cpu().long()
-        e, p = self.embeds[indices].clone(), self.pooled[indices].clone()
-        if empty is not None and bool(empty.any()):
-            m = empty.cpu().bool()
-            e[m], p[m] = self.empty_embeds, self.empty_pooled
-        return e, p
+        """Each sample's first caption; rows where ``empty`` is True get the empty prompt's embeddings."""
+        return self._rows(self.sample_start[indices.to(self.sample_start.device).long()], empty)
+
+    def draw(self, indices: torch.Tensor, generator: torch.Generator | None = None,
+             proportion_empty: float = 0.0):
+        """One caption per sample, drawn uniformly from its captions, and caption dropout with probability
+        ``proportion_empty``; all on the cache's device, nothing read back to the host."""
+        device = self.sample_start.device
+        indices = indices.to(device).long()
+        count = self.sample_count[indices]
+        pick = (torch.rand(indices.shape, generator=generator, device=device) * count).long()
+        rows = self.sample_start[indices] + torch.minimum(pick, count - 1)
+        empty = None
+        if proportion_empty > 0:
+            empty = torch.rand(indices.shape, generator=generator, device=device) < proportion_empty
+        return self._rows(rows, empty)

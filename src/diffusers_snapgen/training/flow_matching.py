@@ -1,4 +1,4 @@
-"""Rectified-flow (flow-matching) training objective, as SnapGen trains its UNet (paper §3.3, DESIGN.md §4).
+"""Rectified-flow (flow-matching) training objective, as SnapGen trains its UNet (paper §3.3, docs/design.md).
 
     x_t = (1 - t) * x_0 + t * eps,      target v = eps - x_0,      t ~ logit-normal
 
@@ -37,17 +37,19 @@ def _check_tensor(name, value):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
 
 
-def step_generator(seed: int, step: int, process_index: int = 0) -> torch.Generator:
-    """A CPU ``torch.Generator`` whose state is a pure function of ``(seed, process_index, step)``.
+def step_generator(seed: int, step: int, process_index: int = 0, device="cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` whose state is a pure function of ``(seed, process_index, step)``.
 
-    Drawing each micro-batch's noise and timesteps from it makes a resumed run draw exactly what the
-    uninterrupted run drew, whatever the data loader or other code did to the global RNG in between.
+    Drawing a step's noise and timesteps from it makes a resumed run draw exactly what the uninterrupted run drew,
+    whatever the data loader or other code did to the global RNG in between (the training engine re-seeds one such
+    generator per step: :class:`~.step.StepRandom`).
     """
+    from .step import step_seed
+
     for name, value in (("seed", seed), ("step", step), ("process_index", process_index)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
-    state = np.random.SeedSequence([int(seed), int(process_index), int(step)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, process_index))
 
 
 class FlowMatchingSampler:
@@ -100,20 +102,31 @@ class FlowMatchingSampler:
         self.logit_std = float(logit_std)
         self.mode_scale = float(mode_scale)
 
+    def _table(self, table: torch.Tensor, device) -> torch.Tensor:
+        """``table`` on ``device`` (copied once per device)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(table), str(device))
+        if key not in cache:
+            cache[key] = table.to(device)
+        return cache[key]
+
     def __call__(self, batch_size: int, generator: torch.Generator | None = None, device="cpu"):
+        """``(sigmas, timesteps)`` of ``batch_size`` samples on ``device``, drawn on ``generator``'s device."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        draw_device = generator.device if generator is not None else torch.device(device)
         u = compute_density_for_timestep_sampling(
             weighting_scheme=self.weighting_scheme,
             batch_size=batch_size,
             logit_mean=self.logit_mean,
             logit_std=self.logit_std,
             mode_scale=self.mode_scale,
-            device="cpu",
+            device=draw_device,
             generator=generator,
         )
         indices = (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
-        sigmas = self.sigmas[indices]
+        sigmas = self._table(self.sigmas, draw_device)[indices]
         timesteps = sigmas * self.num_train_timesteps
         return sigmas.to(device), timesteps.to(device)
 
@@ -230,8 +243,7 @@ class FlowMatchingBatch:
 def prepare_flow_matching_batch(
     latents: torch.Tensor, sampler: FlowMatchingSampler, generator: torch.Generator | None = None
 ) -> FlowMatchingBatch:
-    """Draws noise and timesteps (from ``generator``, on CPU, so results do not depend on the device) and
-    builds ``x_t`` and the velocity target."""
+    """Draws timesteps and noise from ``generator`` (on its device) and builds ``x_t`` and the velocity target."""
     from diffusers.utils.torch_utils import randn_tensor
 
     _check_tensor("latents", latents)

@@ -257,7 +257,7 @@ class FeatureCapture:
         self.clear()
 
     def clear(self):
-        self.features = {}
+        self.features.clear()
 
     def __getitem__(self, name):
         if name not in self.features:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_training_fixtures import tiny_teacher
+from helpers import tiny_teacher
 from torch import nn
 
 from diffusers_snapgen.training.adversarial import (

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_fixtures import tiny_models  # noqa: F401 (fixture)
 
 from diffusers_snapgen.training import (
     FeatureCapture,

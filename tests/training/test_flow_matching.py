@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from test_training_fixtures import tiny_models  # noqa: F401 (fixture)
 
 from diffusers_snapgen.training import (
     AlphaSchedule,

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
-from test_training_scripts import run_script
-from test_training_fixtures import assert_same_weights, run_once, session_folder
+from helpers import read_metrics, run_script, assert_same_weights, run_once, session_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "training_examples" / "train_tiny_decoder.py"
 STEPS = 60
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -31,7 +30,7 @@ def _args(vae, data, out, steps, *extra):
     return ["--pretrained_model_name_or_path", str(vae), "--train_data_dir", str(data), "--resolution", "32",
             "--eval_resolution", "64", "--random_flip", "--train_batch_size", "4", "--learning_rate", "3e-3",
             "--max_train_steps", str(steps), "--checkpointing_steps", "20", "--validation_steps", "20",
-            "--report_to", "none", "--seed", "3", "--use_ema", "--output_dir", str(out), "--discriminator_channels", "8",
+            "--report_to", "none", "--logging_steps", "1", "--seed", "3", "--use_ema", "--output_dir", str(out), "--discriminator_channels", "8",
             "--discriminator_num_layers", "2", "--gan_weight", "0.05", "--gan_start_step", "30",
             "--decoder_config", json.dumps({"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1,
                                             "norm_num_groups": 8}), *extra]
@@ -113,9 +112,9 @@ def test_decoder_run_learns_and_writes_a_diffusers_tiny_decoder(dec):
     assert results["final"]["psnr"] > results["initial"]["psnr"] + 2.0, results
     log = (dec / "ref-log.txt").read_text()
     assert log.count("LPIPS is OFF") == 1  # one clear warning, then MSE + GAN
-    evals = [json.loads(line) for line in (ref / "logs" / "eval.jsonl").read_text().splitlines()]
+    evals = read_metrics(ref, "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 20, 40, 60]
-    metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(ref)
     assert len(metrics) == STEPS and "g_adv" not in metrics[0] and {"g_adv", "d_loss"} <= metrics[-1].keys()
     ckpt = ref / f"checkpoint-{STEPS}"
     for name in ("decoder", "decoder_ema", "model.safetensors", "optimizer.bin", "optimizer_1.bin", "scheduler_1.bin"):
@@ -173,7 +172,7 @@ def test_decoder_options_continue_from_a_decoder_with_r1_accumulation_bf16(dec):
     i = args.index("--decoder_config")
     del args[i:i + 2]  # the architecture comes from the decoder being continued
     _run(args, dec / "hf")
-    metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert len(metrics) == 2 and all({"r1", "g_adv", "d_loss"} <= m.keys() for m in metrics)
     results = json.loads((out / "eval_results.json").read_text())
     ref = json.loads((dec / "ref" / "eval_results.json").read_text())

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from test_training_scripts import run_script
-from test_training_fixtures import assert_same_weights, run_once, session_folder
+from helpers import assert_same_weights, read_metrics, run_once, run_script, session_folder
 
 from diffusers_snapgen.testing import tiny_autoencoder_kl
 from diffusers_snapgen.training.autoencoder_training import (
@@ -28,7 +27,7 @@ from diffusers_snapgen.training.autoencoder_training import (
     parse_autoencoder_args,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "training_examples" / "train_autoencoder.py"
 STEPS = 60
 VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 16,
@@ -58,7 +57,7 @@ def _args(root, out, steps, *extra):
     return ["--train_data_dir", str(root / "data"), "--vae_config", str(root / "vae.json"), "--resolution", "32",
             "--eval_resolution", "48", "--random_flip", "--train_batch_size", "4", "--learning_rate", "3e-3",
             "--max_train_steps", str(steps), "--checkpointing_steps", "20", "--validation_steps", "20",
-            "--report_to", "none", "--seed", "0", "--use_ema", "--output_dir", str(out),
+            "--report_to", "none", "--logging_steps", "1", "--seed", "0", "--use_ema", "--output_dir", str(out),
             "--discriminator_channels", "8", "--discriminator_num_layers", "2", "--gan_weight", "0.002",
             "--gan_start_step", "30", *extra]
 
@@ -147,15 +146,12 @@ def test_latent_statistics_are_those_of_posterior_samples():
 
 
 def test_generalised_decoder_pieces_keep_their_defaults(caplog):
-    """The reused tiny-decoder pieces: L1 reconstruction in DecoderLosses, the LPIPS warning's fallback text, and the
-    argument checks of the shared loop."""
+    """The reused tiny-decoder pieces: L1 reconstruction in DecoderLosses and the LPIPS warning's fallback text."""
     import logging
-    from types import SimpleNamespace
 
     import torch.nn.functional as F
 
-    from diffusers_snapgen.training.decoder_loop import finish_training, prepare_run, run_training_loop
-    from diffusers_snapgen.training.decoder_training import DecoderLosses, load_lpips
+    from diffusers_snapgen.training.reconstruction import DecoderLosses, load_lpips
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
@@ -171,18 +167,12 @@ def test_generalised_decoder_pieces_keep_their_defaults(caplog):
         assert "continues with L1 + KL only" in caplog.text
     with pytest.raises(ValueError, match="`fallback`"):
         load_lpips("vgg", fallback="")
-    with pytest.raises(TypeError, match="`run`"):
-        run_training_loop(SimpleNamespace())
-    with pytest.raises(TypeError, match="`run`"):
-        finish_training(None)
-    with pytest.raises(TypeError, match="`model_cls`"):
-        prepare_run(SimpleNamespace(), None, None, tiny_autoencoder_kl(), torch.nn.Linear)
 
 
 def _base(tmp_path, *extra):
     (tmp_path / "data" / "train").mkdir(parents=True, exist_ok=True)
     (tmp_path / "data" / "test").mkdir(exist_ok=True)
-    return ["--train_data_dir", str(tmp_path / "data"), "--report_to", "none", *extra]
+    return ["--train_data_dir", str(tmp_path / "data"), "--report_to", "none", "--logging_steps", "1", *extra]
 
 
 def test_flags_defaults_and_errors(tmp_path, capsys):
@@ -204,16 +194,16 @@ def test_flags_defaults_and_errors(tmp_path, capsys):
         (["--vae_config", json.dumps({"latent_channel": 16})], "latent_channel"),
         (["--vae_config", "[1, 2]"], "--vae_config"),
         (["--vae_config", config, "--num_scale_images", "0"], "--num_scale_images"),
-        (["--vae_config", config, "--pretrained_model_name_or_path", "x"], "--vae_model_name_or_path"),
         (["--vae_config", config, "--resolution", "36"], "--resolution"),
         (["--vae_config", config, "--gan_weight", "0.1", "--resolution", "16"], "--discriminator_num_layers"),
     ]
     for extra, match in errors:
         with pytest.raises(ValueError, match=match):
             parse_autoencoder_args(_base(tmp_path, *extra))
-    with pytest.raises(SystemExit) as e:
-        parse_autoencoder_args(_base(tmp_path, "--vae_config", config, "--reconstruction_loss", "l3"))
-    assert e.value.code == 2
+    for extra in (["--reconstruction_loss", "l3"], ["--pretrained_model_name_or_path", "x"]):  # not its flags
+        with pytest.raises(SystemExit) as e:
+            parse_autoencoder_args(_base(tmp_path, "--vae_config", config, *extra))
+        assert e.value.code == 2
 
     # the script turns a bad flag into argparse's error: exit status 2, the flag named
     spec = importlib.util.spec_from_file_location("train_autoencoder", SCRIPT)
@@ -248,9 +238,9 @@ def test_autoencoder_run_learns_and_writes_a_diffusers_autoencoder(ae):
     assert results["final"]["ssim"] > results["initial"]["ssim"], results
     log = (ae / "ref-log.txt").read_text()
     assert log.count("LPIPS is OFF") == 1 and "L1 + KL + GAN only" in log  # one clear warning, then L1 + KL + GAN
-    evals = [json.loads(line) for line in (ref / "logs" / "eval.jsonl").read_text().splitlines()]
+    evals = read_metrics(ref, "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 20, 40, 60]
-    metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(ref)
     assert len(metrics) == STEPS and {"l1", "kl", "loss"} <= metrics[0].keys() and "g_adv" not in metrics[0]
     assert {"g_adv", "d_loss"} <= metrics[-1].keys() and "mse" not in metrics[-1]
     ckpt = ref / f"checkpoint-{STEPS}"
@@ -306,7 +296,7 @@ def test_autoencoder_options_continue_mse_accumulation_bf16_checkpointing(ae):
     del args[i:i + 2]  # the architecture comes from the autoencoder being continued
     proc = _run(args, ae / "hf")
     assert "LPIPS is OFF" not in proc.stderr
-    metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert len(metrics) == 2 and all({"mse", "kl", "g_adv", "d_loss", "r1"} <= m.keys() for m in metrics)
     results = json.loads((out / "eval_results.json").read_text())
     ref = json.loads((ae / "ref" / "eval_results.json").read_text())

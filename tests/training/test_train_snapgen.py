@@ -18,26 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_fixtures import (
+from helpers import (
+    ROOT,
     assert_same_weights,
     load_weights,
+    read_metrics,
     run_once,
+    run_script,
+    script_env,
     session_folder,
     tiny_teacher,
     write_imagefolder,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "training_examples" / "train_snapgen.py"
 KD = ROOT / "training_examples" / "train_snapgen_kd.py"
 STEPS = 20
-
-
-def _env(home):
-    env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=str(home), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
 
 
 def _args(assets, out, steps=STEPS, *extra):
@@ -46,15 +42,8 @@ def _args(assets, out, steps=STEPS, *extra):
         "--resolution", "32", "--center_crop", "--random_flip", "--train_batch_size", "4",
         "--learning_rate", "1e-2", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
         "--use_ema", "--max_train_steps", str(steps), "--checkpointing_steps", "5", "--checkpoints_total_limit", "2",
-        "--report_to", "none", "--seed", "7", "--output_dir", str(out), *extra,
+        "--report_to", "none", "--logging_steps", "1", "--seed", "7", "--logging_steps", "1", "--output_dir", str(out), *extra,
     ]
-
-
-def run_script(script, args, home, timeout=300):
-    proc = subprocess.run([sys.executable, str(script), *args], env=_env(home), capture_output=True, text=True,
-                          timeout=timeout, cwd=str(ROOT))
-    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 def _make_assets(root: Path):
@@ -142,7 +131,7 @@ def test_pretraining_writes_a_loadable_pipeline_and_learns(shared, evaluator):
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet", "unet_ema"):
         assert (ckpt / name).exists(), name
     assert_same_weights(ref / "unet", ckpt / "unet_ema", "final pipeline vs EMA")
-    metrics = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(ref)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert all(m["step_time"] > 0 and m["loss"] > 0 for m in metrics)
     assert any(k.startswith("buckets/task/t") for k in metrics[9])  # per-timestep-bucket statistics
@@ -168,7 +157,7 @@ def test_sigkill_at_a_random_moment_then_resume_completes(shared):
     target = rng.randint(3, STEPS - 3)
     out = shared / f"killed-{seed}"
     print(f"kill test: seed {seed}, mode {mode}, target step {target}")
-    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *_args(shared, out)], env=_env(shared / "hf"),
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *_args(shared, out)], env=script_env(shared / "hf"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
     metrics = out / "logs" / "metrics.jsonl"
     try:
@@ -203,7 +192,7 @@ def test_kd_script_distils_the_teacher(shared, kd_run, evaluator):
     assert {k.split(".")[0] for k in projectors} == {"projectors"} and len(projectors) == 8
     assert len(list((kd_run / "cache").glob("latents-*.safetensors"))) == 1
     assert len(list((kd_run / "cache").glob("text-*.safetensors"))) == 1
-    metrics = [json.loads(line) for line in (kd_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(kd_run)
     assert {"task_mean", "kd_out_mean", "kd_feat_mean"} <= metrics[0].keys()
     assert any(k.startswith("buckets/kd_feat/t") for k in metrics[9])
     assert metrics[-1]["kd_feat_mean"] < metrics[0]["kd_feat_mean"]

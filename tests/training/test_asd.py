@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_training_fixtures import tiny_teacher
+from helpers import tiny_teacher
 
 from diffusers_snapgen.testing import tiny_unet
 from diffusers_snapgen.training import (
@@ -22,6 +22,7 @@ from diffusers_snapgen.training.asd import (
     few_step_sigmas,
     parse_asd_args,
     require_student_checkpoint,
+    rollout_steps,
     teacher_rollout,
 )
 from diffusers_snapgen.training.discriminator import TeacherFeatureDiscriminator
@@ -116,17 +117,38 @@ def test_asd_objective_updates_the_heads_then_trains_only_the_student(models):
     objective, disc = _objective(models)
     before = {k: v.clone() for k, v in disc.state_dict().items()}
     student.zero_grad(set_to_none=True)
-    fm, (loss, logs, per_sample) = _step(models, objective)
-    # the discriminator took its step (its own optimizer) and is frozen for the generator's backward
-    assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
+    fm, (loss, metrics, per_sample) = _step(models, objective)
+    # the heads got their loss's gradients and are frozen for the generator's backward; nothing moved yet
+    head_grads = {n: p.grad.clone() for n, p in disc.named_parameters() if p.grad is not None}
+    assert head_grads and all(torch.equal(before[k], v) for k, v in disc.state_dict().items())
     assert not any(p.requires_grad for p in disc.parameters())
-    assert {"d_loss", "d_real", "d_fake", "task_mean", "kd_out_mean", "adv_mean", "teacher_forwards"} <= logs.keys()
-    assert set(per_sample) == {"t", "task", "kd_out", "adv"} and all(v.shape == (4,) for v in per_sample.values())
+    assert {"d_loss", "d_real", "d_fake", "task_mean", "kd_out_mean", "adv_mean"} <= metrics.keys()
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in metrics.values())  # no host sync in the step
+    assert set(per_sample) == {"task", "kd_out", "adv"} and all(v.shape == (4,) for v in per_sample.values())
     assert set(fm.sigmas.tolist()) <= set(few_step_sigmas(None, 4).tolist())
     loss.backward()
-    assert all(p.grad is None for p in disc.parameters()) and all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(head_grads[n], p.grad) for n, p in disc.named_parameters() if n in head_grads)
+    assert all(p.grad is None for p in teacher.parameters())
     assert sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None) > 0
+    objective.discriminator_step()  # the heads' step, once per optimizer step
+    assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
+    assert all(p.grad is None for p in disc.parameters())
     student.zero_grad(set_to_none=True)
+
+
+def test_static_rollout_matches_the_dynamic_one(models):
+    _, teacher = models
+    grid = few_step_sigmas(None, 4)
+    latents, ehs, pooled = _cond(3)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+    sig = grid[[0, 2, 3]]
+    steps = rollout_steps(grid, grid)
+    assert steps == 4 and rollout_steps(grid, None) == 1 and rollout_steps(grid, few_step_sigmas(None, 1)) == 1
+    dynamic = teacher_rollout(teacher, noise, sig, ehs, pooled, grid)
+    static = teacher_rollout(teacher, noise, sig, ehs, pooled, grid, num_steps=steps)
+    assert static.num_forwards == steps
+    torch.testing.assert_close(static.sample, dynamic.sample, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.velocity, dynamic.velocity, atol=1e-5, rtol=1e-5)
 
 
 def test_adversarial_loss_reaches_the_student_sample_through_the_frozen_teacher(models):
@@ -148,8 +170,8 @@ def test_asd_options_r1_teacher_real_source_feature_kd_and_no_adversarial_term(m
         objective, _ = _objective(models, r1_gamma=1.0, real_source="teacher", feature_kd=kd, output_kd=False,
                                   adversarial_weight=0.0)
         kd.clear()
-        _, (loss, logs, per_sample) = _step(models, objective, seed=1)
-        assert logs["r1"] >= 0 and set(per_sample) == {"t", "task", "kd_feat"}
+        _, (loss, metrics, per_sample) = _step(models, objective, seed=1)
+        assert metrics["r1"] >= 0 and set(per_sample) == {"task", "kd_feat"}
         loss.backward()
         assert all(p.grad is not None for p in kd.parameters())
     finally:

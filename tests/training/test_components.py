@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_training_fixtures import tiny_teacher
+from helpers import tiny_teacher
 
 from diffusers_snapgen.training import (
     build_pipeline,

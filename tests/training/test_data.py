@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from test_training_fixtures import write_imagefolder
+from helpers import write_imagefolder
 
 from diffusers_snapgen.training import (
     EpochShuffleSampler,

@@ -1,4 +1,5 @@
-"""Tiny offline teacher/student/data builders shared by the tests/test_training_*.py modules (no tests here)."""
+"""Tiny offline teacher/student/data builders and the script runner shared by the tests of tests/training/ (no tests
+here; the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
+import subprocess
+import sys
 import torch
 from PIL import Image
 
@@ -60,13 +62,6 @@ def write_imagefolder(root: os.PathLike, n: int = 8, size: int = 40) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_models():
-    from diffusers_snapgen.testing import tiny_unet
-
-    return tiny_unet(), tiny_teacher()
-
-
 def session_folder(tmp_path_factory, worker_id: str, testrun_uid: str, name: str) -> Path:
     """A folder shared by every pytest-xdist worker of this test session (``name-<testrun_uid>``)."""
     base = tmp_path_factory.getbasetemp()
@@ -109,3 +104,30 @@ def assert_same_weights(a, b, what: str = ""):
     differ = [k for k in x if not torch.equal(x[k], y[k])]
     assert not differ, (f"{what or a}: {len(differ)} tensors differ, e.g. {differ[0]} by up to "
                         f"{(x[differ[0]].float() - y[differ[0]].float()).abs().max().item()}")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "training_examples"
+
+
+def script_env(home) -> dict:
+    """The environment of a training-script subprocess: CPU, offline, one thread, a private HF home."""
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_HOME=str(home), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_script(script, args, home, timeout=300, expect_success: bool = True):
+    """Runs a training script (a path, or a file name under training_examples/) in a subprocess; returns it."""
+    script = Path(script) if Path(script).is_absolute() else EXAMPLES / script
+    proc = subprocess.run([sys.executable, str(script), *args], env=script_env(home), capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
+    if expect_success:
+        assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_metrics(output_dir, name: str = "metrics.jsonl") -> list[dict]:
+    """The rows of ``<output_dir>/logs/<name>``."""
+    return [json.loads(line) for line in (Path(output_dir) / "logs" / name).read_text().splitlines()]
