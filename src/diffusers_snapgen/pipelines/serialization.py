@@ -159,7 +159,7 @@ class SnapGenSerializationMixin:
                 isinstance(value, (list, tuple))
                 and len(value) == 2
                 and isinstance(value[0], str)
-                and value[0].startswith(LIBRARY_NAME + ".")
+                and value[0].split(".", 1)[0].startswith(LIBRARY_NAME)
                 and value[1] in _PUBLIC_CLASSES
             ):
                 kwargs[name] = (LIBRARY_NAME, value[1])
