@@ -5,6 +5,7 @@ without ``--model``, and the README's Python snippet."""
 from __future__ import annotations
 
 import configparser
+import json
 import re
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def test_snapgen_generate_loads_the_packaged_encoder_of_a_model_folder(packaged_
     _, err = capsys.readouterr()
     assert code == 0, err
     assert target.is_file()
+    code = cli.main(["info", str(packaged_folder), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["packaged_text_encoder"] == MINILM
 
 
 def test_snapgen_generate_with_a_model_without_text_encoder_names_the_fix(tmp_path, capsys):

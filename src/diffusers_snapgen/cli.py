@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(_one_line(e), file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`snapgen info | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("SNAPGEN_TRACEBACK"):
             raise
@@ -398,6 +401,7 @@ def model_summary(model: str) -> dict:
         DEFAULT_NUM_INFERENCE_STEPS,
         SAMPLING_DEFAULTS_KEY,
     )
+    from .pipelines.text_packages import TEXT_ENCODER_KEY
 
     folder = SnapGenPipeline._resolve_folder(model, argument="MODEL")
     summary = describe_folder(folder, argument="MODEL")
@@ -417,6 +421,8 @@ def model_summary(model: str) -> dict:
     if "sample_size" in unet and "block_out_channels" in vae:
         side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
         summary["default_image_size"] = [side, side]
+    text_names = [n for n in components if n.startswith("text_encoder")]
+    summary["packaged_text_encoder"] = None if text_names else stored.get(TEXT_ENCODER_KEY)
     summary["model"] = model
     summary["total_parameters"] = sum(c["parameters"] or 0 for c in components.values())
     return summary
@@ -434,6 +440,8 @@ def _run_info(args: argparse.Namespace) -> int:
     for name, comp in summary["components"].items():
         params = f"{comp['parameters']:,} parameters" if comp["parameters"] is not None else "-"
         print(f"  {name:<15} {comp['class']:<34} {params}")
+    if summary["packaged_text_encoder"]:
+        print(f"  {'text_encoder':<15} from the PyPI package {summary['packaged_text_encoder']} (loaded with the model)")
     print(f"  {'total':<15} {'':<34} {summary['total_parameters']:,} parameters")
     sched = summary["scheduler"]
     print("scheduler:")

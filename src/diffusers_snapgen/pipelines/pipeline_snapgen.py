@@ -86,13 +86,15 @@ class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextE
     r"""Text-to-image generation with SnapGen (Hu et al., CVPR 2025, arXiv 2412.09619).
 
     Components:
-        unet ([`SnapGenUNet2DModel`]): the velocity-predicting UNet (paper §3.1).
+        unet ([`SnapGenUNet2DModel`]): the velocity-predicting UNet (paper §3.1). ``unet`` and ``vae`` may be None
+            (``from_pretrained(path, unet=None, vae=None)``): the pipeline then only encodes prompts.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): flow-matching Euler sampler, shift 3 by default. Its config
             may carry sampling defaults under ``"_snapgen_defaults"`` (see :meth:`set_sampling_defaults`).
         vae ([`TinyDecoder`] or [`AutoencoderKL`]): decodes latents (paper §3.2); latents are unscaled with its
             ``scaling_factor`` and ``shift_factor`` before decoding.
         text_encoder, tokenizer: CLIP-L (``CLIPTextModelWithProjection``) in the SD3.5 set, or any single
-            transformers encoder (e.g. BERT/MiniLM, mean-pooled) when ``text_encoder_2`` is None. Optional.
+            transformers encoder (e.g. BERT/MiniLM, mean-pooled) when ``text_encoder_2`` is None. Optional; when no
+            text component is given and the scheduler config names a text-encoder package, it is loaded from there.
         text_encoder_2, tokenizer_2: CLIP-G with projection (SD3.5 set). Optional.
         text_encoder_3, tokenizer_3: T5 (SD3.5 set); zeros are used when absent. Optional.
     """
