@@ -90,7 +90,7 @@ def main(argv=None):
     notes = (
         "\n\nChanges are against the previous row. `e1` is the multi-query half of step (e) alone. Step (e)'s "
         "first-stage conditioning adds one CA+FFN transformer block after each stage-1 residual block (the "
-        "concrete config, DESIGN.md §2); the paper replaces those residual blocks, which it reports as smaller "
+        "concrete config, docs/design.md, UNet); the paper replaces those residual blocks, which it reports as smaller "
         "and faster, so here that half adds FLOPs instead."
     )
     table = title + "\n\n" + markdown_table(rows, columns) + notes

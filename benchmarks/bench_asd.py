@@ -1,4 +1,4 @@
-"""Training cost of adversarial step distillation and of tiny-decoder training on one GPU (issue 5, item 5).
+"""Training cost of adversarial step distillation and of tiny-decoder training on one GPU.
 
 ASD: the paper-size student (``SnapGenUNet2DModel()`` defaults, fp32 weights, bf16 autocast, AdamW) with feature-KD
 projectors, an SD3.5-Large-shaped ``SD3Transformer2DModel`` teacher (random bf16 weights, frozen; 38 layers, 38 heads

@@ -1,4 +1,4 @@
-"""CPU cost of the embedded default model (issue 7): the README's main command and the pipeline call behind it.
+"""CPU cost of the embedded default model: the README's main command and the pipeline call behind it.
 
     python benchmarks/bench_default_model.py                 # writes benchmarks/results/bench_default_model_cpu.*
 

@@ -1,8 +1,9 @@
-"""Speed of the SnapGen UNet and TinyDecoder beside the models they replace, in one run (issue 2, DESIGN.md §8).
+"""Speed of the SnapGen UNet and TinyDecoder beside the models they replace, in one run (docs/design.md, "Measured anchors").
 
 Every model is built with random weights from its published config (nothing is downloaded), cast to bf16 and
 timed at 1024x1024 output for batch 1 and 8, eager and with ``torch.compile``. Ratios are taken against anchors
-measured in the same run; DESIGN.md §8's numbers are printed beside them to show how this machine compares.
+measured in the same run; reference timings of an earlier H200 run (``DESIGN_ANCHORS``) are printed beside them
+to show how this machine compares.
 
     python benchmarks/bench_models.py --out benchmarks/results            # GPU, full run
     python benchmarks/bench_models.py --device cpu --resolution 64 --batch-sizes 1 --no-compile  # smoke test
@@ -22,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, markdown_table, peak_memory_gib, reset_peak_memory, time_ms, write_results  # noqa: E402
 
-# DESIGN.md §8: H200, bf16, batch 1, 1024² output, random weights. (eager ms, compiled ms)
+# Reference timings of an earlier H200 run, not made by this script: bf16, batch 1, 1024² output, random weights.
+# (eager ms, compiled ms); the `vs_design_anchor` column is this run / these.
 DESIGN_ANCHORS = {
     "sdxl_unet": (58.8, 23.6),
     "sd3_medium_transformer": (28.0, 22.0),
@@ -210,7 +212,7 @@ def main(argv=None):
     parser.add_argument(
         "--compile-mode",
         default="reduce-overhead",
-        help="torch.compile mode for the compiled rows (reduce-overhead = CUDA graphs, as DESIGN.md §8)",
+        help="torch.compile mode for the compiled rows (reduce-overhead = CUDA graphs)",
     )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
@@ -261,8 +263,8 @@ def _table(meta, rows):
     header = (
         f"# Model speed — {meta['device']}, torch {meta['torch']}, {meta['dtype']}, "
         f"{meta['resolution']}² output, random weights\n\n`snapgen_speedup` = this row's ms / the SnapGen "
-        "component's ms (same role, batch, mode, this run). `vs_design_anchor` = this run / DESIGN.md §8 "
-        "(H200, batch 1).\n"
+        "component's ms (same role, batch, mode, this run). `vs_design_anchor` = this run / "
+        "reference timings of an earlier H200 run (batch 1; docs/design.md, Measured anchors).\n"
     )
     columns = ["model", "batch", "mode", "ms", "params_m", "peak_gib", "snapgen_speedup", "vs_design_anchor", "error"]
     return header + "\n" + markdown_table(rows, columns)

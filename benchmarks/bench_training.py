@@ -1,4 +1,4 @@
-"""Training-step cost of SnapGen multi-level KD on one GPU (issue 4, item 5).
+"""Training-step cost of SnapGen multi-level KD on one GPU.
 
 The paper-size student (``SnapGenUNet2DModel()`` defaults, ~379M parameters, fp32 master weights, bf16 autocast,
 AdamW) is distilled from an SD3.5-Large-shaped ``SD3Transformer2DModel`` (random weights, bf16, frozen; config of

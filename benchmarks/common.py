@@ -81,7 +81,7 @@ def write_results(out_dir: Path, stem: str, payload: dict, table: str) -> None:
     write_atomically(out_dir / f"{stem}.md", table + "\n")
 
 
-# The SD3.5-Large transformer's published config (random weights; DESIGN.md §8).
+# The SD3.5-Large transformer's published config (random weights; the KD teacher of docs/design.md, "Training objectives").
 SD35_LARGE_TRANSFORMER = dict(
     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
     num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,

@@ -1,4 +1,4 @@
-"""Quality table of the embedded emoji models (issue 7): ``snapgen eval`` with ``--out benchmarks/results`` by default.
+"""Quality table of the embedded emoji models: ``snapgen eval`` with ``--out benchmarks/results`` by default.
 
     python benchmarks/eval_quality.py --data data/emoji --classifier runs/emoji_classifier.safetensors \\
         --models teacher=runs/teacher:28 nokd=runs/nokd:28 kd=runs/kd:28 kd4=runs/kd:4 asd4=runs/asd:4 \\

@@ -109,6 +109,11 @@ BAD = [
     ("model-not-snapgen", ["generate", "x", "-m", "{tmp}", "--device", "cpu"], "--model"),
     ("model-corrupt", ["generate", "x", "-m", "{corrupt}", "--device", "cpu"], "safetensors"),
     ("device-unknown", ["generate", "x", "-m", "{model}", "--device", "toaster"], "--device"),
+    ("seed-too-large", ["generate", "x", "-m", "{model}", "--seed", str(2**70)], "--seed"),
+    ("seed-negative", ["generate", "x", "-m", "{model}", "--seed", "-1"], "--seed"),
+    ("output-under-a-file", ["generate", "x", "-m", "{model}", "-o", "{tmp}/a-file/sub/image.png"], "--output"),
+    ("size-too-large-for-cpu", ["generate", "x", "-m", "{model}", "--height", "8192", "--width", "8192",
+                                "--device", "cpu"], "--allow-large"),
     ("repo-not-cached", ["info", "snapgen-test/not-cached"], "MODEL"),
     ("info-not-snapgen", ["info", "{tmp}"], "MODEL"),
     ("unknown-command", ["paint", "x"], "paint"),
@@ -124,6 +129,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(saved_pipeline, tmp_path, ca
 
         shutil.copytree(saved_pipeline, corrupt)
         next((corrupt / "unet").glob("*.safetensors")).write_bytes(b"garbage" * 10)
+    (tmp_path / "a-file").write_text("not a folder")
     argv = [a.format(model=saved_pipeline, tmp=tmp_path, corrupt=corrupt) for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2
@@ -143,3 +149,73 @@ def test_python_dash_m_sees_every_subcommand(module):
     assert proc.returncode == 0, proc.stderr
     for name in ("generate", "info", "eval", "convert-coreml"):
         assert name in proc.stdout
+
+
+def test_an_unwritable_output_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The output folder is checked first: a missing model would be the error otherwise."""
+    (tmp_path / "a-file").write_text("x")
+    code, out, err = run(capsys, "generate", "x", "-m", str(tmp_path / "no-such-model"),
+                         "-o", str(tmp_path / "a-file" / "sub" / "image.png"))
+    assert code == 2 and "--output" in err and "cannot write" in err and "no-such-model" not in err
+
+
+def test_float16_on_the_cpu_is_one_warning_line(saved_pipeline, tmp_path, capsys):
+    small = [a if a != "float32" else "float16" for a in SMALL]
+    code, out, err = run(capsys, "generate", "x", "-m", str(saved_pipeline), "-o", str(tmp_path / "h.png"), *small)
+    assert code == 0, err
+    assert sum("float16" in line for line in err.splitlines()) == 1
+    assert "will fail" not in err and "cannot run with" not in err
+
+
+def test_large_images_on_the_cpu_run_with_allow_large(saved_pipeline, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "MAX_CPU_PIXELS", 32 * 32)  # the tiny model stands in for a slow one
+    argv = ["generate", "x", "-m", str(saved_pipeline), "-o", str(tmp_path / "big.png"), "--steps", "1", *SMALL]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--allow-large" in err
+    code, _, err = run(capsys, *argv, "--allow-large")
+    assert code == 0, err
+    assert (tmp_path / "big.png").is_file()
+
+
+def test_python_api_flag_names_become_cli_flags_in_errors(monkeypatch, capsys):
+    """Errors raised by the Python API under a subcommand (e.g. Core ML's "pass overwrite=True") name the flag."""
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", dict(cli._SUBCOMMANDS))
+
+    def fail(args):
+        raise FileExistsError("`output_dir` out is not empty: choose a new folder or pass overwrite=True.")
+
+    cli.register_subcommand("flag-demo", "x", lambda p: p.add_argument("--overwrite", action="store_true"), fail)
+    code, _, err = run(capsys, "flag-demo")
+    assert code == 2 and "pass --overwrite." in err and "overwrite=True" not in err
+
+
+_IMPORTS_AFTER = """
+import sys
+from diffusers_snapgen.cli import main
+for argv in ({argvs}):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    print(code, sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+"""
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    argvs = '["--help"], ["generate", "--help"], ["convert-coreml", "--help"], ["generate", "x", "--steps", "0"], []'
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER.format(argvs=argvs)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [line for line in lines if line[:2] in ("0 ", "2 ")] == ["0 []", "0 []", "0 []", "2 []", "2 []"], proc.stdout + proc.stderr
+
+
+def test_declared_help_of_lazy_subcommands_matches_their_modules():
+    import importlib
+
+    for name, (module, help) in cli.SUBCOMMAND_MODULES.items():
+        importlib.import_module(module)
+        assert cli._SUBCOMMANDS[name].help == help

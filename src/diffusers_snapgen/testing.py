@@ -56,7 +56,7 @@ def tiny_decoder(seed: int = 0, **overrides):
 
 
 # --------------------------------------------------------------------------- tiny text encoders and pipelines
-# Owned by the pipeline work (issue 3). Tokenizers are built in memory from tiny vocabularies (one token per
+# Tokenizers are built in memory from tiny vocabularies (one token per
 # character, no merges), text encoders from tiny configs: nothing is read from disk or downloaded.
 
 TINY_TOKEN_LENGTH = 16  # CLIP context / generic encoder positions of the tiny encoders
@@ -138,7 +138,7 @@ def tiny_bert_tokenizer():
 
 
 def tiny_bert_encoder(seed: int = 0, hidden_size: int = 16):
-    """A one-layer ``BertModel``: the generic-encoder stand-in for MiniLM (DESIGN §7)."""
+    """A one-layer ``BertModel``: the generic-encoder stand-in for MiniLM (docs/design.md, "Offline assets")."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(

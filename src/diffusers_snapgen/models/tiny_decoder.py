@@ -168,6 +168,16 @@ class TinyDecoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         force_upcast: bool = False,
     ):
         super().__init__()
+        for name, value, example in (("latent_channels", latent_channels, "16 for SD3 latents"),
+                                     ("out_channels", out_channels, "3 for RGB")):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int ({example}), got {type(value).__name__}.")
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1 ({example}), got {value}.")
+        if not block_out_channels or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in block_out_channels
+        ):
+            raise ValueError(f"`block_out_channels` must be positive ints, one per stage, got {block_out_channels!r}.")
         num_stages = len(block_out_channels)
         channels = list(reversed(block_out_channels))
         layers = list(reversed(_per_stage(layers_per_block, num_stages, "layers_per_block")))

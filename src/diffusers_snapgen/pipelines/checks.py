@@ -37,7 +37,8 @@ def check_embeds(tensor, name: str, ndim: int, width: int) -> None:
 
 
 def check_sigmas(sigmas, num_inference_steps) -> None:
-    """A non-empty sequence of noise levels in (0, 1], one per step."""
+    """A non-empty, strictly decreasing sequence of noise levels in (0, 1], one per step (sampling goes from
+    noise, sigma 1, towards the image, sigma 0)."""
     if isinstance(sigmas, torch.Tensor):
         sigmas = sigmas.tolist()
     if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
@@ -51,3 +52,15 @@ def check_sigmas(sigmas, num_inference_steps) -> None:
         )
     if not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and 0 < s <= 1 for s in sigmas):
         raise ValueError(f"`sigmas` must be numbers in (0, 1] (noise levels before shifting), got {list(sigmas)}.")
+    if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:])):
+        raise ValueError(
+            f"`sigmas` must decrease strictly (from noise towards the image), got {list(sigmas)}; e.g. "
+            f"{sorted(set(sigmas), reverse=True)}."
+        )
+
+
+def check_finite(tensor, name: str) -> None:
+    """None, or a tensor without NaN/inf (they would silently give a NaN image)."""
+    if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"`{name}` contains {bad} NaN or infinite values: pass finite numbers.")

@@ -46,8 +46,8 @@ def component_names(index: dict) -> list[str]:
 
 def check_weight_files(folder: str, index: dict, use_safetensors: bool | None, argument: str) -> None:
     """Open the header of every safetensors file of the declared components; refuse pickle-only components
-    when ``use_safetensors`` is True (pass None, diffusers' "safetensors where present, else pickle", to accept
-    them). Raises ValueError naming ``argument`` and the file."""
+    when ``use_safetensors`` is True (False/None: the caller opted in to pickle files). Raises ValueError naming
+    ``argument`` and the file."""
     for name in component_names(index):
         sub = os.path.join(folder, name)
         if not os.path.isdir(sub):
@@ -58,7 +58,7 @@ def check_weight_files(folder: str, index: dict, use_safetensors: bool | None, a
         if pickles and not tensors and use_safetensors:
             raise ValueError(
                 f"`{argument}`: component {name!r} has only pickle weights ({pickles[0]}); SnapGen loads safetensors "
-                "only by default. Convert them, or pass `use_safetensors=None` if you trust the files."
+                "only unless you opt in. Convert them, or pass `use_safetensors=False` if you trust the files."
             )
         for file in tensors:
             path = os.path.join(sub, file)

