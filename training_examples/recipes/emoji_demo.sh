@@ -65,7 +65,7 @@ PYTHON="${PYTHON:-python}"
 SEED="${SEED:-0}"
 TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji caption has 10): stored in the base
                                   # pipeline's sampling defaults, so every model trains and samples with this length
-SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # issue 7: at most 40 MB of weights in git
+SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # at most 40 MB of weights in git
 CONFIGS="$RUNS/configs"
 CKPT_LIMIT="${CKPT_LIMIT:-2}"               # checkpoints kept per run
 MIXED_PRECISION="${MIXED_PRECISION:-}"     # passed as --mixed_precision when set (with LAUNCH=python)

@@ -1,4 +1,4 @@
-"""Multi-level knowledge distillation (paper §3.3, Fig. 5; DESIGN.md §4).
+"""Multi-level knowledge distillation (paper §3.3, Fig. 5; docs/design.md, "Training objectives").
 
 * Output KD: ``||v_student - v_teacher||^2`` per sample (:func:`output_kd_loss`).
 * Feature KD: features of named teacher and student modules are captured by forward hooks

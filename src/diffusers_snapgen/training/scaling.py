@@ -1,4 +1,4 @@
-"""Timestep-aware scaling of task and distillation losses (paper §3.3; DESIGN.md §4, *reconstructed*).
+"""Timestep-aware scaling of task and distillation losses (paper §3.3; docs/design.md, *reconstructed*).
 
 The paper's observation: the magnitudes of the flow-matching task loss and of the KD losses diverge near
 t = 0 and t = 1, so a fixed linear mix over-weights one of them at the ends. The scaling implemented here is
