@@ -182,7 +182,7 @@ def read_unicode_names(path) -> dict[str, str]:
     return table
 
 
-# --------------------------------------------------------------------------- fetching (here, never on the training machine)
+# --------------------------------------------------------------------------- fetching (never on the training machine)
 
 
 def _npm_pack(spec: str, destination: Path) -> Path:
