@@ -129,6 +129,8 @@ def test_same_seeds_give_the_same_images_whatever_the_batch():
     assert together.dtype == torch.uint8 and together.shape == (3, 3, 64, 64)
     assert torch.equal(together, alone)
     assert not torch.equal(together, generate_images(pipe, prompts, [8, 9, 10], steps=2))
+    with pytest.raises(ValueError, match="autocast"):
+        generate_images(pipe, prompts, seeds, steps=2, autocast=torch.float32)
 
 
 def test_teacher_transformer_samples_through_a_base_pipeline(saved_models):
