@@ -4,8 +4,8 @@
     snapgen eval --data data/emoji --classifier runs/emoji_classifier.safetensors --out benchmarks/results \\
         --models teacher=runs/teacher:28 kd=runs/kd:28 asd=runs/asd:4 --base runs/base --encoder runs/vae
 
-On a GPU: ``--classifier-batch-size 512 --classifier-max-seconds 60`` (the images stay on the device, bf16
-autocast) and ``--batch-size 256 --autocast bf16`` for sampling; see docs/emoji_evaluation.md.
+On a GPU: ``--classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 60`` (the images stay on the
+device, bf16 autocast) and ``--batch-size 256 --autocast bf16`` for sampling; see docs/emoji_evaluation.md.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier-max-seconds", type=_positive_float, default=None,
                         help="end classifier training after this many seconds (learning rate annealed to the end)")
     parser.add_argument("--classifier-batch-size", type=_positive_int, default=64,
-                        help="classifier training batch (default 64; a GPU: 512)")
+                        help="classifier training batch (default 64; a GPU: 256)")
     parser.add_argument("--classifier-lr", type=_positive_float, default=2e-3, help="peak learning rate (2e-3)")
     parser.add_argument("--classifier-widths", type=_positive_int, nargs="+", default=[32, 64, 128, 256],
                         help="classifier stem and stage widths (default 32 64 128 256)")
