@@ -55,10 +55,13 @@ def test_base_names_and_run_together_names(script):
     assert emoji_sets.base_name("flag-for-peru", names) == "flag-peru"
     assert emoji_sets.base_name("flag-for-white-flag", names) == "white-flag"
     assert emoji_sets.codepoint_key("1F44D-1F3FF") == "1f44d" and emoji_sets.codepoint_key("FE0F") is None
-    vocabulary = {"sake", "bottle", "and", "cup", "a", "corn", "hearts"}
+    vocabulary = {"sake", "bottle", "and", "cup", "a", "corn", "hearts", "pin", "pink", "in", "italian"}
     assert emoji_sets.segment("sakebottleandcup", vocabulary) == ["sake", "bottle", "and", "cup"]
     assert emoji_sets.segment("2hearts", vocabulary) == ["2", "hearts"]
     assert emoji_sets.segment("acorn", vocabulary) is None  # one-letter words do not count: no "a corn"
+    assert emoji_sets.segment("pinkwallet", vocabulary) == ["pink", "wallet"]  # one unknown chunk, most known letters
+    assert emoji_sets.segment("index", vocabulary) is None  # beside an unknown chunk, no two-letter word: no "in dex"
+    assert emoji_sets.segment("italian", vocabulary) is None  # a known word is not split
 
 
 def test_one_concept_per_emoji_across_sets(sets, unicode_names):

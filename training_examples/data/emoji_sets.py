@@ -291,17 +291,27 @@ class _Components:
 
 
 def segment(text: str, vocabulary: set[str]) -> list[str] | None:
-    """Split a run-together name into the fewest words of ``vocabulary`` that have two or more letters (or are
-    digits); None when there is no such split."""
-    best: list[list[str] | None] = [[]] + [None] * len(text)
+    """Split a run-together name into two or more words: known words of ``vocabulary`` with two or more letters,
+    digits, and at most one unknown chunk of four or more letters, then every known word needing three letters
+    (``pinkwallet`` -> ``pink wallet``, but ``index`` is not ``in dex``). The best split has the fewest unknown
+    chunks, then the most letters in known words, then the fewest words; None when there is no split."""
+    # best[i][(unknown chunks, has a two-letter word)] = ((unknown, -known letters, words), words) for text[:i]
+    best: list[dict] = [{(0, False): ((0, 0, 0), [])}] + [{} for _ in text]
     for end in range(1, len(text) + 1):
         for start in range(max(0, end - 30), end):
             word = text[start:end]
-            if best[start] is None or not (word.isdigit() or len(word) >= 2 and word in vocabulary):
+            known = word.isdigit() or len(word) >= 2 and word in vocabulary
+            if not known and not (len(word) >= 4 and len(word) < len(text)):
                 continue
-            if best[end] is None or len(best[start]) + 1 < len(best[end]):
-                best[end] = best[start] + [word]
-    return best[-1]
+            for (unknown, short), ((_, letters, count), words) in best[start].items():
+                state = (unknown, short or (len(word) < 3 and not word.isdigit())) if known else (unknown + 1, short)
+                if state[0] > 1 or state[0] and state[1]:
+                    continue
+                cost = (state[0], letters - (len(word) if known else 0), count + 1)
+                if state not in best[end] or cost < best[end][state][0]:
+                    best[end][state] = (cost, words + [word])
+    splits = sorted(best[-1].values(), key=lambda split: split[0])
+    return splits[0][1] if splits and len(splits[0][1]) >= 2 else None
 
 
 def runs_together(icon_set: IconSet) -> bool:
@@ -316,8 +326,8 @@ def concept_names(sets: list[IconSet], unicode_names: dict[str, str] | None = No
     the other (alias), when ``chars.json`` gives them one code point, or when a run-together name equals a hyphenated
     name without its hyphens (``redapple``) or a Unicode name or short name of ``unicode_names`` (``smirk``). A link
     that would join two different icons of one set is ignored. A concept is named after its icon in the first set of
-    ``sets`` that has it; a run-together name no other set matches is split into words (``sakebottleandcup`` ->
-    ``sake-bottle-and-cup``)."""
+    ``sets`` that has it; a run-together name no other set matches is split into words (:func:`segment`:
+    ``sakebottleandcup`` -> ``sake-bottle-and-cup``)."""
     graph = _Components()
     bases = []
     for index, icon_set in enumerate(sets):
@@ -358,6 +368,6 @@ def concept_names(sets: list[IconSet], unicode_names: dict[str, str] | None = No
         for base in sorted(set(bases[index].values())):
             root = graph.find(("name", base))
             if root not in named:
-                words = segment(base, vocabulary) if runs_together(sets[index]) else None
+                words = segment(base, vocabulary) if runs_together(sets[index]) and "-" not in base else None
                 named[root] = "-".join(words) if words else base
     return [{name: named[graph.find(("name", base))] for name, base in per_set.items()} for per_set in bases]
