@@ -4,8 +4,11 @@
         --models teacher=runs/teacher:28 nokd=runs/nokd:28 kd=runs/kd:28 kd4=runs/kd:4 asd4=runs/asd:4 \\
         --base runs/base --encoder runs/vae --images-per-prompt 4
 
-Writes ``eval_quality.json``, ``eval_quality.md`` and ``eval_quality_grid.png``. Every option is ``snapgen eval``'s
-(see ``--help``); the measuring code is ``diffusers_snapgen.evaluation``.
+On one GPU (docs/emoji_evaluation.md): add ``--device cuda --size 128 --max-prompts 100 --batch-size 256
+--autocast bf16``.
+
+Writes ``eval_quality.json``, ``eval_quality.md``, ``eval_quality_grid.png`` and ``eval_quality_seeds.png``. Every
+option is ``snapgen eval``'s (see ``--help``); the measuring code is ``diffusers_snapgen.evaluation``.
 """
 
 from __future__ import annotations

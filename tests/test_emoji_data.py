@@ -85,18 +85,19 @@ def test_split_is_a_fixed_function_of_the_group(script):
     assert 60 < len(held) < 140  # ~5%
     assert held == [g for g in groups if script.is_heldout(g, 0.05)]
     assert set(held) <= {g for g in groups if script.is_heldout(g, 0.1)}  # growing the fraction only adds
-    icons = [script.Icon(g, "", 0, 0, 16, 16) for g in groups]
-    sample = script.plan(icons, 0.05, limit=300)  # --limit must not favour either split
+    icons = script.IconSet("tiny", [script.Icon(g, "", 0, 0, 16, 16) for g in groups])
+    sample = script.plan([icons], 0.05, limit=300)  # --limit must not favour either split
     assert len(sample) == 300 and 3 <= sum(r["split"] == "test" for r in sample) <= 30
-    assert [r["name"] for r in sample] == [r["name"] for r in script.plan(icons, 0.05, limit=300)]
+    assert [r["name"] for r in sample] == [r["name"] for r in script.plan([icons], 0.05, limit=300)]
 
 
 def test_render_centres_on_white_keeps_aspect_and_flips(script, tmp_path):
-    icons, info = script.read_icon_set(write_iconify_json(tmp_path))
-    by_name = {icon.name: icon for icon in icons}
+    icon_set = script.read_icon_set(write_iconify_json(tmp_path))
+    by_name = {icon.name: icon for icon in icon_set.icons}
     assert "secret-thing" not in by_name and "apple-again" not in by_name  # hidden icon, pure rename alias
+    assert icon_set.renames == {"apple-again": "red-apple"}  # kept as a name link, not rendered
     assert by_name["pointing-right"].h_flip and not by_name["pointing-left"].h_flip
-    assert info["license"]["spdx"] == "MIT"
+    assert icon_set.info["license"]["spdx"] == "MIT"
     apple = script.render(by_name["red-apple"], 64)
     assert apple.size == (64, 64) and apple.mode == "RGB"
     assert apple.getpixel((0, 0)) == (255, 255, 255) and apple.getpixel((32, 32)) == (248, 49, 47)

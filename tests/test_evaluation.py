@@ -22,6 +22,7 @@ from diffusers_snapgen.evaluation import (
     parse_model_spec,
     prompt_accuracy,
     read_eval_prompts,
+    read_rendered,
     save_classifier,
     train_classifier,
     write_report,
@@ -128,6 +129,8 @@ def test_same_seeds_give_the_same_images_whatever_the_batch():
     assert together.dtype == torch.uint8 and together.shape == (3, 3, 64, 64)
     assert torch.equal(together, alone)
     assert not torch.equal(together, generate_images(pipe, prompts, [8, 9, 10], steps=2))
+    with pytest.raises(ValueError, match="autocast"):
+        generate_images(pipe, prompts, seeds, steps=2, autocast=torch.float32)
 
 
 def test_teacher_transformer_samples_through_a_base_pipeline(saved_models):
@@ -170,15 +173,17 @@ def test_evaluate_models_one_table_and_grid(classifier, rendered, data_dir, save
                              rendered={t: i for t, i in zip(texts, images)}, images_per_prompt=2, seed=10,
                              encoder=student.vae, decoder_images=load_rendered(data_dir, "test")[0][:2])
     assert [row["model"] for row in result.rows] == ["rendered", "teacher", "student", "student_again", "student_4"]
-    assert result.seeds == list(range(10, 18)) and result.groups.count("heldout") == 4
+    assert result.seeds == [10, 11] * 4 and result.groups.count("heldout") == 4  # copy j of every prompt: seed 10 + j
     assert torch.equal(result.images["student"], result.images["student_again"])  # same prompts and seeds
     assert not torch.equal(result.images["student"], result.images["student_4"])
     rows = {row["model"]: row for row in result.rows}
-    for key in ("top1_heldout", "top5_seen", "fid", "psnr", "ssim"):
+    for key in ("top1_heldout", "top5_seen", "fid", "prompt_seed_ratio", "psnr", "ssim"):
         assert rows["student"][key] == rows["student_again"][key]
+    assert rows["student"]["prompt_seed_ratio"] > 0 and rows["rendered"]["prompt_seed_ratio"] is None
     assert rows["rendered"]["top1_seen"] >= rows["student"]["top1_seen"] and rows["rendered"]["psnr"] is None
     assert rows["rendered"]["fid"] < rows["student"]["fid"]  # the data's own images are closest to the data
-    paths = write_report(result, tmp_path / "report", grid_prompts=3, cell_size=32)
+    paths = write_report(result, tmp_path / "report", grid_prompts=3, cell_size=32, seed_grid_model="student",
+                         seed_grid_prompts=16)
     table = json.loads(paths["json"].read_text())
     assert [row["model"] for row in table["rows"]] == [row["model"] for row in result.rows]
     assert table["columns"][:5] == ["model", "steps", "guidance", "top1_heldout", "top5_heldout"]
@@ -186,6 +191,10 @@ def test_evaluate_models_one_table_and_grid(classifier, rendered, data_dir, save
     assert "| student_4 | 4 |" in markdown and "top-1 heldout" in markdown
     grid = Image.open(paths["grid"])
     assert grid.size == (150 + 5 * (32 + 4), 22 + 3 * (32 + 4))
+    seeds = Image.open(paths["seeds"])  # 4 prompts (all there are) x (rendered + 2 seeds)
+    assert seeds.size == (150 + 3 * (32 + 4), 22 + 4 * (32 + 4))
+    with pytest.raises(ValueError, match="seed_grid_model"):
+        write_report(result, tmp_path / "other", seed_grid_model="rendered")
     assert sorted(p.name for p in paths["grid"].parent.iterdir()) == sorted(p.name for p in paths.values())
     with pytest.raises(ValueError, match="not classes"):
         evaluate_models(models[1:2], ["a red apple on a table"], classifier)
@@ -245,3 +254,75 @@ def test_emoji_classifier_is_exported():
     from diffusers_snapgen import evaluation
 
     assert evaluation.EmojiClassifier is EmojiClassifier and "evaluate_models" in evaluation.__all__
+
+
+# --------------------------------------------------------------------------- several styles
+
+
+def styled_shapes(size: int = 32):
+    """Six concepts (shapes) drawn in three styles (filled, outlined, other colours): images, concepts, styles."""
+    from PIL import ImageDraw
+
+    shapes = {
+        "circle": lambda d, box, **kw: d.ellipse(box, **kw),
+        "square": lambda d, box, **kw: d.rectangle(box, **kw),
+        "triangle": lambda d, box, **kw: d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2,
+                                                                                         box[1])], **kw),
+        "bar": lambda d, box, **kw: d.rectangle((box[0], size * 0.4, box[2], size * 0.6), **kw),
+        "column": lambda d, box, **kw: d.rectangle((size * 0.4, box[1], size * 0.6, box[3]), **kw),
+        "cross": lambda d, box, **kw: d.line((box[0], box[1], box[2], box[3]), width=4, **{"fill": kw.get(
+            "fill") or kw.get("outline")}),
+    }
+    styles = {"flat": {"fill": "#e03030"}, "line": {"outline": "#202020", "width": 3}, "cool": {"fill": "#3070e0"}}
+    images, concepts, names = [], [], []
+    for concept, draw in shapes.items():
+        for style, kwargs in styles.items():
+            image = Image.new("RGB", (size, size), "white")
+            box = (size * 0.15, size * 0.15, size * 0.85, size * 0.85)
+            draw(ImageDraw.Draw(image), box, **kwargs)
+            images.append(image)
+            concepts.append(concept)
+            names.append(style)
+    return images, concepts, names
+
+
+def test_classifier_learns_concepts_across_styles_within_a_time_budget():
+    images, concepts, styles = styled_shapes()
+    model = train_classifier(images, concepts, image_size=32, widths=(8, 16, 32), epochs=80, batch_size=6,
+                             learning_rate=1e-2, seed=0)
+    assert model.classes == sorted(set(concepts))  # one class per concept, not per (concept, style)
+    prompts = [f"{c}, {s} style" for c, s in zip(concepts, styles)]
+    assert prompt_accuracy(images, prompts, model)["top1"] >= 0.9  # chance: 1/6
+    assert [entry["epoch"] for entry in model.training_log] == list(range(1, 81))
+    budget = train_classifier(images, concepts, image_size=32, widths=(8,), epochs=10**6, batch_size=6,
+                              max_seconds=0.5, mixed_precision=True)
+    assert 1 <= len(budget.training_log) < 10**6  # stopped by the time budget, in bfloat16 autocast
+    with pytest.raises(ValueError, match="max_seconds"):
+        train_classifier(images, concepts, epochs=1, max_seconds=0)
+
+
+def test_snapgen_eval_on_several_styles_reports_both_heldout_kinds(saved_models, tmp_path, capsys):
+    from test_emoji_sets import FIXTURES, SET_KEYS, build, load_script
+
+    data = build(load_script(), tmp_path, "emoji", ["--iconify-json", *(str(FIXTURES / k) for k in SET_KEYS),
+                                                    "--unicode-names", str(FIXTURES / "names.json")])
+    rendered = read_rendered(data)
+    assert len(rendered) == 27 and set(rendered.kinds) == {"seen", "heldout_pair", "heldout_concept"}
+    assert rendered.concepts[rendered.texts.index("red apple, noto style")] == "red apple"
+    clf, out = tmp_path / "clf.safetensors", tmp_path / "results"
+    code = main(["eval", "--data", str(data), "--classifier", str(clf), "--train-classifier", "--device", "cpu",
+                 "--classifier-epochs", "20", "--classifier-size", "32", "--classifier-widths", "8", "16",
+                 "--classifier-batch-size", "9", "--models", f"student={saved_models['student']}:2",
+                 "--base", str(saved_models["base"]), "--images-per-prompt", "2", "--autocast", "bf16",
+                 "--max-prompts", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "rendered-set top-1" in capsys.readouterr().err
+    assert len(load_classifier(clf).classes) == len(set(rendered.concepts)) == 11
+    table = json.loads((out / "eval_quality.json").read_text())
+    for kind in ("seen", "heldout_pair", "heldout_concept"):
+        assert f"top1_{kind}" in table["columns"] and f"top5_{kind}" in table["columns"]
+    student = table["rows"][1]
+    assert student["model"] == "student" and student["prompt_seed_ratio"] > 0
+    assert table["settings"]["autocast"] == "bfloat16"
+    assert {p["seed"] for p in table["prompts"]} == {0, 1}
+    assert Image.open(out / "eval_quality_seeds.png").size[0] == 150 + 3 * (128 + 4)  # rendered + 2 seeds

@@ -1,4 +1,5 @@
-"""FID, PSNR/SSIM, decoder round trips and top-k accuracy of diffusers_snapgen.evaluation (no training here)."""
+"""FID, PSNR/SSIM, decoder round trips, top-k accuracy and the prompt-vs-seed ratio of diffusers_snapgen.evaluation
+(no training here)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from PIL import Image
 
 from diffusers_snapgen.evaluation import (
     EmojiClassifier,
+    concept_of,
     decoder_psnr_ssim,
     fid,
     prompt_accuracy,
+    prompt_seed_ratio,
     psnr_ssim,
 )
 
@@ -159,3 +162,45 @@ def test_psnr_ssim_agrees_with_the_decoder_training_metrics():
     result = psnr_ssim(reference, noisy)
     assert result["psnr"] == pytest.approx(psnr(noisy, reference).mean().item(), abs=1e-3)
     assert result["ssim"] == pytest.approx(ssim(noisy, reference).mean().item(), abs=1e-3)
+
+
+def test_prompt_seed_ratio_on_synthetic_images():
+    """Images = prompt colour + seed pattern: the ratio is the prompt part's size over the seed part's, exactly."""
+    generator = torch.Generator().manual_seed(0)
+    colours = torch.rand(5, 3, 1, 1, generator=generator)
+    patterns = torch.rand(3, 3, 16, 16, generator=generator) - 0.5
+    prompts = [f"p{i}" for i in range(5) for _ in range(3)]
+    seeds = [s for _ in range(5) for s in range(3)]
+
+    def make(prompt_weight, seed_weight):
+        return torch.stack([0.5 + prompt_weight * (colours[int(p[1:])] - 0.5) + seed_weight * patterns[s]
+                            for p, s in zip(prompts, seeds)])
+
+    def rms(x):
+        return float(x.pow(2).mean().sqrt())
+
+    strong = prompt_seed_ratio(make(0.8, 0.1), prompts, seeds)
+    expected_prompts = np.mean([rms(0.8 * (colours[a] - colours[b]).expand(3, 16, 16))
+                                for a in range(5) for b in range(a + 1, 5)])
+    expected_seeds = np.mean([rms(0.1 * (patterns[a] - patterns[b])) for a in range(3) for b in range(a + 1, 3)])
+    assert strong["between_prompts"] == pytest.approx(expected_prompts, rel=1e-4)
+    assert strong["between_seeds"] == pytest.approx(expected_seeds, rel=1e-4)
+    assert strong["ratio"] == pytest.approx(expected_prompts / expected_seeds, rel=1e-4) and strong["ratio"] > 1
+    weak = prompt_seed_ratio(make(0.05, 0.4), prompts, seeds)  # the noise decides the picture
+    assert weak["ratio"] < 1
+    assert prompt_seed_ratio(make(0.8, 0.0), prompts, seeds)["ratio"] == math.inf  # seeds change nothing
+    one_seed = prompt_seed_ratio(make(0.8, 0.1)[::3], prompts[::3], seeds[::3])
+    assert one_seed["ratio"] is None and one_seed["between_seeds"] is None and one_seed["between_prompts"] > 0
+    uint8 = (make(0.8, 0.1).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert prompt_seed_ratio(uint8, prompts, seeds)["ratio"] == pytest.approx(strong["ratio"], rel=1e-2)
+    with pytest.raises(ValueError, match="one prompt and one seed per image"):
+        prompt_seed_ratio(make(0.8, 0.1), prompts[:-1], seeds)
+
+
+def test_classifier_classes_are_concepts_whatever_the_style():
+    model = EmojiClassifier(["red apple", "thumbs up"], image_size=16, widths=(4,))
+    assert model.class_index("thumbs up") == 1
+    assert model.class_index("thumbs up, noto style") == model.class_index("thumbs up, fluent emoji style") == 1
+    assert concept_of("red apple, noto style") == "red apple" and concept_of("red apple") == "red apple"
+    with pytest.raises(ValueError, match="not a class"):
+        model.class_index("green apple, noto style")

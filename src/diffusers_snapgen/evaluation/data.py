@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,23 +29,86 @@ def check_data_dir(data_dir, argument: str = "data_dir") -> Path:
     return path
 
 
-def load_rendered(data_dir, split: str = "train+test") -> tuple[list, list[str], list[str]]:
-    """``(images, texts, names)`` of ``split`` (``train``, ``test`` or ``train+test``), read with datasets'
-    ``imagefolder`` loader exactly as the training scripts read it. Images are RGB ``PIL.Image``."""
+STYLE_SUFFIX = re.compile(r"^(?P<concept>.+), (?P<style>[a-z0-9][a-z0-9 -]*) style$")
+
+
+def concept_of(prompt: str) -> str:
+    """The concept of a caption: ``"red apple, noto style"`` -> ``"red apple"``; a bare caption is its own concept."""
+    match = STYLE_SUFFIX.match(prompt.strip())
+    return match["concept"] if match else prompt.strip()
+
+
+@dataclass
+class RenderedSet:
+    """One entry per image of a rendered dataset split: the image, its (styled) caption, its concept (the classifier
+    class: the caption without the style), style, held-out kind and icon name."""
+
+    images: list
+    texts: list[str]
+    concepts: list[str]
+    styles: list[str]
+    kinds: list[str]
+    names: list[str]
+    file_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def reference_images(self) -> dict:
+        """Caption -> its first image (the default tone sorts first): the rendered reference of a prompt."""
+        reference = {}
+        for text, image in zip(self.texts, self.images):
+            reference.setdefault(text, image)
+        return reference
+
+
+def _read_split(folder: Path, workers: int) -> list[tuple[dict, object]]:
+    from PIL import Image
+
+    rows, seen = [], set()
+    for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row["file_name"] not in seen:  # training rows repeat an image with its bare caption
+                seen.add(row["file_name"])
+                rows.append(row)
+
+    def load(row):
+        with Image.open(folder / row["file_name"]) as image:
+            return image.convert("RGB")
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(zip(rows, pool.map(load, rows)))
+
+
+def read_rendered(data_dir, split: str = "train+test", workers: int | None = None) -> RenderedSet:
+    """The images of ``split`` (``train``, ``test`` or ``train+test``) of a rendered dataset, once each (the first
+    ``metadata.jsonl`` row of an image gives its caption), decoded by ``workers`` threads."""
     path = check_data_dir(data_dir)
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
     if "test" in split and not (path / "test" / "metadata.jsonl").is_file():
         raise ValueError(f"`data_dir`: {str(path)!r} has no test split; re-create it with prepare_emoji.py.")
-    from datasets import load_dataset
+    entries = []
+    for name in split.split("+"):
+        for row, image in _read_split(path / name, workers or min(16, os.cpu_count() or 1)):
+            if "text" not in row:
+                raise ValueError(f"`data_dir`: a row of {str(path)!r} has no 'text' caption ({row}).")
+            row.setdefault("kind", "seen" if name == "train" else "heldout")  # one-set data: no kind column
+            entries.append((row, image))
+    return RenderedSet(
+        images=[image for _, image in entries], texts=[row["text"] for row, _ in entries],
+        concepts=[row.get("concept") or concept_of(row["text"]) for row, _ in entries],
+        styles=[row.get("style", "") for row, _ in entries],
+        kinds=[row["kind"] for row, _ in entries],
+        names=[row.get("name", "") for row, _ in entries], file_names=[row["file_name"] for row, _ in entries])
 
-    dataset = load_dataset("imagefolder", data_dir=str(path), split=split)
-    for column in ("image", "text"):
-        if column not in dataset.column_names:
-            raise ValueError(f"`data_dir`: the dataset has no {column!r} column (columns: {dataset.column_names}).")
-    names = dataset["name"] if "name" in dataset.column_names else [""] * len(dataset)
-    images = [image.convert("RGB") for image in dataset["image"]]
-    return images, list(dataset["text"]), list(names)
+
+def load_rendered(data_dir, split: str = "train+test") -> tuple[list, list[str], list[str]]:
+    """``(images, texts, names)`` of ``split``, one entry per image (:func:`read_rendered`). Images are RGB
+    ``PIL.Image``."""
+    rendered = read_rendered(data_dir, split)
+    return rendered.images, rendered.texts, rendered.names
 
 
 def read_eval_prompts(data_dir) -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""Compare text-to-image models on the same prompts and seeds: one table (JSON + Markdown) and an image grid."""
+"""Compare text-to-image models on the same prompts and seeds: one table (JSON + Markdown), an image grid of every
+model and a prompts x seeds grid of one model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from .classifier import EmojiClassifier
 from .data import to_tensor, to_uint8
-from .metrics import decoder_psnr_ssim, fid, prompt_accuracy
+from .metrics import decoder_psnr_ssim, fid, prompt_accuracy, prompt_seed_ratio
 
 RENDERED = "rendered"  # name of the optional reference row: the dataset's own images
 
@@ -36,7 +37,7 @@ class EvaluationResult:
         names = ["model", "steps", "guidance"]
         group_names = list(dict.fromkeys(self.groups))
         names += [f"top{k}_{g}" for g in group_names for k in (1, 5)]
-        return names + ["fid", "psnr", "ssim", "sec_per_image"]
+        return names + ["fid", "prompt_seed_ratio", "psnr", "ssim", "sec_per_image"]
 
     def to_json(self) -> dict:
         def clean(value):
@@ -53,23 +54,26 @@ class EvaluationResult:
                 return "—"
             if key.startswith("top"):
                 return f"{100 * value:.1f}%"
-            if key == "ssim":
-                return f"{value:.3f}"
+            if key in ("ssim", "prompt_seed_ratio"):
+                return "inf" if math.isinf(value) else f"{value:.3f}"
             if isinstance(value, float):
                 return "inf" if math.isinf(value) else f"{value:.2f}"
             return str(value)
 
         columns = self.columns()
-        header = [c.replace("sec_per_image", "s/image").replace("top1_", "top-1 ").replace("top5_", "top-5 ")
-                  for c in columns]
+        header = [c.replace("sec_per_image", "s/image").replace("prompt_seed_ratio", "prompt/seed")
+                  .replace("top1_", "top-1 ").replace("top5_", "top-5 ") for c in columns]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in self.rows]
         counts = {g: self.groups.count(g) for g in dict.fromkeys(self.groups)}
         per_group = ", ".join(f"{n} {g}" for g, n in counts.items())
-        note = (f"\nSame prompts and seeds for every model ({per_group} images); "
-                "accuracy and FID from the emoji classifier (FID against the whole rendered set; it depends on the "
-                "image count, so compare rows of one table: the rendered row is the floor at this count); PSNR/SSIM "
-                "of each model's decoder on held-out images encoded by the reference autoencoder.\n")
+        note = (f"\nSame prompts and seeds for every model ({per_group} images; copy j of every prompt uses seed "
+                "first + j); accuracy (the prompt's concept among the classifier's top-1/top-5, whatever the style) "
+                "and FID from the emoji classifier (FID against the whole rendered set; it depends on the image "
+                "count, so compare rows of one table: the rendered row is the floor at this count); prompt/seed: "
+                "mean RMS pixel distance between different prompts at one seed over that between seeds of one "
+                "prompt (>= 1: the prompt drives the picture); PSNR/SSIM of each model's decoder on held-out images "
+                "encoded by the reference autoencoder.\n")
         return "\n".join(lines) + "\n" + note
 
 
@@ -96,11 +100,16 @@ def _flatten_prompts(prompts) -> tuple[list[str], list[str]]:
 
 @torch.no_grad()
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale=None,
-                    height=None, width=None, batch_size: int = 8) -> torch.Tensor:
+                    height=None, width=None, batch_size: int = 8, autocast: torch.dtype | None = None) -> torch.Tensor:
     """uint8 images ``(N, 3, H, W)``, image i from ``prompts[i]`` with CPU noise seeded by ``seeds[i]`` (the same
-    noise on any device and batch size)."""
+    noise on any device and batch size). ``autocast``: a dtype (``torch.bfloat16``) to run the pipeline under
+    ``torch.autocast`` on its device, e.g. fp32 weights on a GPU with bf16 matrix products."""
     if len(prompts) != len(seeds):
         raise ValueError(f"`seeds` has {len(seeds)} entries but `prompts` {len(prompts)}: pass one seed per prompt.")
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"`autocast` must be torch.bfloat16, torch.float16 or None, got {autocast!r}.")
+    device = getattr(pipe, "device", None)
+    device_type = device.type if isinstance(device, torch.device) else "cpu"
     kwargs = {"num_inference_steps": steps, "output_type": "pt"}
     for key, value in (("guidance_scale", guidance_scale), ("height", height), ("width", width)):
         if value is not None:
@@ -108,7 +117,8 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
     out = []
     for start in range(0, len(prompts), batch_size):
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start: start + batch_size]]
-        images = pipe(prompt=list(prompts[start: start + batch_size]), generator=generators, **kwargs).images
+        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            images = pipe(prompt=list(prompts[start: start + batch_size]), generator=generators, **kwargs).images
         out.append(to_uint8(images if isinstance(images, torch.Tensor) else to_tensor(images)))
     return torch.cat(out)
 
@@ -135,6 +145,14 @@ def _check_models(models) -> list[tuple]:
     return checked
 
 
+def _is_class(classifier: EmojiClassifier, prompt: str) -> bool:
+    try:
+        classifier.class_index(prompt)
+    except ValueError:
+        return False
+    return True
+
+
 def _sync(pipe) -> None:
     device = getattr(pipe, "device", None)
     if isinstance(device, torch.device) and device.type == "cuda":
@@ -155,10 +173,11 @@ def evaluate_models(
     batch_size: int = 8,
     encoder=None,
     decoder_images=None,
+    autocast: torch.dtype | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
-    """Generate, for every model, the same images (prompt i, copy j uses seed ``seed + i * images_per_prompt + j``)
-    and measure them.
+    """Generate, for every model, the same images (copy j of every prompt uses seed ``seed + j``, so images of
+    different prompts share their noise) and measure them.
 
     Args:
         models: ``(name, pipeline, steps[, guidance_scale])``; ``pipeline`` is a DiffusionPipeline or a function
@@ -168,13 +187,14 @@ def evaluate_models(
         reference_features: classifier features of the rendered set for FID (``classifier.embed(images)``).
         rendered: optional caption -> rendered image; adds a first row ``"rendered"`` (the dataset's images).
         encoder, decoder_images: an ``AutoencoderKL`` and held-out images: PSNR/SSIM of each model's ``vae``.
+        autocast: ``torch.bfloat16`` to sample under autocast (see :func:`generate_images`).
         progress: called with one line per finished model (e.g. ``print``).
     """
     checked = _check_models(models)
     if not isinstance(classifier, EmojiClassifier):
         raise TypeError(f"`classifier` must be an EmojiClassifier, got {type(classifier).__name__}.")
     flat, groups = _flatten_prompts(prompts)
-    unknown = sorted({p for p in flat if p.strip() not in classifier.classes})
+    unknown = sorted({p for p in flat if not _is_class(classifier, p)})
     if unknown:
         raise ValueError(f"{len(unknown)} prompts are not classes of the classifier (e.g. {unknown[0]!r}): use "
                          "captions of the rendered dataset the classifier was trained on.")
@@ -187,16 +207,19 @@ def evaluate_models(
         raise ValueError("pass both `encoder` and `decoder_images` (decoder PSNR/SSIM), or neither.")
     prompts_rep = [p for p in flat for _ in range(images_per_prompt)]
     groups_rep = [g for g in groups for _ in range(images_per_prompt)]
-    seeds = [seed + i for i in range(len(prompts_rep))]
+    seeds = [seed + j for _ in flat for j in range(images_per_prompt)]
 
     def measure(name, images, steps=None, guidance=None, seconds=None, vae=None) -> dict:
-        row = {"model": name, "steps": steps, "guidance": guidance, "fid": None, "psnr": None, "ssim": None}
+        row = {"model": name, "steps": steps, "guidance": guidance, "fid": None, "prompt_seed_ratio": None,
+               "psnr": None, "ssim": None}
         for group in dict.fromkeys(groups_rep):
             index = [i for i, g in enumerate(groups_rep) if g == group]
             accuracy = prompt_accuracy(images[index], [prompts_rep[i] for i in index], classifier)
             row[f"top1_{group}"], row[f"top5_{group}"] = accuracy["top1"], accuracy["top5"]
         if reference_features is not None and len(images) >= 2:
             row["fid"] = fid(classifier.embed(images), reference_features)
+        if name != RENDERED:  # the rendered row has one image per prompt, whatever the seed
+            row["prompt_seed_ratio"] = prompt_seed_ratio(images, prompts_rep, seeds)["ratio"]
         if vae is not None and encoder is not None:
             if id(vae) not in decoder_cache:
                 decoder_cache[id(vae)] = decoder_psnr_ssim(decoder_images, encoder, vae)
@@ -218,7 +241,7 @@ def evaluate_models(
         loaded = pipe if hasattr(pipe, "components") else pipe()
         _sync(loaded)
         start = time.perf_counter()
-        images = generate_images(loaded, prompts_rep, seeds, steps, guidance, height, width, batch_size)
+        images = generate_images(loaded, prompts_rep, seeds, steps, guidance, height, width, batch_size, autocast)
         _sync(loaded)
         seconds = (time.perf_counter() - start) / len(images)
         all_images[name] = images
@@ -231,7 +254,8 @@ def evaluate_models(
             progress(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items()
                                              if isinstance(v, float) and k != "guidance"))
     settings = {"seed": seed, "images_per_prompt": images_per_prompt, "height": height, "width": width,
-                "batch_size": batch_size, "classifier_classes": len(classifier.classes),
+                "batch_size": batch_size, "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
+                "classifier_classes": len(classifier.classes),
                 "reference_images": None if reference_features is None else int(reference_features.shape[0]),
                 "decoder_images": None if decoder_images is None else len(decoder_images)}
     return EvaluationResult(rows, groups_rep, prompts_rep, seeds, all_images, settings)
@@ -240,13 +264,8 @@ def evaluate_models(
 # --------------------------------------------------------------------------- report
 
 
-def image_grid(result: EvaluationResult, max_prompts: int = 8, cell_size: int = 128):
-    """A PIL image: one row per prompt (first image of the first ``max_prompts`` prompts, groups interleaved), one
-    column per model, labelled."""
-    from PIL import Image, ImageDraw
-
-    if not isinstance(max_prompts, int) or max_prompts < 1 or not isinstance(cell_size, int) or cell_size < 16:
-        raise ValueError("`max_prompts` must be >= 1 and `cell_size` >= 16.")
+def _chosen_prompts(result: EvaluationResult, max_prompts: int) -> list[int]:
+    """Indices of the first image of up to ``max_prompts`` prompts, taking the prompt groups in turn."""
     firsts: dict[str, list[int]] = {}
     for i in range(0, len(result.prompts), result.settings.get("images_per_prompt", 1)):
         firsts.setdefault(result.groups[i], []).append(i)
@@ -255,28 +274,65 @@ def image_grid(result: EvaluationResult, max_prompts: int = 8, cell_size: int = 
         for queue in queues:
             if queue and len(chosen) < max_prompts:
                 chosen.append(queue.pop(0))
-    names = list(result.images)
+    return chosen
+
+
+def _draw_grid(headers: list[str], rows: list[tuple[str, list[torch.Tensor]]], cell_size: int):
+    """Labelled grid: one header per column, each row a caption and one uint8 ``(3, H, W)`` tile per column."""
+    from PIL import Image, ImageDraw
+
     label_w, header_h, pad = 150, 22, 4
-    grid = Image.new("RGB", (label_w + len(names) * (cell_size + pad), header_h + len(chosen) * (cell_size + pad)),
+    grid = Image.new("RGB", (label_w + len(headers) * (cell_size + pad), header_h + len(rows) * (cell_size + pad)),
                      "white")
     draw = ImageDraw.Draw(grid)
-    steps = {row["model"]: row.get("steps") for row in result.rows}
-    for c, name in enumerate(names):
-        label = name if steps.get(name) is None else f"{name} ({steps[name]} st.)"
-        draw.text((label_w + c * (cell_size + pad) + 2, 5), label[: cell_size // 6], fill="black")
-    for r, index in enumerate(chosen):
+    for c, header in enumerate(headers):
+        draw.text((label_w + c * (cell_size + pad) + 2, 5), header[: cell_size // 6], fill="black")
+    for r, (caption, tiles) in enumerate(rows):
         y = header_h + r * (cell_size + pad)
-        words, lines = result.prompts[index].split(), [""]
-        for word in words:
+        lines = [""]
+        for word in caption.split():
             if len(lines[-1]) + len(word) + 1 > label_w // 7 and lines[-1]:
                 lines.append("")
             lines[-1] = (lines[-1] + " " + word).strip()
-        draw.multiline_text((4, y + 4), "\n".join(lines[:6] + [f"[{result.groups[index]}]"]), fill="black")
-        for c, name in enumerate(names):
-            array = result.images[name][index].permute(1, 2, 0).numpy()
-            tile = Image.fromarray(array).resize((cell_size, cell_size), Image.Resampling.LANCZOS)
-            grid.paste(tile, (label_w + c * (cell_size + pad), y))
+        draw.multiline_text((4, y + 4), "\n".join(lines[:7]), fill="black")
+        for c, tile in enumerate(tiles):
+            image = Image.fromarray(tile.permute(1, 2, 0).numpy()).resize((cell_size, cell_size),
+                                                                          Image.Resampling.LANCZOS)
+            grid.paste(image, (label_w + c * (cell_size + pad), y))
     return grid
+
+
+def image_grid(result: EvaluationResult, max_prompts: int = 8, cell_size: int = 128):
+    """A PIL image: one row per prompt (first image of the first ``max_prompts`` prompts, groups interleaved), one
+    column per model, labelled."""
+    if not isinstance(max_prompts, int) or max_prompts < 1 or not isinstance(cell_size, int) or cell_size < 16:
+        raise ValueError("`max_prompts` must be >= 1 and `cell_size` >= 16.")
+    steps = {row["model"]: row.get("steps") for row in result.rows}
+    headers = [name if steps.get(name) is None else f"{name} ({steps[name]} st.)" for name in result.images]
+    rows = [(f"{result.prompts[i]} [{result.groups[i]}]", [images[i] for images in result.images.values()])
+            for i in _chosen_prompts(result, max_prompts)]
+    return _draw_grid(headers, rows, cell_size)
+
+
+def seed_grid(result: EvaluationResult, model: str, max_prompts: int = 16, max_seeds: int = 4, cell_size: int = 128):
+    """A PIL image of one model: one row per prompt (groups interleaved), the rendered reference (when the result
+    has it) then the images of the first ``max_seeds`` seeds."""
+    if model not in result.images or model == RENDERED:
+        raise ValueError(f"`model` must be one of the evaluated models {[n for n in result.images if n != RENDERED]},"
+                         f" got {model!r}.")
+    for name, value, low in (("max_prompts", max_prompts, 1), ("max_seeds", max_seeds, 1),
+                             ("cell_size", cell_size, 16)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    copies = min(max_seeds, result.settings.get("images_per_prompt", 1))
+    headers = ([RENDERED] if RENDERED in result.images else []) + [f"{model} seed {result.seeds[j]}"
+                                                                   for j in range(copies)]
+    rows = []
+    for i in _chosen_prompts(result, max_prompts):
+        tiles = [result.images[RENDERED][i]] if RENDERED in result.images else []
+        rows.append((f"{result.prompts[i]} [{result.groups[i]}]", tiles + [result.images[model][i + j]
+                                                                          for j in range(copies)]))
+    return _draw_grid(headers, rows, cell_size)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -292,15 +348,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def write_report(result: EvaluationResult, out_dir, stem: str = "eval_quality", grid_prompts: int = 8,
-                 cell_size: int = 128, save_images: bool = False) -> dict[str, Path]:
+                 cell_size: int = 128, save_images: bool = False, seed_grid_model: str | None = None,
+                 seed_grid_prompts: int = 16) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>_grid.png`` to ``out_dir`` (each through a temporary file;
-    with ``save_images`` also ``<stem>_images/<model>/<i>.png``). Returns the paths."""
+    with ``seed_grid_model`` also ``<stem>_seeds.png``, its :func:`seed_grid`; with ``save_images`` also
+    ``<stem>_images/<model>/<i>.png``). Returns the paths."""
     from PIL import Image
 
     if not isinstance(result, EvaluationResult):
         raise TypeError(f"`result` must be an EvaluationResult, got {type(result).__name__}.")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"`out_dir` must be a folder path, got {type(out_dir).__name__}.")
+    if seed_grid_model is not None and (seed_grid_model not in result.images or seed_grid_model == RENDERED):
+        raise ValueError(f"`seed_grid_model` must be one of the evaluated models, got {seed_grid_model!r}.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir`: {str(out)!r} exists and is not a folder.")
@@ -310,6 +370,11 @@ def write_report(result: EvaluationResult, out_dir, stem: str = "eval_quality", 
     buffer = io.BytesIO()
     image_grid(result, grid_prompts, cell_size).save(buffer, format="PNG")
     _write_atomically(paths["grid"], buffer.getvalue())
+    if seed_grid_model is not None:
+        buffer = io.BytesIO()
+        seed_grid(result, seed_grid_model, seed_grid_prompts, cell_size=cell_size).save(buffer, format="PNG")
+        paths["seeds"] = out / f"{stem}_seeds.png"
+        _write_atomically(paths["seeds"], buffer.getvalue())
     if save_images:
         for name, images in result.images.items():
             for i, image in enumerate(images):

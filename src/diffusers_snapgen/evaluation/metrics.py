@@ -1,7 +1,9 @@
-"""Image-quality measures: prompt accuracy and FID on the emoji classifier, decoder PSNR/SSIM."""
+"""Image-quality measures: prompt accuracy and FID on the emoji classifier, the prompt-vs-seed ratio, decoder
+PSNR/SSIM."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +36,54 @@ def prompt_accuracy(images, prompts: Sequence[str], classifier: EmojiClassifier,
         "top5": (top == targets[:, None]).any(dim=1).float().mean().item(),
         "count": len(prompts),
     }
+
+
+def _pairwise_rms(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square pixel distance between every two rows of ``x`` ``(N, D)``: ``torch.cdist`` (exact
+    differences up to 25 rows, a matrix product of the centred rows beyond)."""
+    x = x - x.mean(0, keepdim=True)
+    return torch.cdist(x[None], x[None])[0] / math.sqrt(x.shape[1])
+
+
+def prompt_seed_ratio(images, prompts: Sequence[str], seeds: Sequence[int]) -> dict:
+    """How much the prompt, rather than the noise, decides the picture.
+
+    ``between_prompts``: mean root-mean-square pixel distance (images in [0, 1]) between images of different prompts
+    made from the same seed; ``between_seeds``: the same between images of one prompt made from different seeds;
+    ``ratio`` = between_prompts / between_seeds (>= 1: the prompt drives the picture; ~1: the noise does as much;
+    inf when the seeds make identical images). Values are None when no two prompts share a seed or no prompt has two
+    seeds. ``images``: ``(N, 3, H, W)`` tensor (uint8 or [0, 1]) or PIL list; one prompt and seed per image.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or isinstance(seeds, str) or not isinstance(
+            seeds, Sequence):
+        raise TypeError("`prompts` and `seeds` must be lists, one entry per image.")
+    if not len(prompts) == len(seeds) == len(images):
+        raise ValueError(f"pass one prompt and one seed per image: {len(images)} images, {len(prompts)} prompts, "
+                         f"{len(seeds)} seeds.")
+    pixels = to_tensor(images).flatten(1)
+
+    def mean_distance(groups: dict, different: list) -> float | None:
+        total, count = 0.0, 0
+        for index in groups.values():
+            if len(index) < 2:
+                continue
+            distances = _pairwise_rms(pixels[index])
+            labels = [different[i] for i in index]
+            mask = torch.tensor([[a != b for b in labels] for a in labels]).triu(1)
+            total += distances[mask].sum().item()
+            count += int(mask.sum())
+        return total / count if count else None
+
+    by_seed, by_prompt = {}, {}
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        by_seed.setdefault(seed, []).append(i)
+        by_prompt.setdefault(prompt, []).append(i)
+    between_prompts = mean_distance(by_seed, list(prompts))
+    between_seeds = mean_distance(by_prompt, list(seeds))
+    ratio = None
+    if between_prompts is not None and between_seeds is not None:
+        ratio = between_prompts / between_seeds if between_seeds > 0 else float("inf")
+    return {"ratio": ratio, "between_prompts": between_prompts, "between_seeds": between_seeds}
 
 
 def _as_features(value, name: str) -> np.ndarray:
