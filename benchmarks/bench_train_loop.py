@@ -9,7 +9,7 @@ data held on the device (as with --cache_latents --cache_text_embeddings / --cac
 Configs (the emoji recipe's models, batch 128 unless noted): student8 / student16 (the 14.75M SnapGen student,
 flow matching at 8x8 / 16x16 latents), teacher16 (the 12-block x 384 MMDiT teacher), kd16 (student + frozen teacher,
 output + 4 feature pairs), asd16 (4-step grid, teacher rollout, teacher-feature discriminator), decoder128 and
-autoencoder128 (128-pixel patches, patch GAN on), paper1024 (the paper-size UNet at 1024², batch 8). Each config runs
+autoencoder128 (128-pixel patches; the decoder's patch GAN on), paper1024 (the paper-size UNet at 1024², batch 8). Each config runs
 in its own process; every mode builds a fresh run (prepare_run + train), warms up for --warmup steps (compilation and
 capture happen there) and is then timed over --steps steps (metrics windows of the engine: the host waits for the
 device once per window). GPU busy time: torch.profiler over the timed steps of one mode (union of kernel intervals /
@@ -66,7 +66,7 @@ CONFIGS = {
     "autoencoder128": ("autoencoder", 128, 32, 32, 4),
     "paper1024": ("paper", 128, 8, 8, 2),
 }
-TEXT_TOKENS, TEXT_WIDTH = 16, 384  # MiniLM-L6, the emoji recipe's encoder
+TEXT_TOKENS, TEXT_WIDTH = 20, 384  # MiniLM-L6 at the emoji recipe's 20 tokens
 SAMPLES = 4096  # synthetic data set size (the device caches)
 
 
@@ -89,8 +89,9 @@ def _args(kind: str, batch: int, size: int, mode: str, out: Path, warmup: int, s
         flags.append("--compile")
     if mode in ("graph_eager", "graph"):
         flags.append("--cuda_graphs")
-    if kind in ("decoder", "autoencoder"):
-        flags += ["--resolution", str(size), "--lpips_weight", "0", "--gan_weight", "0.1", "--random_flip",
+    if kind in ("decoder", "autoencoder"):  # the recipe's losses: the decoder's patch GAN on, none for the autoencoder
+        flags += ["--resolution", str(size), "--lpips_weight", "0", "--gan_weight",
+                  "0.1" if kind == "decoder" else "0", "--random_flip",
                   "--cache_images", "--validation_steps", "1000000"]
         if kind == "decoder":
             args = build_decoder_parser().parse_args(["--pretrained_model_name_or_path", "unused", *flags])
@@ -370,6 +371,8 @@ def main(argv=None):
     p.add_argument("--resume_check", type=str, default=None,
                    help="Also train this config 2 x --resume_steps steps and resume a new run half-way (graph mode).")
     p.add_argument("--resume_steps", type=int, default=100)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time after which no config starts (a running one is stopped then): rows say 'skipped'.")
     p.add_argument("--_one", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -405,7 +408,16 @@ def main(argv=None):
                "--profile_mode", args.profile_mode, "--resume_steps", str(args.resume_steps)] + \
             (["--smoke"] if args.smoke else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        timeout = None if args.deadline is None else args.deadline - time.time()
+        if timeout is not None and timeout < 5:
+            skipped = {"config": name.split(":")[-1], "mode": "all", "error": "skipped: time budget"}
+            resume, rows = (skipped, rows) if name.startswith("resume:") else (resume, rows + [skipped])
+            continue
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            proc = subprocess.CompletedProcess(cmd, -9, (e.stdout or b"").decode() if isinstance(e.stdout, bytes)
+                                               else (e.stdout or ""), "stopped: time budget")
         found = [line for line in proc.stdout.splitlines() if line.startswith("ROWS ")]
         if found and name.startswith("resume:"):
             resume = json.loads(found[-1][5:])[0]

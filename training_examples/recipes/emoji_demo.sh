@@ -36,10 +36,9 @@ case "$PRESET" in
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-2}"; EVAL_IMAGES="${EVAL_IMAGES:-1}"
     EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-2}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}" ;;
-  gpu)  # the full preset's model widths at 64², with the step counts one H200 reached in a 20-minute budget
-         # (benchmarks/results/eval_quality_gpu_h200.md): too few student steps to beat the CPU preset; raise
-         # STUDENT_STEPS (7.7 steps/s alone on an H200) and ASD_STEPS when you have the GPU time. That run used
-         # KD_PROJECTOR_DIRECTION=teacher_to_student and no --foreach_ema (the defaults then)
+  gpu)  # the full preset's model widths at 64², with the step counts one H200 reached in 20 minutes of wall time with
+         # the earlier training loop (benchmarks/results/eval_quality_gpu_h200.md): too few student steps to beat the
+         # CPU preset. That run used KD_PROJECTOR_DIRECTION=teacher_to_student
     RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-1250}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-9500}"
     TEACHER_STEPS="${TEACHER_STEPS:-1000}"; STUDENT_STEPS="${STUDENT_STEPS:-500}"; ASD_STEPS="${ASD_STEPS:-250}"
@@ -58,7 +57,7 @@ case "$PRESET" in
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"
     SETS="${SETS:-all}"; FAST="${FAST:---compile --cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
-    DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"
+    DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"; TEXT_TOKENS="${TEXT_TOKENS:-20}"  # fxemoji captions reach 18
     CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 60}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
   cpu)  # the earlier stand-in: small models at 64², trained on a 2-core CPU in about an hour
@@ -148,7 +147,8 @@ KD_PROJECTOR_DIRECTION="${KD_PROJECTOR_DIRECTION:-student_to_teacher}"
 # Student module -> teacher block pairs for feature KD (12-block teacher; `:1` = image stream).
 KD_LAYERS="down_blocks.2.attentions.0=transformer_blocks.3:1,mid_block=transformer_blocks.6:1,up_blocks.0.attentions.1=transformer_blocks.9:1,up_blocks.1.attentions.1=transformer_blocks.10:1"
 COMMON_DATA=(--train_data_dir "$DATA" --resolution "$RESOLUTION" --cache_latents --cache_text_embeddings
-             --proportion_empty_prompts 0.1 --dataloader_num_workers "$WORKERS" --seed "$SEED")
+             --precompute_dir "$RUNS/cache" --proportion_empty_prompts 0.1 --dataloader_num_workers "$WORKERS"
+             --seed "$SEED")  # one latent and text cache for every denoiser stage
 COMMON_OPT=(--train_batch_size "$BATCH" --learning_rate 2e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 500
             --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT"
             --resume_from_checkpoint latest
