@@ -56,7 +56,7 @@ case "$PRESET" in
     CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"
-    SETS="${SETS:-all}"; FAST="${FAST:---compile --cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
+    SETS="${SETS:-all}"; FAST="${FAST---compile --cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
     DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"; TEXT_TOKENS="${TEXT_TOKENS:-20}"  # fxemoji captions reach 18
     CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 60}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
