@@ -20,6 +20,7 @@ _LAZY = {
     "SnapGenUNet2DModel": ".models",
     "SnapGenUNet2DOutput": ".models",
     "TinyDecoder": ".models",
+    "TinyEncoder": ".models",
     "default_model_path": ".default_model",
     "load_default_pipeline": ".default_model",
 }
@@ -27,7 +28,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from .default_model import default_model_path, load_default_pipeline
-    from .models import SnapGenUNet2DModel, SnapGenUNet2DOutput, TinyDecoder
+    from .models import SnapGenUNet2DModel, SnapGenUNet2DOutput, TinyDecoder, TinyEncoder
     from .pipelines import SnapGenPipeline, SnapGenPipelineOutput
 
 

@@ -58,10 +58,10 @@ def register() -> None:
         import diffusers
         import diffusers.pipelines
 
-        from .models import SnapGenUNet2DModel, TinyDecoder
+        from .models import SnapGenUNet2DModel, TinyDecoder, TinyEncoder
         from .pipelines import SnapGenPipeline
 
-        for cls in (SnapGenPipeline, SnapGenUNet2DModel, TinyDecoder):
+        for cls in (SnapGenPipeline, SnapGenUNet2DModel, TinyDecoder, TinyEncoder):
             setattr(diffusers, cls.__name__, cls)
         setattr(diffusers.pipelines, PACKAGE, sys.modules[PACKAGE])
         with quiet_transformers():

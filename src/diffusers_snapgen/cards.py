@@ -28,6 +28,7 @@ PYTORCH_KINDS = {
     "pipeline": ("SnapGen text-to-image pipeline", "text-to-image"),
     "unet": ("SnapGen UNet", "text-to-image"),
     "tiny_decoder": ("SnapGen tiny decoder", None),
+    "tiny_encoder": ("SnapGen tiny encoder", None),
     "autoencoder": ("SnapGen-compatible autoencoder", None),
     "transformer": ("SD3 transformer", None),
 }
@@ -36,6 +37,7 @@ STAGES = {
     "kd": ("train_snapgen_kd.py", "multi-level knowledge distillation with timestep-aware scaling (paper §3.3)"),
     "asd": ("train_snapgen_asd.py", "adversarial step distillation, few-step (paper §3.4)"),
     "tiny_decoder": ("train_tiny_decoder.py", "tiny decoder training: MSE + LPIPS + adversarial (paper §3.2)"),
+    "tiny_encoder": ("train_tiny_encoder.py", "tiny encoder distillation: latent MSE to an autoencoder's mean"),
     "autoencoder": ("train_autoencoder.py", "autoencoder training: L1/MSE + KL + LPIPS + adversarial (SD3 latents)"),
     "teacher": ("train_sd3_teacher.py", "teacher training: flow matching of an SD3Transformer2DModel (paper §3.3)"),
 }
@@ -143,8 +145,8 @@ def render_pytorch_card(
 ) -> ModelCard:
     """The README of a PyTorch repo pushed by a training example.
 
-    ``kind``: ``"pipeline"``, ``"unet"``, ``"tiny_decoder"``, ``"autoencoder"`` or ``"transformer"``; ``stage``:
-    ``"pretrain"``, ``"kd"``, ``"asd"``, ``"tiny_decoder"``, ``"autoencoder"`` or ``"teacher"``; ``training``:
+    ``kind``: one of ``PYTORCH_KINDS`` (``"pipeline"``, ``"unet"``, ``"tiny_decoder"``, ``"tiny_encoder"``, ...);
+    ``stage``: one of ``STAGES`` (``"pretrain"``, ``"kd"``, ``"asd"``, ...); ``training``:
     hyper-parameters shown as a table (e.g. ``{"steps": 1000, "lr": 1e-4}``).
     """
     if kind not in PYTORCH_KINDS:
@@ -158,7 +160,8 @@ def render_pytorch_card(
     _check_license(license)
     title, pipeline_tag = PYTORCH_KINDS[kind]
     script, stage_label = STAGES[stage]
-    kind_tags = {"tiny_decoder": ["vae", "tiny-decoder"], "autoencoder": ["vae", "autoencoder-kl"],
+    kind_tags = {"tiny_decoder": ["vae", "tiny-decoder"], "tiny_encoder": ["vae", "tiny-encoder"],
+                 "autoencoder": ["vae", "autoencoder-kl"],
                  "transformer": ["sd3", "mmdit", "teacher"]}
     tags = ["snapgen", "diffusers", "safetensors"] + (["text-to-image"] if pipeline_tag else kind_tags[kind])
     card_data = ModelCardData(
@@ -175,6 +178,9 @@ def render_pytorch_card(
         "unet": "The SnapGen efficient UNet (paper §3.1), a drop-in `unet` for `SnapGenPipeline`.",
         "tiny_decoder": "SnapGen's 1.4M-parameter tiny decoder for SD3 latents (paper §3.2); also a fast drop-in "
                         "decoder for diffusers' SD3 pipelines.",
+        "tiny_encoder": "A tiny image encoder for SnapGen's latent space (the counterpart of the tiny decoder, paper "
+                        "§3.2): it gives the posterior mean of the autoencoder it was distilled from, so pipelines "
+                        "that ship only a tiny decoder can be fine-tuned.",
         "autoencoder": "A diffusers `AutoencoderKL` with SD3's latent layout (16 channels, f = 8), the encoder/decoder "
                        "of a small SnapGen; its config carries the measured `scaling_factor` and `shift_factor` (SD3 "
                        "convention: `(z - shift_factor) * scaling_factor`).",

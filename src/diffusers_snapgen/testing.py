@@ -55,6 +55,18 @@ def tiny_decoder(seed: int = 0, **overrides):
     return TinyDecoder(**config).eval()
 
 
+def tiny_encoder(seed: int = 0, **overrides):
+    """A TinyEncoder of a few thousand parameters (8x downsampling), four latent channels like :func:`tiny_unet`;
+    ``overrides`` replace config keys (``latent_channels=16`` for SD3 latents)."""
+    from .models import TinyEncoder
+
+    config = dict(latent_channels=4, block_out_channels=(8, 8, 8, 16), layers_per_block=1,
+                  norm_per_block=(False, False, True, True), norm_num_groups=4)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return TinyEncoder(**config).eval()
+
+
 # --------------------------------------------------------------------------- tiny text encoders and pipelines
 # Tokenizers are built in memory from tiny vocabularies (one token per
 # character, no merges), text encoders from tiny configs: nothing is read from disk or downloaded.

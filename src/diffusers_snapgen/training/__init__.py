@@ -6,7 +6,7 @@ The engine (one loop for every script; docs/training_speed.md):
   resume; :class:`TrainingTask` is what a script varies.
 - :mod:`.step` - one optimizer step, eager or captured in a CUDA graph; device-side random numbers.
 - :mod:`.batches`, :mod:`.metrics` - on-device data and metrics (no host sync in the step).
-- :mod:`.tasks` - flow matching, KD, ASD, tiny decoder, autoencoder.
+- :mod:`.tasks` - flow matching, KD, ASD, tiny decoder, autoencoder, tiny encoder.
 - :mod:`.args`, :mod:`.task_args` - the scripts' command lines, composed from argument groups.
 
 The objectives and their pieces:
@@ -108,9 +108,11 @@ from .tasks import (
     FlowMatchingTask,
     KDTask,
     TinyDecoderTask,
+    TinyEncoderTask,
     load_denoiser_base,
     train_autoencoder,
     train_tiny_decoder,
+    train_tiny_encoder,
 )
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,5 +1,6 @@
-"""Command lines of ``train_snapgen_asd.py``, ``train_sd3_teacher.py``, ``train_tiny_decoder.py`` and
-``train_autoencoder.py``, composed from the groups of :mod:`.args` plus each script's own group."""
+"""Command lines of ``train_snapgen_asd.py``, ``train_sd3_teacher.py``, ``train_tiny_decoder.py``,
+``train_autoencoder.py`` and ``train_tiny_encoder.py``, composed from the groups of :mod:`.args` plus each script's
+own group."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ __all__ = [
     "build_autoencoder_parser",
     "validate_autoencoder_args",
     "parse_autoencoder_args",
+    "build_encoder_parser",
+    "validate_encoder_args",
+    "parse_encoder_args",
 ]
 
 REAL_SOURCES = ("data", "teacher")
@@ -216,6 +220,14 @@ def _add_reconstruction_args(p: argparse.ArgumentParser, title: str, gan_weight:
     a("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
     a("--discriminator_channels", type=int, default=64, help="Width of the first patch-discriminator layer.")
     a("--discriminator_num_layers", type=int, default=3, help="Stride-2 layers of the patch discriminator.")
+    _add_image_eval_args(g)
+    return g
+
+
+def _add_image_eval_args(g):
+    """The device image cache and the held-out images: shared by the tiny decoder, the autoencoder and the tiny
+    encoder."""
+    a = g.add_argument
     a("--cache_images", action="store_true",
       help="Decode every training image once, resized and center-cropped to --cache_image_resolution, and keep them "
            "on the training device as uint8: random patches and flips are cut on the device, no data loader in the "
@@ -228,20 +240,23 @@ def _add_reconstruction_args(p: argparse.ArgumentParser, title: str, gan_weight:
     a("--num_eval_images", type=int, default=16, help="Held-out images for PSNR/SSIM.")
     a("--eval_resolution", type=int, default=None, help="Held-out images are center-cropped to this size.")
     a("--eval_batch_size", type=int, default=4)
-    a("--validation_steps", type=int, default=500, help="Evaluate PSNR/SSIM on the held-out images every N steps.")
-    return g
+    a("--validation_steps", type=int, default=500, help="Evaluate on the held-out images every N steps.")
 
 
 def _reconstruction_parser(description, output_dir, gan_weight, lpips_fallback, group_title):
     p = argparse.ArgumentParser(description=description)
     return p, (lambda: (
-        add_data_args(p, default_resolution=256,
-                      resolution_help="Training patch size in pixels (random crops at native resolution; paper: 256)."),
+        _add_patch_data_args(p),
         add_optimization_args(p, default_warmup=0),
         add_speed_args(p),
         _add_reconstruction_args(p, group_title, gan_weight, lpips_fallback),
         add_output_args(p, default_output_dir=output_dir),
     ))
+
+
+def _add_patch_data_args(p):
+    return add_data_args(p, default_resolution=256, resolution_help=(
+        "Training patch size in pixels (random crops at native resolution; paper: 256)."))
 
 
 def build_decoder_parser() -> argparse.ArgumentParser:
@@ -270,39 +285,48 @@ def validate_decoder_args(args: argparse.Namespace) -> argparse.Namespace:
     """The common checks plus the reconstruction ones (the autoencoder's too)."""
     if not isinstance(args, argparse.Namespace) or not hasattr(args, "lpips_weight"):
         raise TypeError("`args` must come from build_decoder_parser().parse_args().")
-    args = validate_common(args)
-    if args.eval_resolution is None:
-        args.eval_resolution = args.resolution if hasattr(args, "kl_weight") else 512
-    if args.cache_image_resolution is None:
-        args.cache_image_resolution = args.resolution
+    args = _validate_image_eval_args(args, 512 if not hasattr(args, "kl_weight") else None)
     for name in ("mse_weight", "lpips_weight", "gan_weight", "r1_gamma", "gan_start_step"):
         if getattr(args, name, 0) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
     if getattr(args, "mse_weight", 1.0) == 0 and args.lpips_weight == 0:
         raise ValueError("--mse_weight and --lpips_weight are both 0: the decoder needs a reconstruction loss.")
-    for name in ("discriminator_channels", "discriminator_num_layers", "num_eval_images", "eval_resolution",
-                 "eval_batch_size", "validation_steps"):
+    for name in ("discriminator_channels", "discriminator_num_layers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.cache_image_resolution < args.resolution:
-        raise ValueError(f"--cache_image_resolution ({args.cache_image_resolution}) must be >= --resolution "
-                         f"({args.resolution}): patches are cut from the cached images.")
     if args.discriminator_learning_rate is not None and args.discriminator_learning_rate <= 0:
         raise ValueError(f"--discriminator_learning_rate must be > 0, got {args.discriminator_learning_rate}.")
-    if args.eval_resolution % 8:
-        raise ValueError(f"--eval_resolution must be a multiple of 8, got {args.eval_resolution}.")
     min_side = 3 * 2**args.discriminator_num_layers
     if args.gan_weight > 0 and args.resolution < min_side:
         raise ValueError(f"--resolution {args.resolution} is too small for a {args.discriminator_num_layers}-layer patch "
                          f"discriminator (>= {min_side}): lower --discriminator_num_layers or raise --resolution.")
-    if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
-        raise ValueError(f"--validation_data_dir {args.validation_data_dir!r} is not a folder.")
     if hasattr(args, "decoder_config"):
         args.decoder_config = load_json_arg(args.decoder_config, "--decoder_config")
         if args.decoder_config is not None and args.decoder_model_name_or_path is not None:
             raise ValueError("pass either --decoder_model_name_or_path or --decoder_config, not both.")
     if args.tracker_project_name is None:
         args.tracker_project_name = "snapgen-tiny-decoder"
+    return args
+
+
+def _validate_image_eval_args(args, default_eval_resolution: int | None) -> argparse.Namespace:
+    """The common checks plus those of :func:`_add_image_eval_args`; ``--eval_resolution`` defaults to
+    ``default_eval_resolution`` (``None``: ``--resolution``), ``--cache_image_resolution`` to ``--resolution``."""
+    args = validate_common(args)
+    if args.eval_resolution is None:
+        args.eval_resolution = default_eval_resolution or args.resolution
+    if args.cache_image_resolution is None:
+        args.cache_image_resolution = args.resolution
+    for name in ("num_eval_images", "eval_resolution", "eval_batch_size", "validation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.cache_image_resolution < args.resolution:
+        raise ValueError(f"--cache_image_resolution ({args.cache_image_resolution}) must be >= --resolution "
+                         f"({args.resolution}): patches are cut from the cached images.")
+    if args.eval_resolution % 8:
+        raise ValueError(f"--eval_resolution must be a multiple of 8, got {args.eval_resolution}.")
+    if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
+        raise ValueError(f"--validation_data_dir {args.validation_data_dir!r} is not a folder.")
     return args
 
 
@@ -375,3 +399,54 @@ def parse_autoencoder_args(argv=None) -> argparse.Namespace:
     """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
     _check_argv(argv)
     return validate_autoencoder_args(build_autoencoder_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------- tiny encoder
+
+
+def build_encoder_parser() -> argparse.ArgumentParser:
+    """The tiny encoder's command line: the AutoencoderKL it distils, the encoder, data, optimization, speed, the
+    loss and the held-out evaluation, output. No GAN or LPIPS flags: its target is the autoencoder's latent."""
+    p = argparse.ArgumentParser(description="TinyEncoder training: distils a frozen AutoencoderKL's posterior mean")
+    add_base_model_args(p, help_text=(
+        "AutoencoderKL whose encoder is distilled (its posterior mean is the target, its decoder measures PSNR): a "
+        "model folder/Hub id, or a pipeline with an AutoencoderKL `vae` subfolder."))
+    g = p.add_argument_group("tiny encoder")
+    a = g.add_argument
+    a("--pretrained_vae_model_name_or_path", type=str, default=None,
+      help="Overrides --pretrained_model_name_or_path as the AutoencoderKL source.")
+    a("--encoder_model_name_or_path", type=str, default=None,
+      help="TinyEncoder to continue from (folder with config.json, or a pipeline with a `vae_encoder` subfolder).")
+    a("--encoder_config", type=str, default=None,
+      help="TinyEncoder config overrides (JSON file or string) for a new encoder; latent_channels, scaling_factor "
+           "and shift_factor are taken from the AutoencoderKL.")
+    a("--pixel_loss_weight", type=float, default=0.0,
+      help="Weight of the MSE between the image and the frozen autoencoder's decoding of the tiny latent (0: off; "
+           "costs a decoder forward and backward per step).")
+    _add_patch_data_args(p)
+    add_optimization_args(p, default_lr=1e-3, default_warmup=0)
+    add_speed_args(p)
+    _add_image_eval_args(p.add_argument_group("images and evaluation"))
+    add_output_args(p, default_output_dir="snapgen-tiny-encoder")
+    return p
+
+
+def validate_encoder_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The common and image checks plus the encoder ones."""
+    if not isinstance(args, argparse.Namespace) or not hasattr(args, "pixel_loss_weight"):
+        raise TypeError("`args` must come from build_encoder_parser().parse_args().")
+    args = _validate_image_eval_args(args, None)
+    if not math.isfinite(args.pixel_loss_weight) or args.pixel_loss_weight < 0:
+        raise ValueError(f"--pixel_loss_weight must be a finite number >= 0, got {args.pixel_loss_weight}.")
+    args.encoder_config = load_json_arg(args.encoder_config, "--encoder_config")
+    if args.encoder_config is not None and args.encoder_model_name_or_path is not None:
+        raise ValueError("pass either --encoder_model_name_or_path or --encoder_config, not both.")
+    if args.tracker_project_name is None:
+        args.tracker_project_name = "snapgen-tiny-encoder"
+    return args
+
+
+def parse_encoder_args(argv=None) -> argparse.Namespace:
+    """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
+    _check_argv(argv)
+    return validate_encoder_args(build_encoder_parser().parse_args(argv))

@@ -3,10 +3,12 @@
 - :mod:`.denoising` - flow matching (SnapGen UNet, SD3 teacher) and multi-level KD (paper §3.3).
 - :mod:`.asd` - adversarial step distillation (paper §3.4).
 - :mod:`.reconstruction` - the tiny decoder (paper §3.2) and the autoencoder.
+- :mod:`.encoder` - the tiny encoder, distilled from an autoencoder (fine-tuning a pipeline that ships a tiny decoder).
 """
 
 from .asd import ASDTask
 from .denoising import DenoiserBase, FlowMatchingTask, KDTask, kd_scaling_from_args, load_denoiser_base
+from .encoder import ENCODER_SUBFOLDER, TinyEncoderTask, build_encoder, train_tiny_encoder
 from .reconstruction import (
     AutoencoderTask,
     ReconstructionTask,

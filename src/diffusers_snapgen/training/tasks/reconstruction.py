@@ -71,10 +71,16 @@ def load_reconstruction_data(args):
 
 class ReconstructionTask(TrainingTask):
     """The loop-side of the tiny decoder and the autoencoder: patches, ``DecoderLosses`` (+ the subclass's extra
-    term), the patch discriminator and its optimizer, held-out PSNR/SSIM, the saved model and ``eval_results.json``."""
+    term), the patch discriminator and its optimizer, held-out PSNR/SSIM, the saved model and ``eval_results.json``.
+
+    ``image_losses = False`` (the tiny encoder, :mod:`.encoder`) drops ``DecoderLosses`` and the discriminator: the
+    subclass then implements :meth:`compute_loss` itself. ``eval_metrics`` lists ``(key, format, card label)`` of the
+    held-out metrics that :meth:`measure` returns."""
 
     name = "reconstruction"
     card_kind = "tiny_decoder"
+    image_losses = True
+    eval_metrics = (("psnr", ".2f", "held-out PSNR (dB)"), ("ssim", ".4f", "held-out SSIM"))
 
     def __init__(self, args, accelerator, model, vae, reconstruction_loss: str = "mse", lpips_fallback: str = "MSE + GAN",
                  data=None):
@@ -83,12 +89,15 @@ class ReconstructionTask(TrainingTask):
 
         self.args, self.accelerator, self.vae = args, accelerator, vae
         self.model = model
-        self.discriminator = PatchDiscriminator(3, args.discriminator_channels, args.discriminator_num_layers,
-                                                norm_num_groups=math.gcd(32, args.discriminator_channels))
-        lpips_model = load_lpips(args.lpips_net, accelerator.device, fallback=lpips_fallback) \
-            if args.lpips_weight > 0 else None
-        self.losses = DecoderLosses(getattr(args, "mse_weight", 1.0), args.lpips_weight, args.gan_weight,
-                                    args.gan_loss, args.r1_gamma, lpips_model, reconstruction_loss=reconstruction_loss)
+        self.discriminator = self.losses = None
+        if self.image_losses:
+            self.discriminator = PatchDiscriminator(3, args.discriminator_channels, args.discriminator_num_layers,
+                                                    norm_num_groups=math.gcd(32, args.discriminator_channels))
+            lpips_model = load_lpips(args.lpips_net, accelerator.device, fallback=lpips_fallback) \
+                if args.lpips_weight > 0 else None
+            self.losses = DecoderLosses(getattr(args, "mse_weight", 1.0), args.lpips_weight, args.gan_weight,
+                                        args.gan_loss, args.r1_gamma, lpips_model,
+                                        reconstruction_loss=reconstruction_loss)
         self.train_dataset, self.eval_images = data if data is not None else load_reconstruction_data(args)
         self.image_cache: DeviceImageCache | None = None
         self.initial = None
@@ -117,6 +126,8 @@ class ReconstructionTask(TrainingTask):
         super().on_prepare(run)
         args, acc = self.args, self.accelerator
         self.step_model = compile_module(run.model, args)
+        if self.discriminator is None:
+            return
         self.discriminator = run.trainable[1]
         params = [p for p in acc.unwrap_model(self.discriminator).parameters()]
         d_lr = args.discriminator_learning_rate or args.learning_rate
@@ -125,14 +136,14 @@ class ReconstructionTask(TrainingTask):
         self.d_optimizer, self.d_lr_scheduler = acc.prepare(optimizer, scheduler)
 
     def auxiliary_optimizers(self):
-        return [self.d_optimizer]
+        return [self.d_optimizer] if self.d_optimizer is not None else []
 
     def auxiliary_schedulers(self):
-        return [self.d_lr_scheduler]
+        return [self.d_lr_scheduler] if self.d_lr_scheduler is not None else []
 
     def step_variant(self, step: int) -> bool:
         """Whether the GAN terms are on (``--gan_weight`` > 0 from ``--gan_start_step``)."""
-        return self.args.gan_weight > 0 and step >= self.args.gan_start_step
+        return self.discriminator is not None and self.args.gan_weight > 0 and step >= self.args.gan_start_step
 
     # ------------------------------------------------------------------------------------------ the loss
 
@@ -171,6 +182,11 @@ class ReconstructionTask(TrainingTask):
 
     # ------------------------------------------------------------------------------------------ evaluation, saving
 
+    def measure(self, model) -> dict:
+        """The held-out metrics of ``model`` (every key of ``eval_metrics``): PSNR/SSIM of its decoding of the
+        frozen encoder's latents."""
+        return evaluate_decoder(model, self.vae, self.eval_images, self.args.eval_batch_size)
+
     def evaluate(self, step: int, use_ema: bool = True) -> dict:
         run, args = self.run, self.args
         model = run.unwrapped_model
@@ -179,18 +195,20 @@ class ReconstructionTask(TrainingTask):
             run.ema.store(model.parameters())
             run.ema.copy_to(model.parameters())
         try:
-            metrics = evaluate_decoder(model, self.vae, self.eval_images, args.eval_batch_size)
+            metrics = self.measure(model)
         finally:
             if swap:
                 run.ema.restore(model.parameters())
-        record = {"step": step, "psnr": metrics["psnr"], "ssim": metrics["ssim"]}
-        self.accelerator.log({"eval/psnr": metrics["psnr"], "eval/ssim": metrics["ssim"]}, step=step)
+        keys = [key for key, _, _ in self.eval_metrics]
+        record = {"step": step, **{k: metrics[k] for k in keys}}
+        self.accelerator.log({f"eval/{k}": metrics[k] for k in keys}, step=step)
         path = Path(args.output_dir, args.logging_dir, "eval.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        logger.info("step %d: PSNR %.2f dB, SSIM %.4f on %d held-out images", step, metrics["psnr"], metrics["ssim"],
-                    len(self.eval_images))
+        logger.info("step %d: %s on %d held-out images", step,
+                    ", ".join(f"{label.removeprefix('held-out ')} {format(metrics[k], fmt)}"
+                              for k, fmt, label in self.eval_metrics), len(self.eval_images))
         return metrics
 
     def on_train_start(self, resumed: bool):
@@ -210,11 +228,14 @@ class ReconstructionTask(TrainingTask):
         extra = self.before_save(model)
         final = self.evaluate(self.run.state.global_step, use_ema=False)
         save_model_atomically(model, args.output_dir)
-        results = {"final": {k: final[k] for k in ("psnr", "ssim")}, "step": self.run.state.global_step,
-                   "num_eval_images": len(self.eval_images), "eval_resolution": args.eval_resolution,
-                   "lpips": self.losses.lpips_model is not None, **extra}
+        keys = [key for key, _, _ in self.eval_metrics]
+        results = {"final": {k: final[k] for k in keys}, "step": self.run.state.global_step,
+                   "num_eval_images": len(self.eval_images), "eval_resolution": args.eval_resolution}
+        if self.losses is not None:
+            results["lpips"] = self.losses.lpips_model is not None
+        results.update(extra)
         if self.initial is not None:
-            results["initial"] = {k: self.initial[k] for k in ("psnr", "ssim")}
+            results["initial"] = {k: self.initial[k] for k in keys}
         tmp = Path(args.output_dir, f".tmp-{EVAL_FILE}")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(Path(args.output_dir, EVAL_FILE))
@@ -227,7 +248,7 @@ class ReconstructionTask(TrainingTask):
         rows = {"steps": results["step"], "patch size": args.resolution, "learning rate": args.learning_rate,
                 "batch size (per device)": args.train_batch_size}
         initial = results.get("initial")
-        for metric, fmt, label in (("psnr", ".2f", "held-out PSNR (dB)"), ("ssim", ".4f", "held-out SSIM")):
+        for metric, fmt, label in self.eval_metrics:
             final = format(results["final"][metric], fmt)
             rows[label] = f"{format(initial[metric], fmt)} -> {final}" if initial else final
         return rows
@@ -356,8 +377,9 @@ def build_autoencoder(args):
 def _run(args, task, model, subfolder):
     batches, loader = task.build_data()
     params = [p for p in model.parameters() if p.requires_grad]
+    extra = [task.discriminator] if task.discriminator is not None else []
     run = prepare_run(args, task.accelerator, task, model, [{"params": params}], batches,
-                      extra_modules=[task.discriminator], checkpoint_subfolder=subfolder, dataloader=loader)
+                      extra_modules=extra, checkpoint_subfolder=subfolder, dataloader=loader)
     train(run)
     finish(run)
     return getattr(task, "final", None)
