@@ -240,12 +240,15 @@ class FeatureCapture:
                 raise ValueError(f"feature of {name!r} has shape {tuple(feat.shape)}; expected (B,C,H,W) or (B,N,C).")
             self.features[name] = feat.detach() if self.detach else feat
 
-        return hook
+        # torch.compile runs the hook eagerly (a graph break per captured module): a hook traced into a compiled
+        # region can lose its side effect on ``features`` when the region is split or specialised
+        return torch.compiler.disable(hook)
 
     def attach(self) -> "FeatureCapture":
         if self._handles:
             return self
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        pre_hook = torch.compiler.disable(self._pre_hook)
+        self._handles.append(self.model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for name in self.names:
             self._handles.append(self.model.get_submodule(name).register_forward_hook(self._make_hook(name)))
         return self
