@@ -60,4 +60,4 @@ def test_bfloat16_is_as_close_to_float32_as_the_frozen_code(name):
     old_error = (old_bf16 - expected).norm()
     assert 0 < old_error / expected.norm() < 0.5
     assert (out - expected).norm() < 1.5 * old_error
-    assert (out - old_bf16).norm() < 1.5 * old_error
+    assert (out - old_bf16).norm() < 0.5 * old_error
