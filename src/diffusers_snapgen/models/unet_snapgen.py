@@ -15,6 +15,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .embeddings import SnapGenRotaryPosEmbed2D
+from .lora_targets import resolve_lora_config
 from .resnet import CONV_TYPES, make_conv
 from .unet_blocks import SnapGenDownBlock2D, SnapGenMidBlock2D, SnapGenUpBlock2D
 
@@ -195,6 +196,12 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         """
         kwargs.setdefault("dynamic", False)
         return super().compile_repeated_blocks(*args, **kwargs)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """Add a peft adapter (``PeftAdapterMixin.add_adapter``). Targets that name a separable convolution, e.g.
+        ``LoraConfig(target_modules=["conv1", "conv2"])``, adapt its pointwise 1x1 conv (``conv1.pointwise``): see
+        :func:`~diffusers_snapgen.models.lora_targets.resolve_lora_target_modules`."""
+        super().add_adapter(resolve_lora_config(self, adapter_config), adapter_name=adapter_name)
 
     @property
     def latent_size_multiple(self) -> int:
