@@ -54,7 +54,10 @@ def _cached_tables(height: int, width: int, head_dim: int, theta: float, device:
         # Plain tensors even under inference_mode, so later autograd (training) may save them for backward.
         with torch.inference_mode(False), torch.no_grad():
             tables = tuple(t.contiguous() for t in rope_2d_tables(*key[:4], device=key[4]))
-        _TABLES[key] = tables
+        # Never keep fake/functional tensors of a tracing mode, nor memory of a CUDA graph being captured.
+        capturing = key[4].type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and all(type(t) is torch.Tensor for t in tables):
+            _TABLES[key] = tables
     return tables
 
 
@@ -70,7 +73,7 @@ def _rope_2d_op(
 @_rope_2d_op.register_fake
 def _(height, width, head_dim, theta, device):
     shape = (height * width, head_dim)
-    return torch.empty(shape, device=device, dtype=torch.float32), torch.empty(shape, device=device, dtype=torch.float32)
+    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(2))
 
 
 class SnapGenRotaryPosEmbed2D(nn.Module):

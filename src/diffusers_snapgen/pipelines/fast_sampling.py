@@ -42,8 +42,8 @@ class SnapGenFastSampler:
             decoding function (the UNet itself is not modified); ``"regional"``: ``unet.compile_repeated_blocks``
             (faster to compile) and the compiled decoding function; ``None``: no compilation; ``"auto"``: ``"full"``
             on CUDA, ``None`` elsewhere. A UNet already compiled by the user is used as it is.
-        compile_kwargs (`dict`, *optional*): extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}``
-            (``fullgraph=True`` and ``dynamic=False`` are set unless given).
+        compile_kwargs (`dict`, *optional*): extra ``torch.compile`` arguments, e.g.
+            ``{"mode": "max-autotune-no-cudagraphs"}`` (``fullgraph=True`` and ``dynamic=False`` unless given).
         cuda_graph (`bool`, *optional*): capture the loop and decoder in one CUDA graph; default: on CUDA. Elsewhere,
             with CPU offload hooks, or when capture fails, the loop runs without a graph (one log line says why).
 
@@ -74,7 +74,8 @@ class SnapGenFastSampler:
         ):
             raise ValueError(
                 "`pipe.scheduler` must be a deterministic FlowMatchEulerDiscreteScheduler (SnapGen's sampler, "
-                f"`stochastic_sampling=False`), got {type(pipe.scheduler).__name__}: the fast loop inlines its Euler step."
+                f"`stochastic_sampling=False`), got {type(pipe.scheduler).__name__}: the fast loop inlines its Euler "
+                "step."
             )
         if compile not in COMPILE_MODES:
             raise ValueError(f"`compile` must be one of {COMPILE_MODES}, got {compile!r}.")
@@ -84,7 +85,9 @@ class SnapGenFastSampler:
         if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise TypeError(f"`cuda_graph` must be a bool or None, got {type(cuda_graph).__name__}.")
         defaults = pipe.sampling_defaults
-        self.num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        if num_inference_steps is None:
+            num_inference_steps = defaults["num_inference_steps"]
+        self.num_inference_steps = num_inference_steps
         self.guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         check_positive_int(self.num_inference_steps, "num_inference_steps")
         check_guidance(self.guidance_scale)
