@@ -4,7 +4,8 @@ Measured in this order (most important first; optional parts are skipped when ``
 
 1. bf16 matmul peak (8192³ GEMMs): the reference for "% of peak".
 2. SnapGen UNet step (paper config, bf16, channels-last, 1024²) eager at batch 1/8/16.
-3. ``pipe(...)`` end to end (4 steps, tiny decoder, CLIP-L + CLIP-G), eager, text excluded/included/alone.
+3. ``pipe(...)`` end to end (4 steps, tiny decoder, CLIP-L + CLIP-G), eager, text excluded/included/alone; and
+   the fast sampler without compilation (eager kernels in one CUDA graph, compared with the eager images).
 4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph.
 5. Anchors, eager: SANA-1.6B and SDXL steps at batch 1, SANA-Sprint (2 steps) and SDXL (4 steps) end to end.
 6. The UNet compiled (``unet.compile(fullgraph=True)``, default inductor mode) + CUDA graph at batch 1.
@@ -132,6 +133,11 @@ class Suite:
             iters=self.pipe_iters, reference_latents=self.latents,
         )
         self.pipelines += rows
+        # The fast sampler without compilation: eager kernels in one CUDA graph (checks capture, shows launch cost).
+        self.pipelines += bench_pipeline.fast_rows(
+            self.pipe, self.device, self.resolution, warmup=self.pipe_warmup, iters=self.pipe_iters,
+            latents=self.latents, reference=self.reference, mode="graph", compile=None,
+        )
 
     def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f")):
         self.log(f"ablation {'/'.join(keys)}: {', '.join(modes)}")

@@ -62,10 +62,12 @@ def test_bench_pipeline_smoke_on_cpu(tmp_path):
     _run("bench_pipeline.py", "--smoke", "--pipelines", "snapgen", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "bench_pipeline_cpu.json").read_text())["rows"]
     assert [(r["mode"], r["text"]) for r in rows] == [
-        ("eager", "only"), ("eager", "excluded"), ("eager", "included"), ("fast", "excluded"), ("fast", "included")
+        ("eager", "only"), ("eager", "excluded"), ("eager", "included"), ("graph", "excluded"), ("graph", "included"),
+        ("fast", "excluded"), ("fast", "included"),
     ]
     assert all(r["ms"] > 0 and "error" not in r for r in rows)
-    assert rows[3]["max_abs_diff"] == 0.0  # off CUDA the fast sampler runs the pipeline's arithmetic exactly
+    # Off CUDA the fast sampler runs the pipeline's arithmetic exactly.
+    assert rows[3]["max_abs_diff"] == 0.0 and rows[5]["max_abs_diff"] == 0.0
 
 
 def test_profile_unet_smoke_on_cpu(tmp_path):
@@ -88,6 +90,7 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
         for text in ("only", "excluded", "included"):
             assert pipelines[name, "eager", text]["ms"] > 0, (name, text)
     assert pipelines["snapgen", "fast", "excluded"]["max_abs_diff"] == 0.0
+    assert pipelines["snapgen", "graph", "excluded"]["max_abs_diff"] == 0.0
     assert pipelines["snapgen", "fast", "included"]["ms"] > 0
     ablation = {r["variant"]: r for r in result["ablation"]}
     assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
