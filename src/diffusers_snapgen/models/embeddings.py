@@ -18,6 +18,11 @@ from torch import nn
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # newer torch only; older ones export via compiling
+    return bool(is_exporting and is_exporting())
+
+
 def clear_rope_cache() -> None:
     """Drop every cached RoPE table (e.g. after many resolutions). Captured CUDA graphs that read them must be
     discarded first: they hold the tables' addresses."""
@@ -102,7 +107,7 @@ class SnapGenRotaryPosEmbed2D(nn.Module):
     def forward(self, height: int, width: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.get_default_device() if device is None else torch.device(device)
         if torch.compiler.is_compiling():
-            if torch.compiler.is_exporting():  # an exported program should not depend on this package's op
+            if _is_exporting():  # an exported program should not depend on this package's op
                 return rope_2d_tables(height, width, self.head_dim, self.theta, device=device)
             return torch.ops.diffusers_snapgen.rope_2d(height, width, self.head_dim, self.theta, device)
         return _cached_tables(height, width, self.head_dim, self.theta, device)
