@@ -3,7 +3,7 @@
 Every model is built with random weights from its published config (nothing is downloaded), cast to bf16 and
 timed at 1024x1024 output for each batch size, in each mode:
 
-- ``eager``: plain PyTorch;
+- ``eager``: plain PyTorch, channels-last weights (``eager-nchw``: contiguous weights);
 - ``eager+graph``: the eager forward replayed as one CUDA graph (no compiler: what launch overhead costs);
 - ``compiled``: ``torch.compile`` (default inductor mode) of the whole model, replayed as one CUDA graph per batch
   size (one compile is shared by the batch sizes: the second size compiles a dynamic-batch graph);
@@ -51,7 +51,8 @@ DESIGN_ANCHORS = {
     "sd3_vae_decoder": (85.1, None),
     "autoencoder_tiny_decoder": (5.9, 2.3),
 }
-MODES = ("eager", "eager+graph", "compiled", "regional")
+MODES = ("eager", "eager-nchw", "eager+graph", "compiled", "regional")
+GRAPH_MODES = ("eager+graph", "compiled", "regional")
 
 SDXL_UNET_CONFIG = dict(
     sample_size=128,
@@ -235,8 +236,9 @@ def step_rows(
     ``*graph``/compiled modes replay one CUDA graph per batch size on CUDA.
     """
     _, make_inputs, wrap, role, count_params = spec
-    if channels_last and name != "sana_1600m_transformer":
-        model.to(memory_format=torch.channels_last)
+    if mode == "eager-nchw" or name == "sana_1600m_transformer":
+        channels_last = False
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     params = count_params(model) if count_params else sum(p.numel() for p in model.parameters())
     compile_kwargs = dict(compile_kwargs or {})
     if call is None:
@@ -262,11 +264,11 @@ def step_rows(
                 call(**inputs)
                 out["compile_s"] = _now(device) - start if mode in ("compiled", "regional") else None
                 fn = lambda: call(**inputs)  # noqa: E731
-                if mode != "eager" and device.type == "cuda":
+                if mode in GRAPH_MODES and device.type == "cuda":
                     fn, _ = cuda_graph(fn, device)
                 out["ms"] = time_ms(fn, device, warmup=warmup, iters=iters)
             out["peak_gib"] = peak_memory_gib(device)
-            if mode != "eager" and device.type != "cuda":
+            if mode in GRAPH_MODES and device.type != "cuda":
                 out["note"] = "no CUDA graph off CUDA"
             if flops_per_sample:
                 out["tflops"] = flops_per_sample * batch / (out["ms"] * 1e-3) / 1e12
