@@ -14,7 +14,7 @@ in the same run. Ratios are taken against anchors measured in the same run. CUDA
 records ``failed: <reason>`` and the run goes on.
 
     python benchmarks/bench_models.py --out benchmarks/results                      # GPU, full run
-    python benchmarks/bench_models.py --smoke --out /tmp/smoke                      # CPU, tiny models, seconds
+    python benchmarks/bench_models.py --smoke --out smoke_out                      # CPU, tiny models, seconds
 """
 
 from __future__ import annotations

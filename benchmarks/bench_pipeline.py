@@ -7,7 +7,7 @@ compiled UNet and decoder, the 4 steps and the decoder replayed as one CUDA grap
 the eager pipeline's from the same noise (``max_abs_diff``, images in [0, 1]).
 
     python benchmarks/bench_pipeline.py --out benchmarks/results                      # GPU, full run
-    python benchmarks/bench_pipeline.py --smoke --out /tmp/smoke                      # CPU, tiny pipelines
+    python benchmarks/bench_pipeline.py --smoke --out smoke_out                      # CPU, tiny pipelines
 """
 
 from __future__ import annotations

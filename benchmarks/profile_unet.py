@@ -4,7 +4,7 @@ Compiled with the default inductor mode (no CUDA graphs) so the profiler sees ea
 (matmul, convolution, attention, normalisation, elementwise/fused) to show what a fusion effort should target.
 
     python benchmarks/profile_unet.py --out benchmarks/results
-    python benchmarks/profile_unet.py --smoke --out /tmp/smoke      # CPU ops of a tiny eager UNet, seconds
+    python benchmarks/profile_unet.py --smoke --out smoke_out      # CPU ops of a tiny eager UNet, seconds
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
 
     python benchmarks/run_inference_suite.py --out benchmarks/results           # one H200: about 3-4 minutes
-    python benchmarks/run_inference_suite.py --smoke --out /tmp/smoke           # CPU, tiny models, every code path
+    python benchmarks/run_inference_suite.py --smoke --out smoke_out           # CPU, tiny models, every code path
 """
 
 from __future__ import annotations
