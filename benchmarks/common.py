@@ -1,4 +1,8 @@
-"""Timing and reporting helpers shared by the benchmark scripts (not part of the installed package)."""
+"""Timing and reporting helpers shared by the benchmark scripts (not part of the installed package).
+
+Importing it puts the checkout's ``src/`` first on ``sys.path``, so every script runs from a plain checkout
+(``python benchmarks/<script>.py``) without installing the package.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
 
 
 def device_name(device: torch.device) -> str:
@@ -132,3 +142,74 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- peak, FLOPs, CUDA graphs, budget
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192,
+                       iters: int = 20) -> float:
+    """Dense matmul throughput of this device in TFLOP/s (``size``³ GEMMs in ``dtype``): the "% of peak" reference."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = time_ms(lambda: torch.mm(a, b), device, warmup=3, iters=iters)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def count_flops(build: Callable[[], torch.nn.Module], make_inputs: Callable[..., dict], call=None) -> int:
+    """FLOPs of one forward (``torch.utils.flop_counter``, multiply-add = 2) on the ``meta`` device: no memory used.
+
+    ``build()`` makes the model and ``make_inputs(model, device, dtype)`` its keyword inputs;
+    ``call(model, **inputs)`` runs it (default: ``model(**inputs)``).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build()
+        inputs = make_inputs(model, torch.device("meta"), torch.float32)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            (call or (lambda m, **kw: m(**kw)))(model, **inputs)
+    return counter.get_total_flops()
+
+
+def cuda_graph(fn: Callable[[], object], device: torch.device, warmup: int = 2) -> tuple[Callable[[], None], object]:
+    """Capture ``fn()`` (whose inputs are fixed tensors) in a CUDA graph after ``warmup`` calls on a side stream.
+
+    Returns ``(replay, output)``: ``replay()`` re-runs every captured kernel and refreshes ``output`` in place.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph.replay, output
+
+
+class Budget:
+    """Wall-clock budget of a benchmark run: optional measurements are skipped once too little time is left."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, estimate_s: float) -> bool:
+        return self.seconds is None or self.elapsed() + estimate_s <= self.seconds
+
+
+def attempt(row: dict, fn: Callable[[], dict | None]) -> dict:
+    """Run ``fn()`` and merge the dict it returns into ``row``; on any error record ``error = "failed: ..."`` instead
+    (one failing measurement must not lose the others)."""
+    try:
+        row.update(fn() or {})
+    except Exception as error:  # noqa: BLE001 - recorded in the table, the run goes on
+        traceback.print_exc()
+        row["error"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:240]
+    return row

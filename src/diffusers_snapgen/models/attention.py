@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
+
+from .embeddings import apply_rotary_emb_interleaved
 
 
 class SnapGenAttnProcessor:
     r"""Computes :class:`SnapGenAttention` through ``dispatch_attention_fn``, so ``set_attention_backend`` applies.
 
     Order (paper Fig. 2 (f)): project, RMSNorm on Q and K, RoPE on Q (self- and cross-attention) and on K
-    (self-attention only: text tokens have no 2D position), attention, output projection. With fewer K/V heads
-    than query heads (multi-query attention) the K/V heads are broadcast as a view, which every backend accepts.
+    (self-attention only: text tokens have no 2D position), attention, output projection.
+
+    With one K/V head (multi-query attention) the query heads are folded into the query sequence,
+    ``(B, S, heads, D) -> (B, S * heads, 1, D)``: single-head attention against the one K/V head, the same maths
+    with nothing repeated, for every backend, and the output needs no transpose copy. With ``1 < kv_heads < heads``
+    the K/V heads are repeated to match the query heads.
     """
 
     _attention_backend = None
@@ -41,16 +46,18 @@ class SnapGenAttnProcessor:
             key = attn.norm_k(key)
 
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            query = apply_rotary_emb_interleaved(query, image_rotary_emb)
             if not is_cross_attention:
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb_interleaved(key, image_rotary_emb)
 
-        if attn.kv_heads != attn.heads:
+        batch, seq = query.shape[:2]
+        fold_heads = attn.kv_heads == 1 and attn.heads > 1 and self._parallel_config is None
+        if fold_heads:
+            query = query.reshape(batch, seq * attn.heads, 1, attn.head_dim)
+        elif attn.kv_heads != attn.heads:
             groups = attn.heads // attn.kv_heads
-            key = key.repeat_interleave(groups, dim=2) if attn.kv_heads > 1 else key.expand(-1, -1, attn.heads, -1)
-            value = (
-                value.repeat_interleave(groups, dim=2) if attn.kv_heads > 1 else value.expand(-1, -1, attn.heads, -1)
-            )
+            key = key.repeat_interleave(groups, dim=2)
+            value = value.repeat_interleave(groups, dim=2)
 
         hidden_states = dispatch_attention_fn(
             query,
@@ -60,7 +67,7 @@ class SnapGenAttnProcessor:
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = hidden_states.reshape(batch, seq, attn.inner_dim).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 

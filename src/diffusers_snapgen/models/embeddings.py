@@ -1,10 +1,84 @@
-"""Positional embeddings of the SnapGen UNet (paper §3.1, Fig. 2 (f))."""
+"""2D rotary position embedding of the SnapGen UNet (paper §3.1, Fig. 2 (f)).
+
+The ``(cos, sin)`` tables depend only on the token grid, so they are computed once per grid, device and head size
+and kept in a process-wide cache (never in a module's state dict: checkpoints do not change). Under ``torch.compile``
+the tables come from an opaque custom op instead, so the compiled graph reads one table per stage rather than
+recomputing ``cos``/``sin`` inside every attention kernel, and the graph holds no Python-side cache that could
+trigger recompiles or break autograd. See ``docs/performance.md``.
+"""
 
 from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
+
+# (height, width, head_dim, theta, device) -> (cos, sin) in float32. Entries are never evicted: CUDA graphs captured
+# through the custom op below read them by address. A 1024² image needs ~10 MB for its three stages.
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # newer torch only; older ones export via compiling
+    return bool(is_exporting and is_exporting())
+
+
+def clear_rope_cache() -> None:
+    """Drop every cached RoPE table (e.g. after many resolutions). Captured CUDA graphs that read them must be
+    discarded first: they hold the tables' addresses."""
+    _TABLES.clear()
+
+
+def rope_2d_tables(
+    height: int, width: int, head_dim: int, theta: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute the 2D RoPE ``(cos, sin)`` tables, each ``(height * width, head_dim)`` float32, without caching.
+
+    Half of each head's channels rotate with the row index, the other half with the column index; channel pairs
+    are interleaved, as :func:`diffusers.models.embeddings.apply_rotary_emb` expects with ``use_real_unbind_dim=-1``.
+    """
+    axis_dim = head_dim // 2
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    cos_h, sin_h = get_1d_rotary_pos_embed(axis_dim, rows, theta=theta, use_real=True)
+    cos_w, sin_w = get_1d_rotary_pos_embed(axis_dim, cols, theta=theta, use_real=True)
+    # Token (i, j) of the row-major grid gets [row-i angles | column-j angles].
+    cos = torch.cat(
+        [cos_h[:, None, :].expand(height, width, axis_dim), cos_w[None, :, :].expand(height, width, axis_dim)], dim=-1
+    )
+    sin = torch.cat(
+        [sin_h[:, None, :].expand(height, width, axis_dim), sin_w[None, :, :].expand(height, width, axis_dim)], dim=-1
+    )
+    return cos.reshape(height * width, head_dim), sin.reshape(height * width, head_dim)
+
+
+def _cached_tables(height: int, width: int, head_dim: int, theta: float, device: torch.device):
+    key = (int(height), int(width), int(head_dim), float(theta), torch.device(device))
+    tables = _TABLES.get(key)
+    if tables is None:
+        # Plain tensors even under inference_mode, so later autograd (training) may save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            tables = tuple(t.contiguous() for t in rope_2d_tables(*key[:4], device=key[4]))
+        # Never keep fake/functional tensors of a tracing mode, nor memory of a CUDA graph being captured.
+        capturing = key[4].type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and all(type(t) is torch.Tensor for t in tables):
+            _TABLES[key] = tables
+    return tables
+
+
+@torch.library.custom_op("diffusers_snapgen::rope_2d", mutates_args=())
+def _rope_2d_op(
+    height: int, width: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Copies: a compiled graph owns (and may reuse the memory of) what an op returns.
+    cos, sin = _cached_tables(height, width, head_dim, theta, device)
+    return cos.clone(), sin.clone()
+
+
+@_rope_2d_op.register_fake
+def _(height, width, head_dim, theta, device):
+    shape = (height * width, head_dim)
+    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for _ in range(2))
 
 
 class SnapGenRotaryPosEmbed2D(nn.Module):
@@ -15,7 +89,9 @@ class SnapGenRotaryPosEmbed2D(nn.Module):
     indices, so the table is computed for whatever ``(height, width)`` arrives: any resolution and
     aspect ratio works, and larger images extrapolate to positions never seen in training.
 
-    Holds no parameters or buffers: nothing to save, nothing for weight compression to touch.
+    Holds no parameters or buffers: nothing to save, nothing for weight compression to touch. Tables are cached per
+    grid and device (see :func:`clear_rope_cache`); under ``torch.compile`` they come from an opaque custom op, and
+    under ``torch.export`` they are computed in the graph.
 
     Returns ``(cos, sin)``, each ``(height * width, head_dim)`` in float32, in the interleaved-pair
     layout that :func:`diffusers.models.embeddings.apply_rotary_emb` expects with ``use_real_unbind_dim=-1``.
@@ -29,18 +105,21 @@ class SnapGenRotaryPosEmbed2D(nn.Module):
         self.theta = theta
 
     def forward(self, height: int, width: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        axis_dim = self.head_dim // 2
-        rows = torch.arange(height, device=device, dtype=torch.float32)
-        cols = torch.arange(width, device=device, dtype=torch.float32)
-        cos_h, sin_h = get_1d_rotary_pos_embed(axis_dim, rows, theta=self.theta, use_real=True)
-        cos_w, sin_w = get_1d_rotary_pos_embed(axis_dim, cols, theta=self.theta, use_real=True)
-        # Token (i, j) of the row-major grid gets [row-i angles | column-j angles].
-        cos = torch.cat(
-            [cos_h[:, None, :].expand(height, width, axis_dim), cos_w[None, :, :].expand(height, width, axis_dim)],
-            dim=-1,
-        )
-        sin = torch.cat(
-            [sin_h[:, None, :].expand(height, width, axis_dim), sin_w[None, :, :].expand(height, width, axis_dim)],
-            dim=-1,
-        )
-        return cos.reshape(height * width, self.head_dim), sin.reshape(height * width, self.head_dim)
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if torch.compiler.is_compiling():
+            if _is_exporting():  # an exported program should not depend on this package's op
+                return rope_2d_tables(height, width, self.head_dim, self.theta, device=device)
+            return torch.ops.diffusers_snapgen.rope_2d(height, width, self.head_dim, self.theta, device)
+        return _cached_tables(height, width, self.head_dim, self.theta, device)
+
+
+def apply_rotary_emb_interleaved(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate ``x`` ``(B, S, heads, D)`` by ``(cos, sin)`` tables ``(S, D)`` in the interleaved-pair layout.
+
+    Same result as ``diffusers.models.embeddings.apply_rotary_emb(x, freqs, sequence_dim=1)``, in fewer kernels:
+    computed in ``x``'s dtype (tables are cast when they differ), ``x * cos + rotate(x) * sin`` as one ``addcmul``.
+    """
+    cos, sin = (t.to(x.dtype)[None, :, None, :] for t in freqs)
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-x_imag, x_real), dim=-1).flatten(-2)
+    return torch.addcmul(x * cos, rotated, sin)

@@ -15,6 +15,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .embeddings import SnapGenRotaryPosEmbed2D
+from .lora_targets import resolve_lora_config
 from .resnet import CONV_TYPES, make_conv
 from .unet_blocks import SnapGenDownBlock2D, SnapGenMidBlock2D, SnapGenUpBlock2D
 
@@ -184,6 +185,24 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         self.conv_out = make_conv(conv_type, block_out_channels[0], out_channels)
         self.gradient_checkpointing = False
 
+    def compile_repeated_blocks(self, *args, **kwargs):
+        """Regional compilation: ``torch.compile`` each :class:`SnapGenTransformerBlock` (``_repeated_blocks``).
+
+        Blocks of one stage share one compiled graph; the stages differ in width and token count, so a forward
+        compiles one graph per stage (three for the paper model) and reuses them on every later call at that batch
+        size and resolution. ``dynamic`` defaults to ``False`` here: with automatic dynamic shapes the second
+        stage would recompile the first stage's graph as a dynamic one. Arguments go to ``torch.compile``, e.g.
+        ``unet.compile_repeated_blocks(fullgraph=True)``; see ``docs/performance.md``.
+        """
+        kwargs.setdefault("dynamic", False)
+        return super().compile_repeated_blocks(*args, **kwargs)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """Add a peft adapter (``PeftAdapterMixin.add_adapter``). Targets that name a separable convolution, e.g.
+        ``LoraConfig(target_modules=["conv1", "conv2"])``, adapt its pointwise 1x1 conv (``conv1.pointwise``): see
+        :func:`~diffusers_snapgen.models.lora_targets.resolve_lora_target_modules`."""
+        super().add_adapter(resolve_lora_config(self, adapter_config), adapter_name=adapter_name)
+
     @property
     def latent_size_multiple(self) -> int:
         """Latent height and width must be multiples of this (4 for three stages)."""
@@ -270,10 +289,13 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
 
         rotary_embs = None
         if self.pos_embed is not None:  # one 2D RoPE table per stage resolution, shared by its transformers
-            # Plain-int keys, so traced shapes (torch.jit.trace, Core ML export) still find their table.
+            # Plain-int keys, so traced shapes (torch.jit.trace, Core ML export) still find their table. The tables
+            # are cached (eager) or come from one opaque op per stage (compiled): see models/embeddings.py.
             height, width = int(sample.shape[-2]), int(sample.shape[-1])
             grids = [(height >> stage, width >> stage) for stage in range(len(self.config.block_out_channels))]
-            rotary_embs = {grid: self.pos_embed(*grid, device=sample.device) for grid in grids}
+            rotary_embs = {
+                grid: tuple(t.to(sample.dtype) for t in self.pos_embed(*grid, device=sample.device)) for grid in grids
+            }
 
         hidden_states = self.conv_in(sample)
         skips = (hidden_states,)

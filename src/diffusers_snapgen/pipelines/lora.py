@@ -83,6 +83,7 @@ class SnapGenLoraLoaderMixin(LoraBaseMixin):
                 f"`pretrained_model_name_or_path_or_dict` holds no UNet LoRA: no key starts with '{self.unet_name}.'. "
                 "Save adapters with `SnapGenPipeline.save_lora_weights(dir, unet_lora_layers=...)`."
             )
+        self._check_lora_targets(state_dict)
         self.unet.load_lora_adapter(
             state_dict,
             prefix=self.unet_name,
@@ -92,6 +93,22 @@ class SnapGenLoraLoaderMixin(LoraBaseMixin):
             low_cpu_mem_usage=low_cpu_mem_usage,
             hotswap=hotswap,
         )
+
+    def _check_lora_targets(self, state_dict: dict) -> None:
+        """peft cannot adapt a separable convolution as one layer: name its pointwise conv instead."""
+        from ..models.resnet import SeparableConv2d
+
+        modules = dict(self.unet.named_modules())
+        prefix = f"{self.unet_name}."
+        for key in state_dict:
+            path = key[len(prefix):].split(".lora_")[0] if key.startswith(prefix) else None
+            if path is not None and isinstance(modules.get(path), SeparableConv2d):
+                raise ValueError(
+                    f"`pretrained_model_name_or_path_or_dict` has LoRA weights for `{path}`, a separable convolution "
+                    f"(depthwise 3x3 + pointwise 1x1) that peft cannot adapt as one layer. LoRA adapts its pointwise "
+                    f"conv: train and save the adapter on `{path}.pointwise` (what "
+                    "`unet.add_adapter(LoraConfig(target_modules=[...]))` does for such names)."
+                )
 
     @classmethod
     def save_lora_weights(

@@ -348,6 +348,14 @@ class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextE
         latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
 
+    def fast_sampler(self, **kwargs):
+        """A :class:`~diffusers_snapgen.pipelines.fast_sampling.SnapGenFastSampler` for this pipeline: one fixed
+        size, batch and step count, the loop and decoder replayed as one CUDA graph (see ``docs/performance.md``).
+        ``fast = pipe.fast_sampler(height=1024, width=1024); image = fast("a red apple").images[0]``."""
+        from .fast_sampling import SnapGenFastSampler
+
+        return SnapGenFastSampler(self, **kwargs)
+
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()

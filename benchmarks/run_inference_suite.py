@@ -1,0 +1,397 @@
+"""Every inference-speed number of the SnapGen UNet and pipeline on one GPU, in one run, checked against targets.
+
+Measured in this order (most important first; optional parts are skipped when ``--budget-s`` would run out):
+
+1. bf16 matmul peak (8192³ GEMMs): the reference for "% of peak".
+2. SnapGen UNet step (paper config, bf16, 1024²) eager at batch 1/8/16 (channels-last; batch 1 also NCHW and as
+   one CUDA graph of the eager kernels).
+3. ``pipe(...)`` end to end (4 steps, tiny decoder, CLIP-L + CLIP-G), eager, text excluded/included/alone; and
+   the fast sampler without compilation (eager kernels in one CUDA graph, compared with the eager images).
+4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph.
+5. Anchors, eager: SANA-1.6B and SDXL steps at batch 1, SANA-Sprint (2 steps) and SDXL (4 steps) end to end.
+6. The UNet compiled (``unet.compile(fullgraph=True)``, default inductor mode) + CUDA graph at batch 1.
+7. The fast sampler (``pipe.fast_sampler``: the compiled UNet, compiled decoder, steps + decoder in one CUDA graph),
+   text excluded/included, and its largest pixel difference from the eager pipeline.
+8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
+   says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
+9. Optional: variants (e)/(f) with regional compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
+
+Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
+``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
+
+    python benchmarks/run_inference_suite.py --out benchmarks/results           # one H200: about 3-4 minutes
+    python benchmarks/run_inference_suite.py --smoke --out smoke_out           # CPU, tiny models, every code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablation_table  # noqa: E402
+import bench_models  # noqa: E402
+import bench_pipeline  # noqa: E402
+from common import Budget, attempt, device_name, markdown_table, matmul_peak_tflops, write_results  # noqa: E402
+from pipeline_builders import BUILDERS  # noqa: E402
+
+#: (key, what, target, comparison) for the summary; values are filled in from the rows.
+TARGETS = [
+    ("unet_b1_compiled_ms", "UNet step, batch 1, compiled + CUDA graph (ms)", 5.0, "<="),
+    ("unet_b16_compiled_pct_peak", "UNet step, batch 16, compiled (else regional): % of bf16 matmul peak", 45.0,
+     ">="),
+    ("unet_b1_eager_vs_sana", "UNet step, batch 1, eager (best layout) / SANA-1.6B eager", 1.0, "<="),
+    ("fast_image_ms", "4-step 1024² image + tiny decoder, text excluded (ms)", 30.0, "<="),
+    ("fast_image_text_ms", "... with CLIP-L + CLIP-G encoding (ms)", 40.0, "<="),
+    ("variant_f_eager_cost_pct", "variant (f) vs (e) latency, eager (%)", 10.0, "<="),
+    ("variant_f_graph_cost_pct", "variant (f) vs (e) latency, eager CUDA graph (%)", None, None),
+    ("variant_f_regional_cost_pct", "variant (f) vs (e) latency, regional compile + graph (%)", None, None),
+]
+
+
+class Suite:
+    """Holds the run's settings, rows and budget; each ``section_*`` adds rows and never raises."""
+
+    def __init__(self, args):
+        self.smoke = args.smoke
+        self.device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+        self.dtype = torch.float32 if self.smoke else torch.bfloat16
+        self.resolution = 64 if self.smoke else 1024
+        self.batch_sizes = [1, 2] if self.smoke else [1, 8, 16]
+        self.backend = "eager" if self.smoke else "inductor"  # smoke: dynamo only, no C++/Triton compilation
+        self.warmup, self.iters = (0, 1) if self.smoke else (2, 10)
+        self.pipe_warmup, self.pipe_iters = (0, 1) if self.smoke else (1, 3)
+        self.budget = Budget(args.budget_s)
+        self.fp8 = args.fp8
+        self.skip_anchors = args.skip_anchors
+        self.out = args.out
+        self.meta = dict(device=device_name(self.device), torch=torch.__version__,
+                         dtype=str(self.dtype).replace("torch.", ""), resolution=self.resolution, smoke=self.smoke)
+        self.steps: list[dict] = []
+        self.pipelines: list[dict] = []
+        self.ablation: list[dict] = []
+        self.notes: list[str] = []
+        self.peak = None
+        self.flops: dict = {}
+        self.pipe = None
+        self.latents = None
+        self.reference = None
+        self.specs = bench_models.build_specs(self.resolution, smoke=self.smoke)
+
+    # ------------------------------------------------------------------ helpers
+
+    def log(self, message: str):
+        line = f"[{self.budget.elapsed():6.1f}s] {message}"
+        print(line, flush=True)
+
+    def skip(self, what: str, estimate_s: float) -> bool:
+        if self.budget.allows(estimate_s):
+            return False
+        self.notes.append(f"{what}: skipped (time budget: {self.budget.elapsed():.0f}s used)")
+        self.log(self.notes[-1])
+        return True
+
+    def unet_rows(self, model, batch_sizes, mode, name="snapgen_unet", call=None, spec_name=None):
+        spec_name = spec_name or name
+        rows = bench_models.step_rows(
+            name, model, self.specs[spec_name], batch_sizes, mode, self.device, self.dtype, warmup=self.warmup,
+            iters=self.iters, flops_per_sample=self.flops.get(spec_name), peak_tflops=self.peak,
+            compile_kwargs={"backend": self.backend, "fullgraph": True}, budget=self.budget, call=call,
+        )
+        self.steps += rows
+        return rows
+
+    # ------------------------------------------------------------------ sections
+
+    def section_peak(self):
+        self.log("bf16 matmul peak")
+        row = attempt({}, lambda: {"tflops": matmul_peak_tflops(
+            self.device, self.dtype, size=8192 if self.device.type == "cuda" else 256)})
+        self.peak = row.get("tflops")
+        self.meta["matmul_peak_tflops"] = self.peak if self.peak else row.get("error")
+        for name in ("snapgen_unet", "sana_1600m_transformer"):
+            if name in self.specs:
+                self.flops[name] = attempt({}, lambda: {"f": bench_models.spec_flops(self.specs[name])}).get("f")
+        self.meta["gflops_per_image"] = {k: v / 1e9 for k, v in self.flops.items() if v}
+
+    def section_snapgen_eager(self):
+        self.log("SnapGen pipeline: build, UNet eager steps, eager pipeline")
+        built = attempt({}, lambda: {"pipe": BUILDERS["snapgen"](self.device, self.dtype, smoke=self.smoke)})
+        if "pipe" not in built:
+            self.notes.append(f"SnapGen pipeline: {built['error']}")
+            return
+        self.pipe = built["pipe"]
+        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "eager-nchw")  # the layout of the earlier anchors
+        self.pipe.unet.to(memory_format=torch.channels_last)
+        self.pipe.vae.to(memory_format=torch.channels_last)
+        self.unet_rows(self.pipe.unet, self.batch_sizes, "eager")
+        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "eager+graph")  # eager kernels without launch cost
+        self.latents = bench_pipeline.reference_latents(self.pipe, self.resolution, self.device)
+        rows, self.reference = bench_pipeline.eager_rows(
+            "snapgen", self.pipe, self.device, self.resolution, self.smoke, warmup=self.pipe_warmup,
+            iters=self.pipe_iters, reference_latents=self.latents,
+        )
+        self.pipelines += rows
+        # The fast sampler without compilation: eager kernels in one CUDA graph (checks capture, shows launch cost).
+        self.pipelines += bench_pipeline.fast_rows(
+            self.pipe, self.device, self.resolution, warmup=self.pipe_warmup, iters=self.pipe_iters,
+            latents=self.latents, reference=self.reference, mode="graph", compile=None,
+        )
+
+    def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f")):
+        self.log(f"ablation {'/'.join(keys)}: {', '.join(modes)}")
+        variants = ablation_table.ablation_variants()
+        widths = ablation_table.SMOKE_WIDTHS if self.smoke else {}
+        latent, tokens = self.resolution // 8, 8 if self.smoke else 333
+        for key in keys:
+            row = next((r for r in self.ablation if r["variant"] == key), None)
+            if row is None:
+                row = dict(variant=key, step=variants[key]["description"])
+                self.ablation.append(row)
+            for mode in modes:
+                config = {**variants[key]["config"], **widths}
+                timing = attempt({}, lambda: {"ms": ablation_table.latency(
+                    config, latent, tokens, self.device, mode, self.dtype, iters=self.iters,
+                    compile_backend=self.backend)})
+                row[f"ms_{mode.replace('+', '_')}"] = timing.get("ms", timing.get("error"))
+            bench_models.release(self.device)
+
+    def section_compiled_b1(self):
+        if self.pipe is None:
+            return
+        self.log("SnapGen UNet: compile (fullgraph, default inductor mode) + CUDA graph, batch 1")
+        compiled = attempt({}, lambda: {"ok": self.pipe.unet.compile(fullgraph=True, backend=self.backend)})
+        if "error" in compiled:
+            self.notes.append(f"UNet compile: {compiled['error']}")
+            return
+        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", call=self.pipe.unet)
+
+    def section_fast_pipeline(self):
+        if self.pipe is None:
+            return
+        self.log("SnapGen fast sampler (compiled decoder, one CUDA graph)")
+        self.pipelines += bench_pipeline.fast_rows(
+            self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1, iters=self.pipe_iters + 2,
+            latents=self.latents, reference=self.reference, compile="full",
+            compile_kwargs={"backend": self.backend},
+        )
+
+    def section_compiled_batches(self):
+        """Batch 8 and 16 compiled: a whole-model recompile (dynamic batch) when the batch-1 compile time says it
+        fits in the budget, else regional compilation of a fresh UNet (three small graphs per batch size)."""
+        if self.pipe is None:
+            return
+        first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
+                      and r.get("compile_s")), None)
+        full_estimate = 1.3 * first["compile_s"] + 20 if first else 120.0
+        larger = self.batch_sizes[1:]
+        if self.smoke or self.budget.allows(full_estimate):
+            self.log(f"SnapGen UNet compiled, batch {larger} (dynamic-batch recompile, ~{full_estimate:.0f}s)")
+            self.unet_rows(self.pipe.unet, larger, "compiled", call=self.pipe.unet)
+        if self.smoke or not self.budget.allows(full_estimate):
+            if not self.smoke and self.skip("regional-compiled UNet at larger batches", 50):
+                return
+            sizes = larger if self.smoke or self.budget.allows(80) else larger[-1:]
+            self.log(f"SnapGen UNet regional compile + CUDA graph, batch {sizes} (fresh UNet)")
+            built = attempt({}, lambda: {"m": bench_models.build_model(self.specs["snapgen_unet"], self.device,
+                                                                       self.dtype)})
+            if "m" not in built:
+                self.notes.append(f"regional UNet: {built['error']}")
+                return
+            model = built.pop("m")
+            compiled = attempt({}, lambda: {"ok": model.compile_repeated_blocks(fullgraph=True, backend=self.backend)})
+            if "error" in compiled:
+                self.notes.append(f"regional compile: {compiled['error']}")
+                return
+            self.unet_rows(model, sizes, "regional", call=model)
+            bench_models.release(self.device)
+
+    def section_anchor_steps(self):
+        if self.skip_anchors:
+            return
+        for name in ("sana_1600m_transformer", "sdxl_unet"):
+            if name not in self.specs or self.skip(f"{name} eager step", 15):
+                continue
+            self.log(f"anchor {name}: eager step, batch 1")
+            model = attempt({}, lambda: {"m": bench_models.build_model(self.specs[name], self.device, self.dtype)})
+            if "m" in model:
+                self.unet_rows(model.pop("m"), [1], "eager", name=name)
+            else:
+                self.steps.append(dict(model=name, batch=1, mode="eager", error=model["error"]))
+            bench_models.release(self.device)
+
+    def section_anchors(self):
+        if self.skip_anchors:
+            self.notes.append("anchors: skipped (--skip-anchors)")
+            return
+        for name in ("sana_sprint", "sdxl"):
+            if self.skip(f"{name} pipeline", 25):
+                continue
+            self.log(f"anchor {name} pipeline: eager")
+            built = attempt({}, lambda: {"pipe": BUILDERS[name](self.device, self.dtype, smoke=self.smoke)})
+            if "pipe" not in built:
+                self.pipelines.append(dict(pipeline=name, mode="eager", error=built["error"]))
+                continue
+            rows, _ = bench_pipeline.eager_rows(name, built.pop("pipe"), self.device, self.resolution, self.smoke,
+                                                warmup=self.pipe_warmup, iters=self.pipe_iters)
+            self.pipelines += rows
+            bench_models.release(self.device)
+
+    def section_regional_ablation(self):
+        if self.skip("ablation e/f with regional compilation", 60 if not self.smoke else 0):
+            return
+        self.section_ablation(modes=("regional",))
+
+    def section_fp8(self):
+        if not self.fp8 or self.skip("float8 UNet", 90 if not self.smoke else 0):
+            return
+        self.log("float8 (torchao) UNet, compiled + CUDA graph, batch 16")
+
+        def build():
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+            model = bench_models.build_model(self.specs["snapgen_unet"], self.device, self.dtype)
+            def large_linear(module, _):
+                return isinstance(module, torch.nn.Linear) and min(module.in_features, module.out_features) >= 256
+
+            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=large_linear)
+            return {"m": model}
+
+        model = attempt({}, build)
+        if "m" not in model:
+            self.steps.append(dict(model="snapgen_unet_fp8", batch=self.batch_sizes[-1], mode="compiled",
+                                   error=model["error"]))
+            return
+        torch._dynamo.reset()
+        self.unet_rows(model.pop("m"), self.batch_sizes[-1:], "compiled", name="snapgen_unet_fp8",
+                       spec_name="snapgen_unet")
+
+    # ------------------------------------------------------------------ summary
+
+    def target_values(self) -> dict:
+        def step(model, batch, mode, key="ms"):
+            row = next((r for r in self.steps if r["model"] == model and r["batch"] == batch and r["mode"] == mode
+                        and key in r), None)
+            return row.get(key) if row else None
+
+        def pipeline(mode, text):
+            row = next((r for r in self.pipelines if r.get("pipeline") == "snapgen" and r.get("mode") == mode
+                        and r.get("text") == text and "ms" in r), None)
+            return row["ms"] if row else None
+
+        def cost(column):
+            rows = {r["variant"]: r.get(column) for r in self.ablation}
+            e, f = rows.get("e"), rows.get("f")
+            return 100 * (f / e - 1) if isinstance(e, float) and isinstance(f, float) else None
+
+        eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw")]),
+                    default=None)
+        sana = step("sana_1600m_transformer", 1, "eager")
+        largest = self.batch_sizes[-1]
+        return {
+            "unet_b1_compiled_ms": step("snapgen_unet", 1, "compiled"),
+            "unet_b16_compiled_pct_peak": (step("snapgen_unet", largest, "compiled", "pct_peak")
+                                           or step("snapgen_unet", largest, "regional", "pct_peak")),
+            "unet_b1_eager_vs_sana": eager / sana if eager and sana else None,
+            "fast_image_ms": pipeline("fast", "excluded"),
+            "fast_image_text_ms": pipeline("fast", "included"),
+            "variant_f_eager_cost_pct": cost("ms_eager"),
+            "variant_f_graph_cost_pct": cost("ms_eager_graph"),
+            "variant_f_regional_cost_pct": cost("ms_regional"),
+        }
+
+    def summary_rows(self) -> list[dict]:
+        values = self.target_values()
+        rows = []
+        for key, what, target, comparison in TARGETS:
+            value = values.get(key)
+            if value is None:
+                status = "not measured"
+            elif target is None:
+                status = "reported"
+            elif self.smoke:
+                status = "smoke run: not a measurement"
+            else:
+                status = "met" if (value <= target if comparison == "<=" else value >= target) else "missed"
+            rows.append(dict(target=what, goal=f"{comparison} {target:g}" if target is not None else "—",
+                             value=value, status=status))
+        return rows
+
+    def report(self) -> str:
+        self.meta["wall_s"] = self.budget.elapsed()
+        header = (
+            f"# SnapGen inference suite — {self.meta['device']}, torch {self.meta['torch']}, {self.meta['dtype']}, "
+            f"{self.resolution}² images, random weights{' (smoke: tiny models, CPU)' if self.smoke else ''}\n\n"
+            f"{self.meta['dtype']} matmul peak measured in this run: {_fmt(self.meta.get('matmul_peak_tflops'))} "
+            "TFLOP/s; "
+            f"whole run {self.meta['wall_s']:.0f} s. Graphs compiled per section (the fast sampler should reuse the "
+            f"UNet graph of the batch-1 step): {self.meta.get('graphs_compiled')}. Methods: docs/performance.md.\n"
+        )
+        step_columns = ["model", "batch", "mode", "ms", "tflops", "pct_peak", "compile_s", "peak_gib", "note",
+                        "error"]
+        ablation_columns = ["variant", "step", "ms_eager", "ms_eager_graph", "ms_regional"]
+        parts = [
+            header,
+            "## Targets\n\n" + markdown_table(self.summary_rows(), ["target", "goal", "value", "status"]),
+            "## UNet / transformer step\n\n" + markdown_table(self.steps, step_columns),
+            "## End to end\n\n" + markdown_table(self.pipelines, bench_pipeline.COLUMNS),
+            "## Ablation (e) -> (f): QK-norm + RoPE\n\n" + markdown_table(self.ablation, ablation_columns),
+        ]
+        if self.notes:
+            parts.append("## Notes\n\n" + "\n".join(f"- {note}" for note in self.notes))
+        return "\n\n".join(parts) + "\n"
+
+    def save(self):
+        payload = dict(self.meta, targets=self.summary_rows(), steps=self.steps, pipelines=self.pipelines,
+                       ablation=self.ablation, notes=self.notes)
+        if self.out is not None:
+            write_results(self.out, f"inference_suite_{self.device.type}", json.loads(json.dumps(payload, default=str)),
+                          self.report())
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="folder for inference_suite_<device>.{json,md}")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU (every code path, no GPU)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip optional parts past this many seconds (default 215; smoke: none)")
+    parser.add_argument("--fp8", action="store_true", help="also time a float8 (torchao) UNet at the largest batch")
+    parser.add_argument("--skip-anchors", action="store_true", help="no SANA/SDXL (saves ~30 s)")
+    args = parser.parse_args(argv)
+    if args.budget_s is None and not args.smoke:
+        args.budget_s = 215.0
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.smoke and args.device not in (None, "cpu"):
+        parser.error("--smoke runs on the CPU: leave --device out")
+
+    suite = Suite(args)
+    sections = [suite.section_peak, suite.section_snapgen_eager, suite.section_ablation, suite.section_anchor_steps,
+                suite.section_anchors, suite.section_compiled_b1, suite.section_fast_pipeline,
+                suite.section_compiled_batches, suite.section_regional_ablation, suite.section_fp8]
+    from torch._dynamo.utils import counters
+
+    suite.meta["graphs_compiled"] = {}
+    for section in sections:
+        before = counters["stats"]["unique_graphs"]
+        outcome = attempt({}, section)  # a section that raises is recorded and the run goes on
+        if "error" in outcome:
+            suite.notes.append(f"{section.__name__}: {outcome['error']}")
+        suite.meta["graphs_compiled"][section.__name__] = counters["stats"]["unique_graphs"] - before
+        suite.save()
+    print(suite.report())
+    print(markdown_table(suite.summary_rows(), ["target", "goal", "value", "status"]))
+    return suite
+
+
+if __name__ == "__main__":
+    main()

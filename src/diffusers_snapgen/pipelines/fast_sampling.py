@@ -1,0 +1,269 @@
+"""Fast sampling for :class:`SnapGenPipeline`: the few-step denoising loop and the decoder as one CUDA graph.
+
+A few-step SnapGen model (paper §3.4: 4 steps, no CFG) spends its time in kernel launches, not arithmetic: one UNet
+step launches over a thousand kernels. :class:`SnapGenFastSampler` fixes the image size, batch and step count,
+compiles the UNet and decoder (optional), and captures every UNet step, the Euler updates and the decoder in one CUDA
+graph that each call replays; text encoding, noise and post-processing stay outside it. Off CUDA (or when capture
+fails) the same loop runs without a graph and gives the images of ``pipe(...)``. See ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import logging
+
+from .._registration import quiet_transformers
+from .checks import check_guidance, check_positive_int
+from .text_encoding import _as_prompt_list
+
+with quiet_transformers():
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+logger = logging.get_logger(__name__)
+
+COMPILE_MODES = ("auto", "full", "regional", None)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class SnapGenFastSampler:
+    r"""Generate images with ``pipe`` at one fixed size, batch and step count, as fast as the device allows.
+
+    Args:
+        pipe ([`SnapGenPipeline`]): the pipeline whose components are used (not copied; ``compile="regional"``
+            compiles ``pipe.unet``'s blocks in place).
+        height, width (`int`, *optional*): image size; default ``unet.config.sample_size * 8``.
+        num_inference_steps (`int`, *optional*), guidance_scale (`float`, *optional*): default from
+            ``pipe.sampling_defaults``. CFG (scale > 1) doubles the UNet batch inside the graph.
+        batch_size (`int`, defaults to 1): images per call (prompts x images per prompt).
+        compile (`str`, defaults to `"auto"`): ``"full"``: ``torch.compile(fullgraph=True)`` of the UNet and of the
+            decoding function (the UNet itself is not modified); ``"regional"``: ``unet.compile_repeated_blocks``
+            (faster to compile) and the compiled decoding function; ``None``: no compilation; ``"auto"``: ``"full"``
+            on CUDA, ``None`` elsewhere. A UNet already compiled by the user is used as it is.
+        compile_kwargs (`dict`, *optional*): extra ``torch.compile`` arguments, e.g.
+            ``{"mode": "max-autotune-no-cudagraphs"}`` (``fullgraph=True`` and ``dynamic=False`` unless given).
+        cuda_graph (`bool`, *optional*): capture the loop and decoder in one CUDA graph; default: on CUDA. Elsewhere,
+            with CPU offload hooks, or when capture fails, the loop runs without a graph (one log line says why).
+
+    Calls take the text arguments of ``pipe(...)`` (``prompt``, ``negative_prompt``, the four ``*_embeds``,
+    ``max_sequence_length``, ``clip_skip``), ``generator``/``latents`` for the noise, ``output_type`` and
+    ``return_dict``, and return a [`SnapGenPipelineOutput`]. Callbacks and interruption are not available: the loop
+    runs as one unit.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int = 1,
+        compile: str | None = "auto",
+        compile_kwargs: dict | None = None,
+        cuda_graph: bool | None = None,
+    ):
+        from .pipeline_snapgen import SnapGenPipeline
+
+        if not isinstance(pipe, SnapGenPipeline):
+            raise TypeError(f"`pipe` must be a SnapGenPipeline, got {type(pipe).__name__}.")
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) or pipe.scheduler.config.get(
+            "stochastic_sampling", False
+        ):
+            raise ValueError(
+                "`pipe.scheduler` must be a deterministic FlowMatchEulerDiscreteScheduler (SnapGen's sampler, "
+                f"`stochastic_sampling=False`), got {type(pipe.scheduler).__name__}: the fast loop inlines its Euler "
+                "step."
+            )
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"`compile` must be one of {COMPILE_MODES}, got {compile!r}.")
+        if compile_kwargs is not None and not isinstance(compile_kwargs, dict):
+            raise TypeError(f"`compile_kwargs` must be a dict or None, got {type(compile_kwargs).__name__}.")
+        self.compile_kwargs = {"fullgraph": True, "dynamic": False, **(compile_kwargs or {})}
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise TypeError(f"`cuda_graph` must be a bool or None, got {type(cuda_graph).__name__}.")
+        defaults = pipe.sampling_defaults
+        if num_inference_steps is None:
+            num_inference_steps = defaults["num_inference_steps"]
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        check_positive_int(self.num_inference_steps, "num_inference_steps")
+        check_guidance(self.guidance_scale)
+        check_positive_int(batch_size, "batch_size")
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        self.height = size if height is None else height
+        self.width = size if width is None else width
+        for name, value in (("height", self.height), ("width", self.width)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+            if value <= 0 or value % pipe.size_multiple:
+                raise ValueError(f"`{name}` must be a positive multiple of {pipe.size_multiple}, got {value}.")
+        self.pipe = pipe
+        self.batch_size = int(batch_size)
+        self.device = pipe._execution_device
+        on_cuda = self.device.type == "cuda"
+        self.compile_mode = ("full" if on_cuda else None) if compile == "auto" else compile
+        self.use_cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        if self.use_cuda_graph and not on_cuda:
+            logger.warning(f"CUDA graphs need a CUDA device; the fast loop runs without one on {self.device}.")
+            self.use_cuda_graph = False
+        if self.use_cuda_graph and getattr(pipe.unet, "_hf_hook", None) is not None:
+            logger.warning("CUDA graphs cannot hold offloaded weights; the fast loop runs without a graph.")
+            self.use_cuda_graph = False
+        self.cuda_graph_error: str | None = None
+        self._graph = None
+        self._graph_key = None
+        self._steps = self._schedule()  # kept alive: a captured graph reads these tensors by address
+        self._unet, self._decode = self._compiled_components()
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _compiled_components(self):
+        """The UNet and decoding callables: compiled as ``compile_mode`` says, except a UNet the user already compiled
+        (``unet.compile(...)`` or ``unet.compile_repeated_blocks(...)``), which is used as it is."""
+        pipe = self.pipe
+        if self.compile_mode is None:
+            return pipe.unet, pipe.decode_latents
+        unet = pipe.unet
+        already = any(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules())
+        if not already and self.compile_mode == "full":
+            unet = torch.compile(unet, **self.compile_kwargs)
+        elif not already:
+            unet.compile_repeated_blocks(**self.compile_kwargs)
+        return unet, torch.compile(pipe.decode_latents, **self.compile_kwargs)
+
+    def _schedule(self):
+        """Timesteps (UNet input) and Euler step sizes ``sigma_next - sigma``, as 0-d float32 device tensors."""
+        timesteps, _ = retrieve_timesteps(self.pipe.scheduler, self.num_inference_steps, self.device)
+        sigmas = self.pipe.scheduler.sigmas.to(device=self.device, dtype=torch.float32)
+        steps = [(timesteps[i], sigmas[i + 1] - sigmas[i]) for i in range(len(timesteps))]
+        return steps
+
+    def _denoise_and_decode(self, latents, prompt_embeds, pooled_prompt_embeds, steps, decode: bool):
+        """The pipeline's loop with the scheduler's Euler step inlined (same arithmetic), then decoding."""
+        for timestep, dt in steps:
+            model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+            velocity = self._unet(
+                model_input,
+                timestep.expand(model_input.shape[0]),
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled_prompt_embeds,
+                return_dict=False,
+            )[0]
+            if self.do_classifier_free_guidance:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + self.guidance_scale * (cond - uncond)
+            latents = (latents.to(torch.float32) + dt * velocity).to(velocity.dtype)
+        return self._decode(latents) if decode else latents
+
+    def _run(self, latents, prompt_embeds, pooled_prompt_embeds, decode: bool):
+        steps = self._steps
+        if not self.use_cuda_graph:
+            return self._denoise_and_decode(latents, prompt_embeds, pooled_prompt_embeds, steps, decode)
+        key = (decode, tuple(prompt_embeds.shape), tuple(pooled_prompt_embeds.shape), prompt_embeds.dtype)
+        if self._graph is None or self._graph_key != key:
+            try:
+                self._capture(key, latents, prompt_embeds, pooled_prompt_embeds, steps, decode)
+            except Exception as error:  # capture is an optimisation: fall back to the plain loop
+                self.cuda_graph_error = f"{type(error).__name__}: {error}"
+                logger.warning(f"CUDA graph capture failed ({self.cuda_graph_error}); running without a graph.")
+                self.use_cuda_graph = False
+                self._graph = None
+                return self._denoise_and_decode(latents, prompt_embeds, pooled_prompt_embeds, steps, decode)
+        static_inputs, output = self._static_inputs, self._static_output
+        for buffer, value in zip(static_inputs, (latents, prompt_embeds, pooled_prompt_embeds)):
+            buffer.copy_(value)
+        self._graph.replay()
+        return output.clone()
+
+    def _capture(self, key, latents, prompt_embeds, pooled_prompt_embeds, steps, decode: bool):
+        self._graph = None  # release the previous graph's memory pool first
+        static_inputs = tuple(t.clone() for t in (latents, prompt_embeds, pooled_prompt_embeds))
+        # Warm up on a side stream: compilation, autotuning and cached tables happen here, outside the capture.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._denoise_and_decode(*static_inputs, steps, decode)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._denoise_and_decode(*static_inputs, steps, decode)
+        self._graph, self._graph_key = graph, key
+        self._static_inputs, self._static_output = static_inputs, output
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        max_sequence_length: int | None = None,
+        clip_skip: int | None = None,
+    ):
+        """Generate ``batch_size`` images; arguments mean what they mean for ``SnapGenPipeline.__call__``."""
+        from .pipeline_snapgen import SnapGenPipelineOutput
+
+        pipe = self.pipe
+        prompts = _as_prompt_list(prompt, "prompt")
+        prompt_batch = len(prompts) if prompts is not None else getattr(prompt_embeds, "shape", (self.batch_size,))[0]
+        if prompt_batch < 1 or self.batch_size % prompt_batch:
+            raise ValueError(
+                f"This sampler makes {self.batch_size} images per call, which {prompt_batch} prompts do not divide: "
+                f"pass 1 or {self.batch_size} prompts, or build a sampler with another `batch_size`."
+            )
+        num_images_per_prompt = self.batch_size // prompt_batch
+        pipe.check_inputs(
+            prompt, self.height, self.width, self.num_inference_steps, None, self.guidance_scale,
+            num_images_per_prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+        )
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt,
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            clip_skip=clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            embeds = torch.cat([negative_embeds, embeds], dim=0)
+            pooled = torch.cat([negative_pooled, pooled], dim=0)
+        latents = pipe.prepare_latents(
+            self.batch_size, pipe.unet.config.in_channels, self.height, self.width, pipe.unet.dtype, self.device,
+            generator, latents,
+        )
+        decode = output_type != "latent"
+        images = self._run(latents, embeds, pooled, decode)
+        if decode:
+            images = pipe.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return (images,)
+        return SnapGenPipelineOutput(images=images)

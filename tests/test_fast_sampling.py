@@ -1,0 +1,79 @@
+"""SnapGenFastSampler gives the images of SnapGenPipeline (CPU: no CUDA graph, the same loop in one unit)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.utils import logging
+from diffusers.utils.testing_utils import CaptureLogger
+
+from diffusers_snapgen.pipelines import SnapGenFastSampler
+from diffusers_snapgen.testing import tiny_pipeline
+
+H, W = 32, 64
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("clip", num_inference_steps=3)
+
+
+@pytest.mark.parametrize("output_type", ["pt", "np", "latent"])
+def test_same_images_as_the_pipeline(pipe, output_type):
+    fast = pipe.fast_sampler(height=H, width=W)
+    expected = pipe("a red apple", height=H, width=W, generator=gen(), output_type=output_type).images
+    images = fast("a red apple", generator=gen(), output_type=output_type).images
+    assert type(images) is type(expected)
+    np.testing.assert_allclose(np.asarray(images), np.asarray(expected), atol=1e-6)
+    assert fast.compile_mode is None and not fast.use_cuda_graph
+
+
+def test_cfg_batches_and_embeddings_match_the_pipeline(pipe):
+    fast = SnapGenFastSampler(pipe, height=H, width=W, guidance_scale=3.0, batch_size=2)
+    expected = pipe(["an apple", "a pear"], height=H, width=W, guidance_scale=3.0, generator=[gen(0), gen(1)],
+                    output_type="pt").images
+    torch.testing.assert_close(fast(["an apple", "a pear"], generator=[gen(0), gen(1)], output_type="pt").images,
+                               expected)
+    embeds = pipe.encode_prompt("an apple", do_classifier_free_guidance=False)
+    one = SnapGenFastSampler(pipe, height=H, width=W, batch_size=2)
+    images = one(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[2], generator=gen(), output_type="pt").images
+    expected = pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[2], num_images_per_prompt=2, height=H,
+                    width=W, generator=gen(), output_type="pt").images
+    torch.testing.assert_close(images, expected)
+
+
+def test_compiled_loop_matches_the_pipeline():
+    torch._dynamo.reset()
+    pipe = tiny_pipeline("clip", num_inference_steps=2, block_out_channels=(16, 32),
+                         transformer_layers_per_block=(1, 1), only_cross_attention=(True, False))
+    fast = pipe.fast_sampler(height=H, width=W, compile="full", compile_kwargs={"backend": "eager"})
+    expected = pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
+    torch.testing.assert_close(fast("a red apple", generator=gen(), output_type="pt").images, expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_request_falls_back_off_cuda_with_one_log_line(pipe):
+    logger = logging.get_logger("diffusers_snapgen.pipelines.fast_sampling")
+    with CaptureLogger(logger) as captured:
+        fast = pipe.fast_sampler(height=H, width=W, cuda_graph=True)
+    assert not fast.use_cuda_graph
+    assert captured.out.count("CUDA graphs need a CUDA device") == 1
+
+
+def test_bad_arguments_name_the_argument(pipe):
+    with pytest.raises(ValueError, match="compile"):
+        pipe.fast_sampler(compile="everything")
+    with pytest.raises(ValueError, match="height"):
+        pipe.fast_sampler(height=40, width=W)
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe.fast_sampler(height=H, width=W, batch_size=2)(["a", "b", "c"])
+    with pytest.raises(TypeError, match="pipe"):
+        SnapGenFastSampler(object())
+    other = tiny_pipeline("none")
+    other.scheduler = EulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="scheduler"):
+        other.fast_sampler()
