@@ -156,8 +156,10 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
     capturing = noisy_latents.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and (not bool((sigmas > 0).all()) or not bool((sigmas <= 1).all())):
         raise ValueError("`sigmas` must lie in (0, 1]: the student's grid never includes sigma = 0.")
-    grid = torch.zeros(0) if teacher_sigmas is None else torch.as_tensor(teacher_sigmas, dtype=torch.float32).flatten()
-    grid = grid.to(noisy_latents.device)
+    if teacher_sigmas is None:
+        grid = torch.zeros(0, device=noisy_latents.device)
+    else:
+        grid = torch.as_tensor(teacher_sigmas, dtype=torch.float32).flatten().to(noisy_latents.device)
     dtype = next(teacher.parameters()).dtype
     x = noisy_latents.detach().float().clone()
     cur = sigmas.detach().float().to(x.device).clone()
@@ -267,8 +269,11 @@ class AdversarialStepDistillation:
     # ------------------------------------------------------------------ pieces
 
     def teacher_targets(self, noisy_latents, sigmas, encoder_hidden_states, pooled_projections) -> TeacherTargets:
+        grid = self.teacher_sigmas
+        if grid is not None and grid.device != noisy_latents.device:  # once: no host copy inside a captured step
+            grid = self.teacher_sigmas = grid.to(noisy_latents.device)
         return teacher_rollout(self.teacher, noisy_latents, sigmas, encoder_hidden_states, pooled_projections,
-                               self.teacher_sigmas, self.num_train_timesteps, num_steps=self.rollout_steps)
+                               grid, self.num_train_timesteps, num_steps=self.rollout_steps)
 
     def renoise_draw(self, like: torch.Tensor, generator: torch.Generator | None):
         """``(sigmas', timesteps', noise)`` for re-noising, drawn from ``generator`` (on its device)."""
