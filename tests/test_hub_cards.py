@@ -125,7 +125,7 @@ def test_training_push_writes_the_pipeline_card(stage, tmp_path, monkeypatch):
 
     import huggingface_hub
 
-    from diffusers_snapgen.training import loop
+    from diffusers_snapgen.training.tasks import ASDTask, FlowMatchingTask, KDTask
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "upload_folder", _fake_upload(calls))
@@ -134,10 +134,11 @@ def test_training_push_writes_the_pipeline_card(stage, tmp_path, monkeypatch):
                            teacher_model_name_or_path="stabilityai/stable-diffusion-3.5-large",
                            dataset_name="me/images", train_data_dir=None, resolution=256, learning_rate=1e-4,
                            train_batch_size=4, mixed_precision="bf16", use_ema=True)
-    extra = {"stage": stage} | ({"teacher": object()} if stage != "pretrain" else {})
-    ctx = SimpleNamespace(args=args, extra=extra, state=SimpleNamespace(global_step=123),
-                          pipeline=SimpleNamespace(sampling_defaults={"num_inference_steps": 4, "guidance_scale": 1.0}))
-    loop._push_to_hub(ctx, images=[None, None])
+    task = object.__new__({"pretrain": FlowMatchingTask, "kd": KDTask, "asd": ASDTask}[stage])  # only what a push reads
+    task.args, task.save_subfolder, task.card_kind = args, None, "pipeline"
+    task.run = SimpleNamespace(state=SimpleNamespace(global_step=123))
+    task.pipeline = SimpleNamespace(sampling_defaults={"num_inference_steps": 4, "guidance_scale": 1.0})
+    task._push(images=[None, None])
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     assert card.data.base_model == "stabilityai/stable-diffusion-3.5-large" and card.data.datasets == ["me/images"]
@@ -153,7 +154,7 @@ def test_decoder_push_writes_the_decoder_card(tmp_path, monkeypatch):
 
     import huggingface_hub
 
-    from diffusers_snapgen.training import decoder_loop
+    from diffusers_snapgen.training.tasks import TinyDecoderTask
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "upload_folder", _fake_upload(calls))
@@ -162,7 +163,9 @@ def test_decoder_push_writes_the_decoder_card(tmp_path, monkeypatch):
                            dataset_name=None, train_data_dir="./photos", resolution=256, learning_rate=1e-4,
                            train_batch_size=64)
     results = {"step": 50, "final": {"psnr": 18.1234, "ssim": 0.51234}, "initial": {"psnr": 14.5, "ssim": 0.2}}
-    decoder_loop._push_to_hub(args, results)
+    task = object.__new__(TinyDecoderTask)
+    task.args = args
+    task._push(results)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "diffusers" and card.data.base_model is None  # a local folder is no base model
     assert "TinyDecoder.from_pretrained(\"me/tiny-decoder\")" in card.text
@@ -175,7 +178,7 @@ def test_autoencoder_push_writes_the_autoencoder_card(tmp_path, monkeypatch):
 
     import huggingface_hub
 
-    from diffusers_snapgen.training import autoencoder_training
+    from diffusers_snapgen.training.tasks import AutoencoderTask
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "upload_folder", _fake_upload(calls))
@@ -184,7 +187,9 @@ def test_autoencoder_push_writes_the_autoencoder_card(tmp_path, monkeypatch):
                            learning_rate=1e-4, train_batch_size=32, reconstruction_loss="l1", kl_weight=1e-6)
     results = {"step": 20000, "final": {"psnr": 31.234, "ssim": 0.91234}, "initial": {"psnr": 9.5, "ssim": 0.05},
                "scaling_factor": 0.812345678, "shift_factor": -0.0123456}
-    autoencoder_training._push_to_hub(args, results)
+    task = object.__new__(AutoencoderTask)
+    task.args = args
+    task._push(results)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "diffusers" and card.data.base_model is None and "vae" in card.data.tags
     assert "AutoencoderKL.from_pretrained(\"me/emoji-vae\")" in card.text
@@ -199,7 +204,7 @@ def test_teacher_push_writes_the_transformer_card(tmp_path, monkeypatch):
 
     import huggingface_hub
 
-    from diffusers_snapgen.training import loop
+    from diffusers_snapgen.training.tasks import FlowMatchingTask
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "upload_folder", _fake_upload(calls))
@@ -207,12 +212,11 @@ def test_teacher_push_writes_the_transformer_card(tmp_path, monkeypatch):
                            pretrained_model_name_or_path=str(tmp_path), dataset_name=None, train_data_dir="data/emoji",
                            resolution=256, learning_rate=2e-4, train_batch_size=64, mixed_precision="bf16",
                            use_ema=True)
-    ctx = SimpleNamespace(args=args, extra={"stage": "teacher", "card_kind": "transformer",
-                                            "card_subfolder": "transformer"},
-                          state=SimpleNamespace(global_step=30000),
-                          pipeline=SimpleNamespace(sampling_defaults={"num_inference_steps": 28,
-                                                                      "guidance_scale": 3.0}))
-    loop._push_to_hub(ctx, images=[])
+    task = object.__new__(FlowMatchingTask)
+    task.args, task.name, task.save_subfolder, task.card_kind = args, "teacher", "transformer", "transformer"
+    task.run = SimpleNamespace(state=SimpleNamespace(global_step=30000))
+    task.pipeline = SimpleNamespace(sampling_defaults={"num_inference_steps": 28, "guidance_scale": 3.0})
+    task._push(images=[])
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag is None and card.data.base_model is None
     assert 'SD3Transformer2DModel.from_pretrained("me/emoji-teacher", subfolder="transformer")' in card.text
