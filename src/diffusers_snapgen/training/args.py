@@ -230,6 +230,9 @@ def add_kd_args(p: argparse.ArgumentParser):
     k("--teacher_revision", type=str, default=None)
     k("--teacher_variant", type=str, default=None)
     k("--teacher_dtype", type=str, default="bf16", choices=["fp32", "fp16", "bf16"])
+    k("--teacher_sharding", type=str, default="replicate", choices=["replicate", "shard"],
+      help="With several processes: replicate keeps a full teacher on every GPU; shard splits it across them with "
+           "FSDP2 (1/N of its memory each, its blocks all-gathered in every forward). docs/distributed_training.md.")
     k("--kd_feature_layers", type=str, default=None,
       help='Feature pairs "student_module=teacher_module[:index],..." or a JSON list; default: SD3 -> SnapGen pairs '
            "(mid block, deepest down/up transformers).")

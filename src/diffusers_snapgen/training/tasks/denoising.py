@@ -29,6 +29,7 @@ from ..components import (
     weight_dtype_for,
 )
 from ..data import ImageCaptionDataset, LatentCache, TextEmbeddingCache, cache_fingerprint, load_image_caption_dataset
+from ..distributed import shard_frozen_module
 from ..engine import StepOutput, TrainingTask, compile_module, loader_or_device_batches
 from ..flow_matching import FlowMatchingSampler, denoiser_forward, flow_matching_loss, prepare_flow_matching_batch
 from ..kd import output_kd_loss
@@ -238,6 +239,8 @@ class FlowMatchingTask(TrainingTask):
         from ...pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
         args = self.args
+        if model is not self.run.unwrapped_model:  # the gathered copy of an FSDP2-sharded model
+            self.pipeline = build_pipeline(self.base.components, model)
         self.pipeline.set_sampling_defaults(
             num_inference_steps=self.final_num_inference_steps() or DEFAULT_NUM_INFERENCE_STEPS,
             guidance_scale=self.final_guidance_scale(DEFAULT_GUIDANCE_SCALE))
@@ -306,6 +309,8 @@ class KDTask(FlowMatchingTask):
 
     def on_prepare(self, run):
         super().on_prepare(run)
+        if getattr(self.args, "teacher_sharding", "replicate") == "shard":
+            shard_frozen_module(self.teacher, self.accelerator)
         self.step_teacher = compile_module(self.teacher, self.args)
         if self.feature_kd is not None:
             self.feature_kd = run.trainable[1]  # the prepared projectors
