@@ -28,7 +28,7 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from .distributed import configure_deepspeed, full_copy, is_deepspeed, is_fsdp, scheduler_steps_per_step
+from .distributed import check_world_size, configure_deepspeed, full_copy, is_deepspeed, is_fsdp, scheduler_steps_per_step
 from .metrics import MetricsLog, StepMetrics, StepOutput
 from .step import StepProgram
 
@@ -149,12 +149,7 @@ def setup_accelerator(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
         kwargs_handlers=handlers,
     )
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > accelerator.num_processes:
-        raise RuntimeError(
-            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: each would train alone "
-            "and write the same --output_dir. On a machine without GPUs set ACCELERATE_USE_CPU=true (gloo); see "
-            "docs/distributed_training.md.")
+    check_world_size(accelerator)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
     get_logger(__name__).info(accelerator.state, main_process_only=False)
@@ -338,9 +333,10 @@ def train(run: TrainingRun) -> TrainingState:
     task.on_train_start(resumed=resume is not None)
     run.program = StepProgram(run, cuda_graphs=getattr(args, "cuda_graphs", False))
     samples = args.train_batch_size * acc.num_processes * accumulation
-    logger.info("***** %s: %d micro-batches an epoch, batch %d per device (%d per step with accumulation and "
-                "processes), %d optimization steps, step: %s%s *****", task.name, per_epoch, args.train_batch_size,
-                samples, max_steps, run.program.mode, ", compiled" if getattr(args, "compile", False) else "")
+    logger.info("***** %s: %s, batch %d per device (%d per step with accumulation and processes), %d optimization "
+                "steps, step: %s%s *****", task.name, "a stream" if getattr(run.batches, "epochless", False) else
+                f"{per_epoch} micro-batches an epoch", args.train_batch_size, samples, max_steps, run.program.mode,
+                ", compiled" if getattr(args, "compile", False) else "")
     log = MetricsLog(acc, args.output_dir, args.logging_dir)
     progress = tqdm(range(max_steps), initial=state.global_step, desc="Steps", disable=not acc.is_local_main_process)
     clock = _WindowClock()
