@@ -20,6 +20,7 @@ import torch
 logger = logging.getLogger("diffusers_snapgen.training")
 
 __all__ = [
+    "check_world_size",
     "is_fsdp",
     "is_deepspeed",
     "is_sharded",
@@ -32,6 +33,19 @@ __all__ = [
     "shard_frozen_module",
     "full_copy",
 ]
+
+
+def check_world_size(accelerator):
+    """Raises when the launcher started more processes than accelerate sees (e.g. a GPU config on a machine without
+    GPUs): each would work alone, on the same files."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: each would work alone on "
+            "the same files. On a machine without GPUs set ACCELERATE_USE_CPU=true (gloo); see "
+            "docs/distributed_training.md.")
 
 
 def is_fsdp(accelerator) -> bool:
