@@ -42,10 +42,11 @@ def check_world_size(accelerator):
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > accelerator.num_processes:
+        fix = ("accelerate runs DeepSpeed on GPUs only" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else
+               "on a machine without GPUs set ACCELERATE_USE_CPU=true (gloo)")
         raise RuntimeError(
             f"launched as {world} processes but accelerate runs {accelerator.num_processes}: each would work alone on "
-            "the same files. On a machine without GPUs set ACCELERATE_USE_CPU=true (gloo); see "
-            "docs/distributed_training.md.")
+            f"the same files; {fix}. See docs/distributed_training.md.")
 
 
 def is_fsdp(accelerator) -> bool:
@@ -160,6 +161,10 @@ def shard_frozen_module(module: torch.nn.Module, accelerator, block_lists=("tran
     rest of the module become ``fully_shard`` units, so a process holds ``1 / processes`` of the weights and
     all-gathers one block at a time in forward (and backward, when a loss backpropagates through it, as ASD's
     adversarial term does). Every process must then run the module's forwards in step. A no-op with one process."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be an nn.Module (the frozen teacher), got {type(module).__name__}.")
+    if any(p.requires_grad for p in module.parameters()):
+        raise ValueError("`module` must be frozen (requires_grad False): trained modules are sharded by accelerate.")
     if accelerator.num_processes < 2:
         return module
     from torch.distributed.device_mesh import init_device_mesh
