@@ -107,6 +107,22 @@ def trained_tiny_autoencoder(images: list[Image.Image], out: Path, steps: int = 
     return out
 
 
+def make_denoiser_assets(root: os.PathLike):
+    """The denoiser scripts' tiny offline assets under ``root``: a base pipeline (CLIP-L + CLIP-G: joint 32, pooled
+    20; a VAE with a narrow posterior), an SD3 teacher (``teacher/transformer``) and 8 captioned images (``data``)."""
+    from diffusers_snapgen.testing import tiny_pipeline
+
+    root = Path(root)
+    pipe = tiny_pipeline(text_encoder="clip", vae="kl")
+    c = pipe.vae.config.latent_channels
+    with torch.no_grad():  # a trained VAE's posterior is narrow: give the random one a tiny std (logvar -12)
+        pipe.vae.quant_conv.weight[c:] = 0
+        pipe.vae.quant_conv.bias[c:] = -12.0
+    pipe.save_pretrained(root / "base")
+    tiny_teacher(seed=3, joint_attention_dim=32, pooled_projection_dim=20).save_pretrained(root / "teacher" / "transformer")
+    write_imagefolder(root / "data", n=8, size=40)
+
+
 def session_folder(tmp_path_factory, worker_id: str, testrun_uid: str, name: str) -> Path:
     """A folder shared by every pytest-xdist worker of this test session (``name-<testrun_uid>``)."""
     base = tmp_path_factory.getbasetemp()
@@ -176,3 +192,48 @@ def run_script(script, args, home, timeout=300, expect_success: bool = True):
 def read_metrics(output_dir, name: str = "metrics.jsonl") -> list[dict]:
     """The rows of ``<output_dir>/logs/<name>``."""
     return [json.loads(line) for line in (Path(output_dir) / "logs" / name).read_text().splitlines()]
+
+
+CONFIGS = EXAMPLES / "configs"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_script(script, args, home, num_processes: int = 2, config: str = "ddp.yaml", timeout=300):
+    """``accelerate launch --config_file training_examples/configs/<config> --num_processes N`` of a training script
+    on CPU processes (gloo: ACCELERATE_USE_CPU, see docs/distributed_training.md); returns the finished process."""
+    script = Path(script) if Path(script).is_absolute() else EXAMPLES / script
+    env = {**script_env(home), "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+           "--num_processes", str(num_processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+           str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, f"{script.name} x{num_processes} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def write_tar_shards(image_folder, out, per_shard: int = 3) -> str:
+    """The images and captions of an imagefolder (``write_imagefolder``) as WebDataset tar shards
+    ``out/train-00000.tar ...`` (``<key>.png`` + ``<key>.txt``); returns the brace pattern naming them."""
+    import io
+    import tarfile
+
+    image_folder, out = Path(image_folder), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (image_folder / "metadata.jsonl").read_text().splitlines()]
+    shards = [rows[i: i + per_shard] for i in range(0, len(rows), per_shard)]
+    for s, shard in enumerate(shards):
+        with tarfile.open(out / f"train-{s:05d}.tar", "w") as tar:
+            for row in shard:
+                key = Path(row["file_name"]).stem
+                for ext, data in (("png", (image_folder / row["file_name"]).read_bytes()), ("txt", row["text"].encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(out / f"train-{{00000..{len(shards) - 1:05d}}}.tar")

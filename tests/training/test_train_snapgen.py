@@ -22,13 +22,12 @@ from helpers import (
     ROOT,
     assert_same_weights,
     load_weights,
+    make_denoiser_assets,
     read_metrics,
     run_once,
     run_script,
     script_env,
     session_folder,
-    tiny_teacher,
-    write_imagefolder,
 )
 
 PRETRAIN = ROOT / "training_examples" / "train_snapgen.py"
@@ -46,25 +45,11 @@ def _args(assets, out, steps=STEPS, *extra):
     ]
 
 
-def _make_assets(root: Path):
-    from diffusers_snapgen.testing import tiny_pipeline
-
-    pipe = tiny_pipeline(text_encoder="clip", vae="kl")  # CLIP-L + CLIP-G: joint 32, pooled 20
-    c = pipe.vae.config.latent_channels
-    with torch.no_grad():  # a trained VAE's posterior is narrow: give the random one a tiny std (logvar -12)
-        pipe.vae.quant_conv.weight[c:] = 0
-        pipe.vae.quant_conv.bias[c:] = -12.0
-    pipe.save_pretrained(root / "base")
-    tiny_teacher(seed=3, joint_attention_dim=32, pooled_projection_dim=20).save_pretrained(root / "teacher" / "transformer")
-    write_imagefolder(root / "data", n=8, size=40)
-
-
-
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory, worker_id, testrun_uid):
     """Assets and the reference pretraining run, built once per test session even across xdist workers."""
     root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-train")
-    run_once(root, "assets", lambda: _make_assets(root))
+    run_once(root, "assets", lambda: make_denoiser_assets(root))
     run_once(root, "reference", lambda: run_script(
         PRETRAIN, _args(root, root / "ref", STEPS, "--validation_prompt", "a red circle", "--validation_steps", "10",
                         "--validation_num_inference_steps", "2", "--validation_guidance_scale", "1.0"), root / "hf"))
@@ -195,7 +180,9 @@ def test_kd_script_distils_the_teacher(shared, kd_run, evaluator):
     metrics = read_metrics(kd_run)
     assert {"task_mean", "kd_out_mean", "kd_feat_mean"} <= metrics[0].keys()
     assert any(k.startswith("buckets/kd_feat/t") for k in metrics[9])
-    assert metrics[-1]["kd_feat_mean"] < metrics[0]["kd_feat_mean"]
+    # the output KD term falls steadily; the feature term (its target, the projected teacher features, moves with the
+    # projectors) swings by 2x from step to step, too much to rank two single steps
+    assert metrics[-1]["kd_out_mean"] < 0.8 * metrics[0]["kd_out_mean"]
     assert type(DiffusionPipeline.from_pretrained(str(kd_run))).__name__ == "SnapGenPipeline"
 
     # same data, seed, optimiser and number of samples seen (10 steps x 2 micro-batches = the reference's 20)

@@ -8,6 +8,8 @@ The engine (one loop for every script; docs/training_speed.md):
 - :mod:`.batches`, :mod:`.metrics` - on-device data and metrics (no host sync in the step).
 - :mod:`.tasks` - flow matching, KD, ASD, tiny decoder, autoencoder, tiny encoder.
 - :mod:`.args`, :mod:`.task_args` - the scripts' command lines, composed from argument groups.
+- :mod:`.distributed`, :mod:`.streaming`, :mod:`.precompute` - several processes (DDP, FSDP2, DeepSpeed; a sharded
+  teacher), streamed tar shards / Hub datasets, sharded precomputed latents (docs/distributed_training.md).
 
 The objectives and their pieces:
 

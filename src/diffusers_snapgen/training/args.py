@@ -115,7 +115,16 @@ def add_caption_data_args(p: argparse.ArgumentParser):
       help="Encode every caption (all captions of a list) once before training and keep the embeddings on the "
            "training device. With --cache_latents a batch is an on-device gather: no data loader in the loop.")
     a("--precompute_dir", type=str, default=None,
-      help="Where cached latents/embeddings are stored and reused (default: <output_dir>/cache).")
+      help="Where cached latents/embeddings are stored and reused (default: <output_dir>/cache); also the folder "
+           "training_examples/precompute_latents.py writes sharded caches to.")
+    a("--streaming", action="store_true",
+      help="Stream --dataset_name (datasets' IterableDataset, split across processes) instead of downloading it; "
+           "needs --max_train_steps.")
+    a("--train_shards", type=str, default=None,
+      help='WebDataset-style tar shards streamed from disk, e.g. "data/{00000..00099}.tar" (brace expansion; join '
+           'patterns with "::"); an image (jpg/png/webp) and a caption (txt) per sample key. Needs --max_train_steps.')
+    a("--stream_shuffle_buffer", type=int, default=0,
+      help="Shuffle a streamed data set through a buffer of this many samples (seeded; 0: stream order).")
     return g
 
 
@@ -230,6 +239,9 @@ def add_kd_args(p: argparse.ArgumentParser):
     k("--teacher_revision", type=str, default=None)
     k("--teacher_variant", type=str, default=None)
     k("--teacher_dtype", type=str, default="bf16", choices=["fp32", "fp16", "bf16"])
+    k("--teacher_sharding", type=str, default="replicate", choices=["replicate", "shard"],
+      help="With several processes: replicate keeps a full teacher on every GPU; shard splits it across them with "
+           "FSDP2 (1/N of its memory each, its blocks all-gathered in every forward). docs/distributed_training.md.")
     k("--kd_feature_layers", type=str, default=None,
       help='Feature pairs "student_module=teacher_module[:index],..." or a JSON list; default: SD3 -> SnapGen pairs '
            "(mid block, deepest down/up transformers).")
@@ -311,8 +323,14 @@ def validate_common(args: argparse.Namespace) -> argparse.Namespace:
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise ValueError("Need a dataset: pass --dataset_name (HF datasets) or --train_data_dir (image folder).")
+    precomputed = _precomputed(args)
+    if args.dataset_name is None and args.train_data_dir is None and getattr(args, "train_shards", None) is None \
+            and not precomputed:
+        raise ValueError("Need a dataset: pass --dataset_name (HF datasets), --train_data_dir (image folder), "
+                         "--train_shards (tar shards) or --precompute_dir (precompute_latents.py's output).")
+    if precomputed and (args.dataset_name is not None or args.train_data_dir is not None):
+        raise ValueError(f"--precompute_dir {args.precompute_dir} holds a precomputed data set (index.json): it is the "
+                         "training data, drop --dataset_name / --train_data_dir (or pass another --precompute_dir).")
     if args.train_data_dir is not None and args.dataset_name is None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
     _positive(args, ["resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
@@ -347,6 +365,12 @@ def validate_common(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _precomputed(args) -> bool:
+    from .precompute import is_precomputed
+
+    return is_precomputed(getattr(args, "precompute_dir", None))
+
+
 def _resolve_report_to(report_to):
     from accelerate.utils import is_comet_ml_available, is_tensorboard_available, is_wandb_available
 
@@ -376,11 +400,32 @@ def validate_denoiser(args: argparse.Namespace) -> argparse.Namespace:
         args.unet_config = load_json_arg(args.unet_config, "--unet_config")
     if getattr(args, "from_scratch", False) and getattr(args, "unet_model_name_or_path", None) is not None:
         raise ValueError("--from_scratch ignores --unet_model_name_or_path: pass only one of them.")
+    _validate_streaming(args)
     prompts = list(args.validation_prompts or [])
     if args.validation_prompt is not None:
         prompts.insert(0, args.validation_prompt)
     args.validation_prompts = prompts or None
     return args
+
+
+def _validate_streaming(args):
+    streams = args.streaming or args.train_shards is not None
+    if streams and _precomputed(args):
+        raise ValueError("--precompute_dir holds a precomputed data set: drop --streaming / --train_shards.")
+    if args.train_shards is not None and (args.dataset_name is not None or args.train_data_dir is not None):
+        raise ValueError("--train_shards is the data set: drop --dataset_name / --train_data_dir.")
+    if args.streaming and args.dataset_name is None:
+        raise ValueError("--streaming streams --dataset_name: pass it (or --train_shards for local tar shards).")
+    if args.stream_shuffle_buffer < 0:
+        raise ValueError(f"--stream_shuffle_buffer must be >= 0, got {args.stream_shuffle_buffer}.")
+    if not streams:
+        return
+    if args.max_train_steps is None:
+        raise ValueError("a stream has no epochs: pass --max_train_steps.")
+    if args.cache_latents or args.cache_text_embeddings or args.max_train_samples is not None:
+        raise ValueError("--cache_latents/--cache_text_embeddings/--max_train_samples need the whole data set: with "
+                         "a stream, precompute sharded caches with training_examples/precompute_latents.py and train "
+                         "from --precompute_dir without --streaming/--train_shards.")
 
 
 def validate_kd(args: argparse.Namespace) -> argparse.Namespace:

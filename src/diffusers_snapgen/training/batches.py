@@ -5,19 +5,26 @@
   that the task gathers from its caches. No data loader, no host work per step.
 * :class:`LoaderBatches` - a ``DataLoader`` (images decoded and augmented in worker processes), prepared by
   accelerate.
+* :class:`StreamBatches` - an endless stream (:mod:`.streaming`: tar shards, a streamed Hub dataset), decoded in
+  threads; its position is the number of global samples consumed.
 
-Both order an epoch by the same seeded permutation and resume mid-epoch at the exact micro-batch.
+All three give global micro-batch ``m`` of an epoch (or of the stream) the samples ``[m B P, (m + 1) B P)`` of its order
+(``B`` samples per process, ``P`` processes), process ``p`` taking ``[(m P + p) B, (m P + p + 1) B)``, and resume at the
+exact micro-batch (docs/distributed_training.md).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-__all__ = ["epoch_permutation", "DeviceIndexBatches", "LoaderBatches", "DeviceImageCache"]
+__all__ = ["epoch_permutation", "DeviceIndexBatches", "LoaderBatches", "StreamBatches", "DeviceImageCache"]
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -69,6 +76,62 @@ class LoaderBatches:
         loader = self.accelerator.skip_first_batches(self.dataloader, start) if start else self.dataloader
         loader.set_epoch(epoch)
         yield from loader
+
+
+class StreamBatches:
+    """Micro-batches of an endless ``datasets.IterableDataset`` (:func:`~.streaming.load_stream`). From global sample
+    ``start x batch_size x num_processes`` on, the stream is cut into blocks of ``batch_size`` samples and block ``k``
+    goes to process ``k mod num_processes`` (``datasets.distributed.split_dataset_by_node`` over the blocks: each
+    process reads every block and decodes its own). ``examples(block, first_index)`` makes a micro-batch of a block
+    (:class:`~.streaming.StreamExamples`); ``num_workers`` threads run it ahead of the loop.
+
+    There are no epochs (``epochless``): the stream repeats the data set, and the engine's position in it
+    (micro-batches of "epoch" 0) is a number of global samples, so a run resumes at any world size.
+    """
+
+    on_device = False
+    epochless = True
+    batches_per_epoch = sys.maxsize
+
+    def __init__(self, stream, examples, batch_size: int, device, process_index: int = 0, num_processes: int = 1,
+                 num_workers: int = 0, why: str = ""):
+        for name, v in (("batch_size", batch_size), ("num_processes", num_processes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}.")
+        if not callable(examples):
+            raise TypeError("`examples` must be callable: (block, first_index) -> micro-batch dict.")
+        self.stream, self.examples, self.batch_size = stream, examples, batch_size
+        self.device, self.process_index, self.num_processes = torch.device(device), process_index, num_processes
+        self.num_workers, self.why_not_on_device = num_workers, why
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yields this process's micro-batches from micro-batch ``start`` of the stream on (``epoch`` is always 0)."""
+        from datasets.distributed import split_dataset_by_node
+
+        b, w, p = self.batch_size, self.num_processes, self.process_index
+        first = start * b * w
+        blocks = (self.stream.skip(first) if first else self.stream).batch(b)
+        if w > 1:
+            blocks = split_dataset_by_node(blocks, rank=p, world_size=w, strategy="examples")
+
+        def make(item):
+            j, block = item
+            batch = self.examples(block, first + (j * w + p) * b)
+            return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()}
+
+        numbered = enumerate(blocks)
+        if not self.num_workers:
+            yield from map(make, numbered)
+            return
+        with ThreadPoolExecutor(self.num_workers) as pool:  # decoding in order, num_workers x 2 blocks ahead
+            ahead = deque()
+            for item in numbered:
+                ahead.append(pool.submit(make, item))
+                if len(ahead) > 2 * self.num_workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
 
 class DeviceImageCache:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 __all__ = [
     "TrainingState",
+    "checkpoint_num_processes",
     "STATE_FILE",
     "list_checkpoints",
     "latest_checkpoint",
@@ -37,21 +38,62 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainingState:
-    """Where training stands: optimizer steps done, the epoch, and micro-batches of that epoch consumed."""
+    """Where training stands: optimizer steps done, the epoch, and micro-batches of that epoch consumed per process,
+    with the layout that consumed them (``micro_batch_size`` samples per process and micro-batch, ``num_processes``).
+
+    The layout makes the data position a number of *global* samples (``samples_in_epoch``, written to the checkpoint
+    too), so a run resumes at another world size or micro-batch size (:meth:`relayout`; docs/distributed_training.md).
+    A layout of 0 is unknown: a checkpoint written before the layout was recorded.
+    """
 
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     seed: int = 0
+    micro_batch_size: int = 0
+    num_processes: int = 0
+
+    @property
+    def samples_in_epoch(self) -> int:
+        """Global samples of the epoch consumed: ``batches_in_epoch x micro_batch_size x num_processes``."""
+        return self.batches_in_epoch * self.micro_batch_size * self.num_processes
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "samples_in_epoch": self.samples_in_epoch}
 
     def load_state_dict(self, state: dict):
         if not isinstance(state, dict):
             raise TypeError(f"`state` must be a dict, got {type(state).__name__}.")
         for key in ("global_step", "epoch", "batches_in_epoch", "seed"):
             setattr(self, key, int(state.get(key, getattr(self, key))))
+        # an older checkpoint has no layout: 0 until relayout() fills it in
+        self.micro_batch_size = int(state.get("micro_batch_size", 0))
+        self.num_processes = int(state.get("num_processes", 0))
+
+    def relayout(self, micro_batch_size: int, num_processes: int, saved_num_processes: int | None = None):
+        """Converts the data position to the layout ``micro_batch_size x num_processes`` through global samples and
+        makes it the state's layout. An unknown saved layout (older checkpoints) is taken to have this micro-batch
+        size and ``saved_num_processes`` processes (default: ``num_processes``).
+
+        Returns ``(saved_num_processes, samples re-read)``: a position that is not a whole number of the new global
+        micro-batches is rounded down, so up to ``micro_batch_size x num_processes - 1`` samples are seen again.
+        """
+        for name, v in (("micro_batch_size", micro_batch_size), ("num_processes", num_processes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}.")
+        old_b = self.micro_batch_size or micro_batch_size
+        old_w = self.num_processes or saved_num_processes or num_processes
+        samples = self.batches_in_epoch * old_b * old_w
+        self.micro_batch_size, self.num_processes = micro_batch_size, num_processes
+        self.batches_in_epoch, reread = divmod(samples, micro_batch_size * num_processes)
+        return old_w, reread
+
+
+def checkpoint_num_processes(checkpoint) -> int | None:
+    """How many processes wrote ``checkpoint`` (accelerate saves one ``random_states_<i>.pkl`` each); ``None`` when
+    it holds none."""
+    n = len(list(Path(checkpoint).glob("random_states_*.pkl")))
+    return n or None
 
 
 def _check_dir(output_dir) -> Path:
@@ -140,6 +182,7 @@ def save_checkpoint(accelerator, output_dir, state: TrainingState, total_limit: 
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp.mkdir()  # before the barrier: every process writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -198,7 +241,13 @@ def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: Trainin
     """diffusers-example-style hooks: the student (the first prepared model of class ``student_cls``) is saved with
     ``save_pretrained`` into ``<ckpt>/unet`` and its EMA into ``<ckpt>/unet_ema``; other prepared models (KD
     projectors) are left to accelerate. ``state`` is registered for checkpointing (``custom_checkpoint_0.pkl``).
+
+    Under FSDP2 and DeepSpeed accelerate saves and loads the prepared models itself (sharded); ``unet/`` and
+    ``unet_ema/`` are then written from full tensors gathered on every process (docs/distributed_training.md) and the
+    EMA is loaded back into each process's shard.
     """
+    from .distributed import ema_is_sharded, full_copy, full_ema_tensors, is_deepspeed, is_fsdp, load_full_ema
+
     if not isinstance(student_cls, type):
         raise TypeError(f"`student_cls` must be a model class, got {student_cls!r}.")
     if state is not None:
@@ -209,20 +258,31 @@ def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: Trainin
     def _is_student(model):
         return isinstance(accelerator.unwrap_model(model), student_cls)
 
+    def _accelerate_saves_models():
+        return is_fsdp(accelerator) or is_deepspeed(accelerator)
+
     def save_model_hook(models, weights, output_dir):
-        if not accelerator.is_main_process:
-            return
         for i in reversed(range(len(models))):
             if _is_student(models[i]):
-                accelerator.unwrap_model(models[i]).save_pretrained(os.path.join(output_dir, student_subfolder))
-                weights.pop(i)
+                model = full_copy(accelerator, models[i])  # a collective when sharded
+                if model is not None and accelerator.is_main_process:
+                    model.save_pretrained(os.path.join(output_dir, student_subfolder))
+                if not _accelerate_saves_models():
+                    weights.pop(i)
                 break
         if ema is not None:
-            ema.save_pretrained(os.path.join(output_dir, f"{student_subfolder}_ema"))
+            if ema_is_sharded(ema):
+                full = full_ema_tensors(ema)  # a collective
+                if accelerator.is_main_process:
+                    _save_ema_tensors(ema, full, os.path.join(output_dir, f"{student_subfolder}_ema"))
+            elif accelerator.is_main_process:
+                ema.save_pretrained(os.path.join(output_dir, f"{student_subfolder}_ema"))
 
     def load_model_hook(models, input_dir):
         for i in reversed(range(len(models))):
             if _is_student(models[i]):
+                if _accelerate_saves_models():  # accelerate loads its own (sharded) copy
+                    break
                 model = accelerator.unwrap_model(models.pop(i))
                 loaded = student_cls.from_pretrained(input_dir, subfolder=student_subfolder)
                 model.register_to_config(**loaded.config)
@@ -231,11 +291,31 @@ def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: Trainin
                 break
         if ema is not None:
             loaded = type(ema).from_pretrained(os.path.join(input_dir, f"{student_subfolder}_ema"), student_cls)
+            sharded, shards = ema_is_sharded(ema), list(ema.shadow_params)
             ema.load_state_dict(loaded.state_dict())
+            if sharded:  # keep this process's shards, filled from the full tensors
+                full, ema.shadow_params = ema.shadow_params, shards
+                load_full_ema(ema, full)
+            else:  # from_pretrained loads on the CPU: back to the training device, where the update runs
+                ema.to(accelerator.device)
             del loaded
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def _save_ema_tensors(ema, full: list, path: str):
+    """``EMAModel.save_pretrained`` from gathered full tensors (the FSDP2 EMA keeps shards)."""
+    import torch
+
+    model = ema.model_cls.from_config(ema.model_config)
+    config = ema.state_dict()
+    config.pop("shadow_params", None)
+    model.register_to_config(**config)
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), full):
+            p.copy_(s)
+    model.save_pretrained(path)
 
 
 def atomic_save_pipeline(pipeline, output_dir, **save_kwargs) -> Path:

@@ -22,11 +22,13 @@ import torch
 from .batches import DeviceIndexBatches, LoaderBatches
 from .checkpointing import (
     TrainingState,
+    checkpoint_num_processes,
     register_checkpoint_hooks,
     remove_incomplete,
     resolve_resume_checkpoint,
     save_checkpoint,
 )
+from .distributed import check_world_size, configure_deepspeed, full_copy, is_deepspeed, is_fsdp, scheduler_steps_per_step
 from .metrics import MetricsLog, StepMetrics, StepOutput
 from .step import StepProgram
 
@@ -147,6 +149,7 @@ def setup_accelerator(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
         kwargs_handlers=handlers,
     )
+    check_world_size(accelerator)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
     get_logger(__name__).info(accelerator.state, main_process_only=False)
@@ -195,7 +198,9 @@ def build_optimizer(args, param_groups: list[dict], device=None):
 
 
 def build_lr_scheduler(args, optimizer, max_train_steps: int, num_processes: int = 1):
-    """diffusers' ``get_scheduler`` with the run's ``--lr_scheduler`` flags (accelerate steps it once per process)."""
+    """diffusers' ``get_scheduler`` with the run's ``--lr_scheduler`` flags, over ``max_train_steps x num_processes``
+    schedule steps (accelerate steps a prepared schedule once per process; pass
+    :func:`~.distributed.scheduler_steps_per_step`)."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
@@ -241,7 +246,8 @@ def prepare_run(args, accelerator, task: TrainingTask, model: torch.nn.Module, p
     """Optimizer, LR schedule and EMA of ``model``; checkpoint hooks (the model in ``<checkpoint>/<subfolder>``, its
     EMA in ``<subfolder>_ema``); ``accelerator.prepare`` of model, ``extra_modules`` (KD projectors,
     discriminators: checkpointed with it), optimizer, ``dataloader`` (loader batches) and schedule. ``task.run`` is
-    set; the task then builds its auxiliary optimizers."""
+    set; the task then builds its auxiliary optimizers. Under FSDP2 the EMA is built after ``prepare``, from the
+    sharded parameters (docs/distributed_training.md)."""
     if not isinstance(task, TrainingTask):
         raise TypeError(f"`task` must be a TrainingTask, got {type(task).__name__}.")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "save_pretrained"):
@@ -261,14 +267,18 @@ def prepare_run(args, accelerator, task: TrainingTask, model: torch.nn.Module, p
     max_steps = max_train_steps_of(args, batches.batches_per_epoch)
     args.max_train_steps = max_steps
     optimizer = build_optimizer(args, param_groups, acc.device)
-    lr_scheduler = build_lr_scheduler(args, optimizer, max_steps, acc.num_processes)
-    ema = build_ema(args, model)
+    lr_scheduler = build_lr_scheduler(args, optimizer, max_steps, scheduler_steps_per_step(acc))
+    configure_deepspeed(acc, args.train_batch_size, 1 + len(extra_modules))
+    sharded = is_fsdp(acc)
+    ema = None if sharded else build_ema(args, model)
     if ema is not None:
         ema.to(acc.device)
-    state = TrainingState(seed=args.seed)
-    register_checkpoint_hooks(acc, type(model), ema=ema, state=state, student_subfolder=checkpoint_subfolder)
     objects = [model, *extra_modules, optimizer] + ([dataloader] if dataloader is not None else []) + [lr_scheduler]
     prepared = acc.prepare(*objects)
+    if sharded:  # the EMA of each process's shard
+        ema = build_ema(args, acc.unwrap_model(prepared[0]))
+    state = TrainingState(seed=args.seed, micro_batch_size=args.train_batch_size, num_processes=acc.num_processes)
+    register_checkpoint_hooks(acc, type(model), ema=ema, state=state, student_subfolder=checkpoint_subfolder)
     model, extra = prepared[0], list(prepared[1 : 1 + len(extra_modules)])
     optimizer, lr_scheduler = prepared[1 + len(extra_modules)], prepared[-1]
     if dataloader is not None:
@@ -319,12 +329,14 @@ def train(run: TrainingRun) -> TrainingState:
     if resume is not None:
         acc.print(f"Resuming from checkpoint {resume}")
         acc.load_state(str(resume))
+        _relayout(run, checkpoint_num_processes(resume))
     task.on_train_start(resumed=resume is not None)
     run.program = StepProgram(run, cuda_graphs=getattr(args, "cuda_graphs", False))
     samples = args.train_batch_size * acc.num_processes * accumulation
-    logger.info("***** %s: %d micro-batches an epoch, batch %d per device (%d per step with accumulation and "
-                "processes), %d optimization steps, step: %s%s *****", task.name, per_epoch, args.train_batch_size,
-                samples, max_steps, run.program.mode, ", compiled" if getattr(args, "compile", False) else "")
+    logger.info("***** %s: %s, batch %d per device (%d per step with accumulation and processes), %d optimization "
+                "steps, step: %s%s *****", task.name, "a stream" if getattr(run.batches, "epochless", False) else
+                f"{per_epoch} micro-batches an epoch", args.train_batch_size, samples, max_steps, run.program.mode,
+                ", compiled" if getattr(args, "compile", False) else "")
     log = MetricsLog(acc, args.output_dir, args.logging_dir)
     progress = tqdm(range(max_steps), initial=state.global_step, desc="Steps", disable=not acc.is_local_main_process)
     clock = _WindowClock()
@@ -357,7 +369,7 @@ def train(run: TrainingRun) -> TrainingState:
                                                                      args.checkpoints_total_limit))
             if step % getattr(args, "validation_steps", max_steps + 1) == 0 and step < max_steps:
                 with clock.paused():
-                    task.validate(step)
+                    _validate(run, step)
                 for module in run.trainable:
                     module.train()
             if step >= max_steps:
@@ -367,6 +379,35 @@ def train(run: TrainingRun) -> TrainingState:
     progress.close()
     acc.wait_for_everyone()
     return state
+
+
+def _relayout(run: TrainingRun, saved_num_processes: int | None):
+    """After loading a checkpoint: the data position in this run's layout (through global samples) and the LR
+    schedules' step counts in this run's processes (accelerate steps a schedule once per process)."""
+    acc, state = run.accelerator, run.state
+    saved_b = state.micro_batch_size
+    old_w, reread = state.relayout(run.args.train_batch_size, acc.num_processes, saved_num_processes)
+    if old_w != acc.num_processes or (saved_b and saved_b != run.args.train_batch_size):
+        logger.info("the checkpoint was written by %d process(es) x micro-batch %s; this run has %d x %d: resuming at "
+                    "micro-batch %d of epoch %d%s", old_w, saved_b or "?", acc.num_processes, run.args.train_batch_size,
+                    state.batches_in_epoch, state.epoch, f" ({reread} samples are seen again)" if reread else "")
+    old_factor, factor = (1 if is_deepspeed(acc) else old_w), scheduler_steps_per_step(acc)
+    if old_factor != factor:
+        for scheduler in run.schedulers:
+            inner = getattr(scheduler, "scheduler", scheduler)
+            inner.last_epoch = inner.last_epoch * factor // old_factor
+            inner._step_count = inner.last_epoch + 1
+
+
+def _validate(run: TrainingRun, step: int):
+    """``task.validate`` - on one process, with the full model; an FSDP2-sharded model is only whole at the end."""
+    if is_fsdp(run.accelerator):
+        if not getattr(run, "_said_no_validation", False):
+            logger.warning("validation every --validation_steps is off under FSDP2 (the model is sharded across the "
+                           "processes); it runs once at the end, on the gathered model.")
+            run._said_no_validation = True
+        return
+    run.task.validate(step)
 
 
 def _flush(run: TrainingRun, clock: "_WindowClock", samples_per_step: int) -> dict:
@@ -410,13 +451,13 @@ class _WindowClock:
 
 
 def finish(run: TrainingRun):
-    """EMA weights into the model and ``task.save_final`` on the main process; ends the trackers."""
+    """EMA weights into the model and ``task.save_final`` on the main process (an FSDP2-sharded model is gathered
+    into a full copy first, by every process); ends the trackers."""
     acc = run.accelerator
     acc.wait_for_everyone()
+    model = full_copy(acc, run.model, run.ema)
     if acc.is_main_process:
-        model = run.unwrapped_model
-        if run.ema is not None:
-            run.ema.copy_to(model.parameters())
         model.eval()
         run.task.save_final(model)
+    acc.wait_for_everyone()
     acc.end_training()

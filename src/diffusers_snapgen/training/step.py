@@ -3,10 +3,12 @@
 
 The step body is the same in both modes: zero the gradients; for each of the ``--gradient_accumulation_steps``
 micro-batches the task's ``compute_loss`` and ``accelerator.backward``; clip; the optimizer step and the task's
-auxiliary step (a discriminator's); the EMA update; the metric sums. It draws its random numbers from one
-:class:`StepRandom` generator that is re-seeded from ``(seed, step, process)`` before every step, reads its learning
-rate from the optimizer's param groups (device tensors under CUDA graphs) and never waits for the device, so a
-replayed graph computes what the eager step computes.
+auxiliary step (a discriminator's); the EMA update; the metric sums. Each micro-batch draws its random numbers from a
+:class:`StepRandom` generator re-seeded before every step from ``(seed, step, slot)``, where the slot is the
+micro-batch's place in the step's global batch (``micro_batch x processes + process``), so a step draws the same
+numbers for the same samples however its global batch is split between processes and accumulation
+(docs/distributed_training.md). The step reads its learning rate from the optimizer's param groups (device tensors
+under CUDA graphs) and never waits for the device, so a replayed graph computes what the eager step computes.
 """
 
 from __future__ import annotations
@@ -19,28 +21,48 @@ import torch
 
 logger = logging.getLogger("diffusers_snapgen.training")
 
-__all__ = ["step_seed", "StepRandom", "ema_update_", "cuda_graphs_unsupported_reason", "StepProgram"]
+__all__ = ["step_seed", "micro_batch_slot", "StepRandom", "ema_update_", "cuda_graphs_unsupported_reason", "StepProgram"]
 
 
-def step_seed(seed: int, step: int, process_index: int = 0) -> int:
-    """A 63-bit seed that is a pure function of ``(seed, process_index, step)``: what a step draws does not depend
-    on anything that ran before it, so a resumed run draws exactly what the uninterrupted run drew."""
-    state = np.random.SeedSequence([int(seed), int(process_index), int(step)]).generate_state(2, dtype=np.uint32)
+def step_seed(seed: int, step: int, slot: int = 0) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, slot, step)``: what a step draws does not depend on anything
+    that ran before it, so a resumed run draws exactly what the uninterrupted run drew. ``slot`` is the micro-batch's
+    place in the step's global batch (:func:`micro_batch_slot`; the process index without accumulation)."""
+    state = np.random.SeedSequence([int(seed), int(slot), int(step)]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1)
 
 
+def micro_batch_slot(micro_batch: int, process_index: int = 0, num_processes: int = 1) -> int:
+    """The place of micro-batch ``micro_batch`` of process ``process_index`` in the step's global batch: micro-batch
+    ``i`` of every process comes before micro-batch ``i + 1`` of any, as the batch sources order samples (a step of
+    ``P`` processes x ``A`` accumulated micro-batches covers what one process covers with ``P x A`` of them)."""
+    return int(micro_batch) * int(num_processes) + int(process_index)
+
+
 class StepRandom:
-    """The generator every random draw of a training step uses (timesteps, noise, flips, caption dropout, latent
-    samples), on the training device. One object for the whole run, re-seeded before each step; a CUDA graph
-    registers it once and reads the new seed at every replay."""
+    """The generators every random draw of a training step uses (timesteps, noise, flips, caption dropout, latent
+    samples), on the training device: one per micro-batch of the step, re-seeded before each step from the
+    micro-batch's slot (:func:`micro_batch_slot`). One object for the whole run; a CUDA graph registers the
+    generators once and reads their new seeds at every replay."""
 
-    def __init__(self, device, seed: int, process_index: int = 0):
-        self.generator = torch.Generator(device=device)
-        self.seed, self.process_index = int(seed), int(process_index)
+    def __init__(self, device, seed: int, process_index: int = 0, num_processes: int = 1):
+        self.device = torch.device(device)
+        self.seed, self.process_index, self.num_processes = int(seed), int(process_index), int(num_processes)
+        self.generators = [torch.Generator(device=self.device)]
 
-    def reseed(self, step: int) -> torch.Generator:
-        self.generator.manual_seed(step_seed(self.seed, step, self.process_index))
-        return self.generator
+    @property
+    def generator(self) -> torch.Generator:
+        """The first micro-batch's generator."""
+        return self.generators[0]
+
+    def reseed(self, step: int, micro_batches: int = 1) -> torch.Generator:
+        """Seeds the generators of ``micro_batches`` micro-batches for ``step``; returns the first one."""
+        while len(self.generators) < micro_batches:
+            self.generators.append(torch.Generator(device=self.device))
+        for i in range(micro_batches):
+            slot = micro_batch_slot(i, self.process_index, self.num_processes)
+            self.generators[i].manual_seed(step_seed(self.seed, step, slot))
+        return self.generators[0]
 
 
 @torch.no_grad()
@@ -125,7 +147,7 @@ class StepProgram:
     def __init__(self, run, cuda_graphs: bool = False, warmup_steps: int = 2):
         self.run = run
         device = run.accelerator.device
-        self.random = StepRandom(device, run.args.seed, run.accelerator.process_index)
+        self.random = StepRandom(device, run.args.seed, run.accelerator.process_index, run.accelerator.num_processes)
         self.ema_weight = torch.zeros((), dtype=torch.float32, device=device)
         self.use_graphs, self.warmup_steps = bool(cuda_graphs), warmup_steps
         self.graphs: dict = {}
@@ -135,7 +157,8 @@ class StepProgram:
             if reason is None and not run.batches.on_device:
                 reason = run.batches.why_not_on_device
             if reason is not None:
-                logger.warning("--cuda_graphs is off: %s. Training steps run eagerly.", reason)
+                if run.accelerator.is_main_process:  # one line for the run, not one per process
+                    logger.warning("--cuda_graphs is off: %s. Training steps run eagerly.", reason)
                 self.use_graphs = False
         self.mode = "cuda_graph" if self.use_graphs else "eager"
 
@@ -143,6 +166,16 @@ class StepProgram:
 
     def _ema_params(self):
         return [p for p in self.run.accelerator.unwrap_model(self.run.model).parameters()]
+
+    def _no_sync(self):
+        """Gradient accumulation without communication: ``accelerator.no_sync`` of every trained module (the model,
+        KD projectors, discriminators), so gradients are all-reduced once, in the last micro-batch."""
+        acc = self.run.accelerator
+        stack = contextlib.ExitStack()
+        if acc.num_processes > 1:
+            for module in self.run.trainable:
+                stack.enter_context(acc.no_sync(module))
+        return stack
 
     def body(self, micro_batches: list[dict], variant=None):
         run = self.run
@@ -152,9 +185,8 @@ class StepProgram:
         task.variant = variant
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
-            sync = acc.no_sync(run.model) if i < last and acc.num_processes > 1 else contextlib.nullcontext()
-            with sync:
-                out = task.compute_loss(batch, self.random.generator)
+            with self._no_sync() if i < last else contextlib.nullcontext():
+                out = task.compute_loss(batch, self.random.generators[i])
                 acc.backward(out.loss)
             run.metrics.add(out)
         if run.args.max_grad_norm > 0:
@@ -171,7 +203,7 @@ class StepProgram:
     def __call__(self, step: int, micro_batches: list[dict]):
         """Runs optimizer step ``step`` (0-based) on ``micro_batches``."""
         variant = self.run.task.step_variant(step)
-        self.random.reseed(step)
+        self.random.reseed(step, len(micro_batches))
         ema = self.run.ema
         if ema is not None:  # EMAModel.step's bookkeeping, on the host; the arithmetic runs in the body
             ema.optimization_step += 1
@@ -188,7 +220,7 @@ class StepProgram:
                 logger.warning("--cuda_graphs is off: capturing the step failed (%s: %s). Training steps run eagerly.",
                                type(e).__name__, e)
                 self.use_graphs, self.mode = False, "eager"
-                self.random.reseed(step)
+                self.random.reseed(step, len(micro_batches))
                 self.body(micro_batches, variant)
                 return
         captured.replay(micro_batches)
@@ -208,15 +240,16 @@ class StepProgram:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_steps):
-                    self.random.reseed(step)
+                    self.random.reseed(step, len(static))
                     self.body(static, variant)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             for opt in run.optimizers:
                 opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(self.random.generator)
-            self.random.reseed(step)
+            for generator in self.random.generators[: len(static)]:
+                graph.register_generator_state(generator)
+            self.random.reseed(step, len(static))
             with torch.cuda.graph(graph, pool=self.pool):
                 self.body(static, variant)
         finally:  # the warm-up steps (and a failed capture) leave no trace in the weights or the metrics

@@ -29,9 +29,13 @@ from ..components import (
     weight_dtype_for,
 )
 from ..data import ImageCaptionDataset, LatentCache, TextEmbeddingCache, cache_fingerprint, load_image_caption_dataset
+from ..batches import DeviceIndexBatches, StreamBatches
+from ..distributed import shard_frozen_module
 from ..engine import StepOutput, TrainingTask, compile_module, loader_or_device_batches
 from ..flow_matching import FlowMatchingSampler, denoiser_forward, flow_matching_loss, prepare_flow_matching_batch
 from ..kd import output_kd_loss
+from ..precompute import check_settings, fit_text_width, is_precomputed, load_precomputed, precompute_settings
+from ..streaming import StreamExamples, load_stream
 
 logger = logging.getLogger("diffusers_snapgen.training")
 
@@ -109,8 +113,14 @@ class FlowMatchingTask(TrainingTask):
     # ------------------------------------------------------------------------------------------ data
 
     def build_data(self):
-        """Dataset and caches; returns ``(batches, dataloader or None)`` for :func:`~..engine.prepare_run`."""
+        """Dataset and caches; returns ``(batches, dataloader or None)`` for :func:`~..engine.prepare_run`: a stream
+        (``--train_shards``, ``--streaming``), a precomputed folder (``--precompute_dir`` with an ``index.json``), or
+        a data set with optional device caches."""
         args, acc, vae = self.args, self.accelerator, self.base.vae_encoder
+        if getattr(args, "train_shards", None) is not None or getattr(args, "streaming", False):
+            return self._stream_data(), None
+        if is_precomputed(args.precompute_dir):
+            return self._precomputed_data(), None
         hf = load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
                                         args.cache_dir, args.image_column, args.caption_column, args.max_train_samples)
         ds = ImageCaptionDataset(hf, args.image_column, args.caption_column, args.resolution, args.center_crop,
@@ -150,6 +160,37 @@ class FlowMatchingTask(TrainingTask):
         on_device = self.latent_cache is not None and self.text_cache is not None
         why = "the data comes from a DataLoader: pass --cache_latents and --cache_text_embeddings"
         return loader_or_device_batches(args, acc, len(ds), on_device, ds, why)
+
+    def _stream_data(self) -> StreamBatches:
+        args, acc = self.args, self.accelerator
+        stream, image_column, caption_column = load_stream(
+            args.dataset_name, args.dataset_config_name, args.train_shards, args.cache_dir, args.image_column,
+            args.caption_column, args.stream_shuffle_buffer, args.seed)
+        examples = StreamExamples(image_column, caption_column, args.resolution, args.center_crop, args.random_flip,
+                                  args.seed)
+        return StreamBatches(stream, examples, args.train_batch_size, acc.device, acc.process_index,
+                             acc.num_processes, args.dataloader_num_workers,
+                             why="the data streams: precompute it (training_examples/precompute_latents.py)")
+
+    def _precomputed_data(self) -> DeviceIndexBatches:
+        """The sharded caches of ``training_examples/precompute_latents.py``, checked against this run's flags."""
+        args, acc = self.args, self.accelerator
+        latents, text, index = load_precomputed(args.precompute_dir, args.max_train_samples)
+        check_settings(index, precompute_settings(args, self.base.vae_encoder, self.pipeline))
+        logger.info("training on %d precomputed samples of %s", len(latents), args.precompute_dir)
+        self.latent_cache = latents.to(acc.device)
+        widths = self.pipeline._conditioning_widths()
+        self.text_cache = fit_text_width(text, widths, self.base.weight_dtype).to(acc.device)
+        if args.validation_prompts:
+            self.validation_embeds = {p: self._encode([p]) for p in [*args.validation_prompts, ""]}
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # no longer needed on the GPU
+            if getattr(self.pipeline, name, None) is not None:
+                getattr(self.pipeline, name).to("cpu")
+        if self.base.vae_encoder is not self.pipeline.vae:
+            self.base.vae_encoder.to("cpu")
+        free_memory()
+        return DeviceIndexBatches(len(latents), args.train_batch_size, args.seed, acc.device, acc.process_index,
+                                  acc.num_processes)
 
     def _encode(self, captions):
         return encode_captions(self.pipeline, captions, self.accelerator.device, self.args.max_sequence_length)
@@ -238,6 +279,8 @@ class FlowMatchingTask(TrainingTask):
         from ...pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
         args = self.args
+        if model is not self.run.unwrapped_model:  # the gathered copy of an FSDP2-sharded model
+            self.pipeline = build_pipeline(self.base.components, model)
         self.pipeline.set_sampling_defaults(
             num_inference_steps=self.final_num_inference_steps() or DEFAULT_NUM_INFERENCE_STEPS,
             guidance_scale=self.final_guidance_scale(DEFAULT_GUIDANCE_SCALE))
@@ -306,6 +349,8 @@ class KDTask(FlowMatchingTask):
 
     def on_prepare(self, run):
         super().on_prepare(run)
+        if getattr(self.args, "teacher_sharding", "replicate") == "shard":
+            shard_frozen_module(self.teacher, self.accelerator)
         self.step_teacher = compile_module(self.teacher, self.args)
         if self.feature_kd is not None:
             self.feature_kd = run.trainable[1]  # the prepared projectors
