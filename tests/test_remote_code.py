@@ -48,7 +48,8 @@ def test_loads_without_importing_the_package(remote_folder, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["SnapGenPipeline", "SnapGenUNet2DModel", "TinyDecoder", "False"]
-    torch.testing.assert_close(torch.load(out), _latents(tiny_pipeline("clip", "tiny")), rtol=0, atol=0)
+    # Same code path, another process: equal up to float32 rounding (thread counts change reduction order).
+    torch.testing.assert_close(torch.load(out), _latents(tiny_pipeline("clip", "tiny")), rtol=1e-5, atol=1e-6)
 
 
 def test_with_the_import_the_code_files_are_ignored(remote_folder):

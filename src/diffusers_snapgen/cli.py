@@ -33,7 +33,7 @@ SUBCOMMAND_MODULES: dict[str, tuple[str, str]] = {
     ),
     "eval": (
         "diffusers_snapgen.evaluation.cli",
-        "measure models on the emoji set: prompt accuracy, FID, decoder PSNR/SSIM",
+        "measure models on the emoji set: prompt accuracy, FID, prompt/seed ratio, decoder PSNR/SSIM",
     ),
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")

@@ -46,19 +46,22 @@ case "$PRESET" in
     CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-}"
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
-  h200)  # the shipped default model: 128² multi-style emoji, every stage with the fast step (--compile --cuda_graphs,
-         # device caches) on one H200, back to back in under 20 minutes of wall time; step counts from the rates
-         # benchmarks/bench_train_loop.py measured (benchmarks/results/emoji_h200.md)
+  h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
+         # H200. Step counts chosen from the rates the scripts logged there (benchmarks/results/bench_train_loop_h200.md):
+         # ~9 minutes of training steps; with compilation, caching and evaluation the whole recipe is planned to stay
+         # under 20 minutes of wall time (not yet run end to end at these counts: benchmarks/results/emoji_h200.md)
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
-    VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-4000}"
-    GAN_START="${GAN_START:-2000}"; ENCODER_STEPS="${ENCODER_STEPS:-2000}"; TEACHER_STEPS="${TEACHER_STEPS:-8000}"; STUDENT_STEPS="${STUDENT_STEPS:-6000}"
-    ASD_STEPS="${ASD_STEPS:-1200}"; CKPT_STEPS="${CKPT_STEPS:-2000}"; VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"
-    CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"; EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"
-    LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"
-    REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"
-    SETS="${SETS:-all}"; FAST="${FAST---compile --cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
+    VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-2000}"
+    GAN_START="${GAN_START:-1000}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-6000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-4000}"; ASD_STEPS="${ASD_STEPS:-1000}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
+    VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"
+    EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
+    MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"; REPORT_TO="${REPORT_TO:-none}"
+    TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"; SETS="${SETS:-all}"
+    FAST="${FAST---compile --cuda_graphs}"; TEACHER_FAST="${TEACHER_FAST---cuda_graphs}"
+    KD_FAST="${KD_FAST---cuda_graphs}"; ASD_FAST="${ASD_FAST---cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
     DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"; TEXT_TOKENS="${TEXT_TOKENS:-20}"  # fxemoji captions reach 18
-    CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 60}"
+    CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 40}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
   cpu)  # the earlier stand-in: small models at 64², trained on a 2-core CPU in about an hour
     RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-32}"; VAE_BATCH="${VAE_BATCH:-16}"
@@ -90,8 +93,12 @@ ENCODER_STEPS="${ENCODER_STEPS:-$DECODER_STEPS}"
 LOGGING_STEPS="${LOGGING_STEPS:-20}"
 DEVICE="${DEVICE:-}"                        # eval/classifier device (cuda: data on the GPU, bf16 sampling)
 read -r -a SPEED <<<"${FAST:-}"             # e.g. "--compile --cuda_graphs" (docs/training_speed.md)
+read -r -a TEACHER_SPEED <<<"${TEACHER_FAST-${FAST:-}}"   # per-stage overrides of FAST: the teacher, KD and ASD
+read -r -a KD_SPEED <<<"${KD_FAST-${FAST:-}}"             # stages compile a second (teacher) model
+read -r -a ASD_SPEED <<<"${ASD_FAST-${FAST:-}}"
 read -r -a CLASSIFIER_EXTRA <<<"${CLASSIFIER_ARGS:-}"
 ENGINE=(--logging_steps "$LOGGING_STEPS" "${SPEED[@]}")
+LOGGING=(--logging_steps "$LOGGING_STEPS")
 
 write_configs() {
   mkdir -p "$CONFIGS"
@@ -154,7 +161,7 @@ COMMON_OPT=(--train_batch_size "$BATCH" --learning_rate 2e-4 --lr_scheduler cons
             --use_ema --checkpointing_steps "$CKPT_STEPS" --checkpoints_total_limit "$CKPT_LIMIT"
             --resume_from_checkpoint latest
             --validation_prompts "red apple" "artist" "snowman" --validation_steps "$VALIDATION_STEPS"
-            --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}")
+            --report_to "$REPORT_TO" "${PRECISION[@]}" "${LOGGING[@]}")
 
 step_configs() {  # only writes (and prints where) the model configs of this preset: look before you train
   echo "$CONFIGS"
@@ -230,7 +237,7 @@ PY
 step_teacher() {  # flow matching of an SD3Transformer2DModel; saves $RUNS/teacher/transformer/
   $LAUNCH "$ROOT/training_examples/train_sd3_teacher.py" --pretrained_model_name_or_path "$RUNS/base" \
     --transformer_config "$CONFIGS/teacher_transformer.json" "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" \
-    --max_train_steps "$TEACHER_STEPS" --output_dir "$RUNS/teacher"
+    --max_train_steps "$TEACHER_STEPS" "${TEACHER_SPEED[@]}" --output_dir "$RUNS/teacher"
 }
 
 step_kd() {  # multi-level KD student (output + feature KD, timestep-aware scaling)
@@ -238,7 +245,7 @@ step_kd() {  # multi-level KD student (output + feature KD, timestep-aware scali
     --teacher_model_name_or_path "$RUNS/teacher" --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" \
     --unet_config "$CONFIGS/student_unet.json" --from_scratch --kd_feature_layers "$KD_LAYERS" \
     --kd_projector_direction "$KD_PROJECTOR_DIRECTION" \
-    "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" \
+    "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" "${KD_SPEED[@]}" \
     --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd"
 }
 
@@ -246,14 +253,14 @@ step_kd_output() {  # ablation: the KD student with output KD only (no feature p
   $LAUNCH "$ROOT/training_examples/train_snapgen_kd.py" --pretrained_model_name_or_path "$RUNS/base" \
     --teacher_model_name_or_path "$RUNS/teacher" --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" \
     --unet_config "$CONFIGS/student_unet.json" --from_scratch --disable_feature_kd \
-    "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" \
+    "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" "${KD_SPEED[@]}" \
     --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd-output"
 }
 
 step_nokd() {  # the same student, same data/steps/seed, flow matching only
   $LAUNCH "$ROOT/training_examples/train_snapgen.py" --pretrained_model_name_or_path "$RUNS/base" \
     --unet_config "$CONFIGS/student_unet.json" --from_scratch "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" \
-    --max_train_steps "$STUDENT_STEPS" --validation_num_inference_steps 28 --output_dir "$RUNS/student-nokd"
+    --max_train_steps "$STUDENT_STEPS" "${SPEED[@]}" --validation_num_inference_steps 28 --output_dir "$RUNS/student-nokd"
 }
 
 step_asd() {  # adversarial step distillation of the KD student to 4 steps (the teacher is not a few-step model:
@@ -264,7 +271,7 @@ step_asd() {  # adversarial step distillation of the KD student to 4 steps (the 
     --kd_projector_direction "$KD_PROJECTOR_DIRECTION" --num_inference_steps 4 --teacher_num_inference_steps 1 \
     --discriminator_layers "transformer_blocks.3,transformer_blocks.7,transformer_blocks.10" \
     "${COMMON_DATA[@]}" --proportion_empty_prompts 0 "${COMMON_OPT[@]}" --learning_rate 2e-5 \
-    --max_train_steps "$ASD_STEPS" --output_dir "$RUNS/student-asd"
+    --max_train_steps "$ASD_STEPS" "${ASD_SPEED[@]}" --output_dir "$RUNS/student-asd"
 }
 
 step_ship() {  # ASD student + TinyDecoder, fp16, no text encoder (MiniLM comes from its wheel, named in the scheduler
