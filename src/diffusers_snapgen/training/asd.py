@@ -394,10 +394,12 @@ def require_student_checkpoint(args) -> str:
     ValueError when neither exists (ASD starts from a trained SnapGen UNet, never from scratch)."""
     from diffusers import DiffusionPipeline
 
+    from .components import resolve_model_path
+
     if args.unet_model_name_or_path is not None:
-        return args.unet_model_name_or_path
+        return resolve_model_path(args.unet_model_name_or_path, "--unet_model_name_or_path")
     try:
-        index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision,
+        index = DiffusionPipeline.load_config(resolve_model_path(args.pretrained_model_name_or_path), revision=args.revision,
                                               cache_dir=args.cache_dir)
     except Exception as e:
         raise ValueError(f"cannot read --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {e}") from e
@@ -405,4 +407,4 @@ def require_student_checkpoint(args) -> str:
     if not isinstance(entry, (list, tuple)) or entry[0] is None:
         raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} has no `unet`: ASD "
                          "starts from a trained SnapGen UNet, pass it with --unet_model_name_or_path.")
-    return args.pretrained_model_name_or_path
+    return resolve_model_path(args.pretrained_model_name_or_path)

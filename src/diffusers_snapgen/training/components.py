@@ -3,8 +3,9 @@
 One :class:`SnapGenPipeline` holds the (frozen) text encoders, the decoder and the scheduler plus the student as its
 ``unet``: it encodes captions (``encode_prompt``; the same embeddings feed an SD3 teacher, whose
 ``joint_attention_dim``/``pooled_projection_dim`` the encoders match by construction), runs validation and is what
-the run saves at the end. Latents come from an ``AutoencoderKL`` encoder: the base pipeline's ``vae`` when it can
-encode, else ``--pretrained_vae_model_name_or_path``.
+the run saves at the end. Latents come from an image encoder: ``--pretrained_vae_model_name_or_path`` when given,
+else the base pipeline's ``vae`` when it can encode, else the ``TinyEncoder`` in its ``vae_encoder/`` subfolder
+(docs/finetuning.md). ``--pretrained_model_name_or_path default`` is the package's embedded default model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = [
     "DTYPES",
     "weight_dtype_for",
     "text_widths",
+    "DEFAULT_MODEL_NAME",
+    "resolve_model_path",
     "load_base_components",
     "load_student",
     "load_teacher",
@@ -35,6 +38,11 @@ __all__ = [
 
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+#: The word that names the package's embedded default model wherever a training script takes a model path.
+DEFAULT_MODEL_NAME = "default"
+#: The subfolder of a pipeline folder that holds its ``TinyEncoder`` (not a pipeline component: not in
+#: ``model_index.json``, loaded by training only).
+ENCODER_SUBFOLDER = "vae_encoder"
 
 
 def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
@@ -60,14 +68,40 @@ def _has_subfolder(path, subfolder, revision=None, cache_dir=None) -> bool:
         return False
 
 
+def _cannot_encode(vae) -> bool:
+    from ..models import TinyDecoder
+
+    return isinstance(vae, TinyDecoder) or not hasattr(vae, "encode")
+
+
+def resolve_model_path(name_or_path, flag: str = "--pretrained_model_name_or_path"):
+    """``name_or_path`` itself, or, for the word ``"default"`` (and no folder of that name here), the folder of the
+    embedded default model (:func:`diffusers_snapgen.default_model_path`). ``None`` stays ``None``."""
+    if name_or_path is None or os.fspath(name_or_path) != DEFAULT_MODEL_NAME or _is_local(name_or_path):
+        return name_or_path
+    from ..default_model import default_model_path
+
+    folder = default_model_path()
+    if folder is None:
+        raise ValueError(f"{flag} default: this build of diffusers-snapgen ships no default model (or "
+                         "$SNAPGEN_DEFAULT_MODEL is empty); pass a pipeline folder or Hub id instead.")
+    return str(folder)
+
+
 def load_base_components(pretrained_model_name_or_path, revision=None, variant=None, cache_dir=None,
                          dtype=torch.float32) -> dict:
     """Text encoders/tokenizers, ``vae`` and ``scheduler`` of a SnapGen or SD3-style pipeline (its denoiser is not
-    loaded). Returns a dict of SnapGenPipeline component names (absent encoders are ``None``)."""
+    loaded). Returns a dict of SnapGenPipeline component names (absent encoders are ``None``).
+
+    ``"default"`` is the embedded default model. A folder without text encoder whose scheduler config names a
+    text-encoder package (the default model: MiniLM-L6) gets that package's encoder; a folder whose ``vae`` cannot
+    encode (a ``TinyDecoder``) and that has a ``vae_encoder/`` subfolder gets that ``TinyEncoder`` as the extra
+    entry ``"vae_encoder"`` (used by :func:`load_vae_encoder`)."""
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
         raise TypeError("`pretrained_model_name_or_path` must be a folder or Hub id (--pretrained_model_name_or_path).")
+    pretrained_model_name_or_path = resolve_model_path(pretrained_model_name_or_path)
     try:
         index = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
     except Exception as e:
@@ -96,6 +130,17 @@ def load_base_components(pretrained_model_name_or_path, revision=None, variant=N
         from ..pipelines import snapgen_scheduler
 
         comps["scheduler"] = snapgen_scheduler()
+    package = (comps["scheduler"].config.get("_snapgen_defaults") or {}).get("text_encoder")
+    if package is not None and all(comps[name] is None for name in _TEXT):
+        from ..pipelines.text_packages import load_packaged_text_encoder
+
+        comps["text_encoder"], comps["tokenizer"] = load_packaged_text_encoder(package, dtype=dtype)
+    if _cannot_encode(comps["vae"]) and _is_local(pretrained_model_name_or_path) and _has_subfolder(
+            pretrained_model_name_or_path, ENCODER_SUBFOLDER):
+        from ..models import TinyEncoder
+
+        comps[ENCODER_SUBFOLDER] = TinyEncoder.from_pretrained(pretrained_model_name_or_path,
+                                                               subfolder=ENCODER_SUBFOLDER, torch_dtype=dtype)
     for name, value in comps.items():
         if isinstance(value, torch.nn.Module):
             value.requires_grad_(False).eval()
@@ -104,22 +149,26 @@ def load_base_components(pretrained_model_name_or_path, revision=None, variant=N
 
 def load_vae_encoder(components: dict, pretrained_vae_model_name_or_path=None, dtype=torch.float32, revision=None,
                      variant=None, cache_dir=None):
-    """The ``AutoencoderKL`` that encodes training images: ``pretrained_vae_model_name_or_path`` (``vae`` subfolder
-    if present) or else the base pipeline's ``vae`` if it can encode."""
+    """The image encoder of training images: the ``AutoencoderKL`` ``pretrained_vae_model_name_or_path`` (``vae``
+    subfolder if present), else the base pipeline's ``vae`` if it can encode, else the base pipeline's ``TinyEncoder``
+    (``components["vae_encoder"]``, from its ``vae_encoder/`` subfolder)."""
     from diffusers import AutoencoderKL
 
+    pretrained_vae_model_name_or_path = resolve_model_path(pretrained_vae_model_name_or_path,
+                                                           "--pretrained_vae_model_name_or_path")
     if pretrained_vae_model_name_or_path is not None:
         sub = "vae" if _has_subfolder(pretrained_vae_model_name_or_path, "vae", revision, cache_dir) else None
         vae = AutoencoderKL.from_pretrained(pretrained_vae_model_name_or_path, subfolder=sub, torch_dtype=dtype,
                                             revision=revision, variant=variant, cache_dir=cache_dir)
     else:
-        from ..models import TinyDecoder
-
         vae = components.get("vae")
-        if isinstance(vae, TinyDecoder) or not hasattr(vae, "encode"):
+        if _cannot_encode(vae) and components.get(ENCODER_SUBFOLDER) is not None:
+            vae = components[ENCODER_SUBFOLDER]
+        elif _cannot_encode(vae):
             raise ValueError(
-                f"the base pipeline's vae ({type(vae).__name__}) cannot encode images: pass an AutoencoderKL with "
-                "--pretrained_vae_model_name_or_path (e.g. the SD3.5 repo), or use --cache_latents with one."
+                f"the base pipeline's vae ({type(vae).__name__}) cannot encode images and it has no `vae_encoder/` "
+                "TinyEncoder: pass an AutoencoderKL with --pretrained_vae_model_name_or_path (e.g. the SD3.5 repo), "
+                "or train a TinyEncoder for it (train_tiny_encoder.py --targets pipeline_samples) and save it there."
             )
     return vae.requires_grad_(False).eval()
 
@@ -151,6 +200,8 @@ def load_student(pretrained_model_name_or_path=None, unet_model_name_or_path=Non
 
     if unet_config is not None and not isinstance(unet_config, dict):
         raise TypeError(f"`unet_config` (--unet_config) must be a dict, got {type(unet_config).__name__}.")
+    pretrained_model_name_or_path = resolve_model_path(pretrained_model_name_or_path)
+    unet_model_name_or_path = resolve_model_path(unet_model_name_or_path, "--unet_model_name_or_path")
     kw = dict(revision=revision, cache_dir=cache_dir, variant=variant)
     source = None
     if unet_model_name_or_path is not None:

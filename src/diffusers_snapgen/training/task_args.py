@@ -404,6 +404,10 @@ def parse_autoencoder_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- tiny encoder
 
 
+#: What the tiny encoder learns: an autoencoder's posterior mean, or the inverse of a pipeline's decoder.
+ENCODER_TARGETS = ("autoencoder", "pipeline_samples")
+
+
 def build_encoder_parser() -> argparse.ArgumentParser:
     """The tiny encoder's command line: the AutoencoderKL it distils, the encoder, data, optimization, speed, the
     loss and the held-out evaluation, output. No GAN or LPIPS flags: its target is the autoencoder's latent."""
@@ -422,7 +426,22 @@ def build_encoder_parser() -> argparse.ArgumentParser:
            "and shift_factor are taken from the AutoencoderKL.")
     a("--pixel_loss_weight", type=float, default=0.0,
       help="Weight of the MSE between the image and the frozen autoencoder's decoding of the tiny latent (0: off; "
-           "costs a decoder forward and backward per step).")
+           "costs a decoder forward and backward per step). With --targets pipeline_samples: on real training "
+           "images through the pipeline's decoder.")
+    g = p.add_argument_group("targets")
+    a = g.add_argument
+    a("--targets", type=str, default="autoencoder", choices=ENCODER_TARGETS,
+      help="autoencoder: distil the AutoencoderKL's posterior mean. pipeline_samples: for a pipeline with a decoder "
+           "only (e.g. `default`, the embedded model), invert its frozen `vae` on latents the pipeline samples "
+           "from the training captions (latent MSE of E(D(z)) vs z).")
+    a("--num_pipeline_samples", type=int, default=2048,
+      help="pipeline_samples: latent/image pairs sampled once before training (one caption and seed each).")
+    a("--sample_batch_size", type=int, default=32, help="pipeline_samples: images per pipeline call.")
+    a("--sample_num_inference_steps", type=int, default=None,
+      help="pipeline_samples: sampling steps (default: the pipeline's own default, 4 for the default model).")
+    a("--pixel_batch_size", type=int, default=None,
+      help="pipeline_samples: real images per step for --pixel_loss_weight (default: --train_batch_size).")
+    a("--caption_column", type=str, default="text", help="pipeline_samples: the captions that prompt the pipeline.")
     _add_patch_data_args(p)
     add_optimization_args(p, default_lr=1e-3, default_warmup=0)
     add_speed_args(p)
@@ -438,6 +457,13 @@ def validate_encoder_args(args: argparse.Namespace) -> argparse.Namespace:
     args = _validate_image_eval_args(args, None)
     if not math.isfinite(args.pixel_loss_weight) or args.pixel_loss_weight < 0:
         raise ValueError(f"--pixel_loss_weight must be a finite number >= 0, got {args.pixel_loss_weight}.")
+    for name in ("num_pipeline_samples", "sample_batch_size", "sample_num_inference_steps", "pixel_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
+    if args.targets == "pipeline_samples" and args.pretrained_vae_model_name_or_path is not None:
+        raise ValueError("--targets pipeline_samples inverts the decoder of --pretrained_model_name_or_path: drop "
+                         "--pretrained_vae_model_name_or_path (it is the AutoencoderKL of --targets autoencoder).")
     args.encoder_config = load_json_arg(args.encoder_config, "--encoder_config")
     if args.encoder_config is not None and args.encoder_model_name_or_path is not None:
         raise ValueError("pass either --encoder_model_name_or_path or --encoder_config, not both.")

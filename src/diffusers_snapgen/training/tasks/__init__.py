@@ -4,9 +4,16 @@
 - :mod:`.asd` - adversarial step distillation (paper §3.4).
 - :mod:`.reconstruction` - the tiny decoder (paper §3.2) and the autoencoder.
 - :mod:`.encoder` - the tiny encoder, distilled from an autoencoder (fine-tuning a pipeline that ships a tiny decoder).
+- :mod:`.decoder_inversion` - the tiny encoder of a decoder-only pipeline, trained on the pipeline's own samples.
 """
 
 from .asd import ASDTask
+from .decoder_inversion import (
+    DecoderInversionTask,
+    load_sampling_pipeline,
+    sample_decoder_pairs,
+    train_decoder_inversion,
+)
 from .denoising import DenoiserBase, FlowMatchingTask, KDTask, kd_scaling_from_args, load_denoiser_base
 from .encoder import ENCODER_SUBFOLDER, TinyEncoderTask, build_encoder, train_tiny_encoder
 from .reconstruction import (

@@ -7,6 +7,9 @@ Loss: ``MSE(TinyEncoder(x), AE.encode(x).mean)`` in the diffusion model's units 
 ``--pixel_loss_weight`` x ``MSE(AE.decode(TinyEncoder(x)), x)``. Data, device caches, held-out evaluation, EMA and the
 final save come from :class:`~.reconstruction.ReconstructionTask` (without its patch GAN). Held out: the latent MSE
 and the PSNR/SSIM of the autoencoder's decoding of the tiny latents.
+
+A pipeline with a decoder only (no autoencoder to distil) uses ``--targets pipeline_samples`` instead:
+:mod:`.decoder_inversion`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..components import load_vae_encoder, weight_dtype_for
+from ..components import ENCODER_SUBFOLDER, load_vae_encoder, weight_dtype_for
 from ..engine import StepOutput, setup_accelerator
 from ..reconstruction import encode_for_decoder, evaluate_decoder
 from .reconstruction import ReconstructionTask, _run
@@ -25,9 +28,6 @@ from .reconstruction import ReconstructionTask, _run
 logger = logging.getLogger("diffusers_snapgen.training")
 
 __all__ = ["TinyEncoderTask", "build_encoder", "train_tiny_encoder", "ENCODER_SUBFOLDER"]
-
-#: The subfolder of a pipeline folder that holds its TinyEncoder (the pipeline itself does not load it).
-ENCODER_SUBFOLDER = "vae_encoder"
 
 
 class TinyEncoderTask(ReconstructionTask):
@@ -120,22 +120,27 @@ def build_encoder(args, vae):
             raise ValueError(f"--encoder_config does not build a TinyEncoder ({e}).") from e
     if encoder.config.latent_channels != vae.config.latent_channels:
         raise ValueError(f"the TinyEncoder gives {encoder.config.latent_channels} latent channels but the "
-                         f"AutoencoderKL has {vae.config.latent_channels}: they must match.")
+                         f"{type(vae).__name__} has {vae.config.latent_channels}: they must match.")
     ours, theirs = 2 ** (len(encoder.config.block_out_channels) - 1), 2 ** (len(vae.config.block_out_channels) - 1)
     if ours != theirs:
-        raise ValueError(f"the TinyEncoder downsamples by {ours} but the AutoencoderKL by {theirs}: give the encoder "
+        raise ValueError(f"the TinyEncoder downsamples by {ours} but the {type(vae).__name__} by {theirs}: give the encoder "
                          f"{len(vae.config.block_out_channels)} stages (block_out_channels in --encoder_config).")
     return encoder.float().train()
 
 
 def train_tiny_encoder(args) -> dict | None:
-    """``train_tiny_encoder.py``: sets up and runs tiny-encoder distillation; returns the final evaluation (main
+    """``train_tiny_encoder.py``: sets up and runs tiny-encoder distillation (``--targets autoencoder``) or decoder
+    inversion on the pipeline's own samples (``--targets pipeline_samples``); returns the final evaluation (main
     process)."""
     from diffusers import AutoencoderKL
 
-    for name in ("output_dir", "seed", "pixel_loss_weight", "eval_resolution"):
+    for name in ("output_dir", "seed", "pixel_loss_weight", "eval_resolution", "targets"):
         if not hasattr(args, name):
             raise TypeError(f"`args` must come from parse_encoder_args() (no `{name}`).")
+    if args.targets == "pipeline_samples":
+        from .decoder_inversion import train_decoder_inversion
+
+        return train_decoder_inversion(args)
     acc = setup_accelerator(args)
     source = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
     vae = load_vae_encoder({}, source, weight_dtype_for(acc.mixed_precision), args.revision, args.variant,

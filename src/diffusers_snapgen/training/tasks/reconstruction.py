@@ -108,19 +108,23 @@ class ReconstructionTask(TrainingTask):
         """Returns ``(batches, dataloader or None)`` for :func:`~..engine.prepare_run`."""
         args, acc = self.args, self.accelerator
         if args.cache_images:
-            fp = cache_fingerprint(data=getattr(self.train_dataset, "_fingerprint", None) or len(self.train_dataset),
-                                   res=args.cache_image_resolution, n=len(self.train_dataset))
-            path = Path(args.output_dir if not getattr(args, "precompute_dir", None) else args.precompute_dir,
-                        "cache", f"images-{fp}.safetensors")
-            with acc.main_process_first():
-                self.image_cache = DeviceImageCache.build(self.train_dataset, args.image_column,
-                                                          args.cache_image_resolution, path,
-                                                          args.dataloader_num_workers,
-                                                          acc.is_local_main_process).to(acc.device)
+            self.image_cache = self.build_image_cache()
             return loader_or_device_batches(args, acc, len(self.image_cache), True)
         dataset = ImagePatchDataset(self.train_dataset, args.image_column, args.resolution, args.random_flip, args.seed)
         return loader_or_device_batches(args, acc, len(dataset), False, dataset,
                                         "the images come from a DataLoader: pass --cache_images")
+
+    def build_image_cache(self) -> DeviceImageCache:
+        """The training images at ``--cache_image_resolution`` as uint8 on the device (built once, then read from
+        ``<output_dir or precompute_dir>/cache/``)."""
+        args, acc = self.args, self.accelerator
+        fp = cache_fingerprint(data=getattr(self.train_dataset, "_fingerprint", None) or len(self.train_dataset),
+                               res=args.cache_image_resolution, n=len(self.train_dataset))
+        path = Path(args.output_dir if not getattr(args, "precompute_dir", None) else args.precompute_dir,
+                    "cache", f"images-{fp}.safetensors")
+        with acc.main_process_first():
+            return DeviceImageCache.build(self.train_dataset, args.image_column, args.cache_image_resolution, path,
+                                          args.dataloader_num_workers, acc.is_local_main_process).to(acc.device)
 
     def on_prepare(self, run):
         super().on_prepare(run)
