@@ -219,3 +219,84 @@ def test_readme_python_snippet_runs_on_the_shipped_model(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})
     with Image.open(tmp_path / "apple.png") as image:
         assert image.size == (64, 64)
+
+
+# ------------------------------------------------------------------ the shipped image encoder: a fine-tuning base
+
+#: The shipped encoder's held-out round-trip PSNR, D(E(D(z))) vs D(z), measured on 128 samples by
+#: benchmarks/bench_default_encoder.py (benchmarks/results/default_model_encoder_cpu.md), and that of a constant
+#: encoder (the mean latent). The test asks for at least half of the encoder's margin over the constant one.
+MEASURED_ROUNDTRIP_PSNR = None
+MEASURED_CONSTANT_PSNR = None
+
+
+def test_shipped_default_model_has_an_image_encoder(shipped_pipeline):
+    from diffusers_snapgen import TinyEncoder
+
+    folder = DEFAULT_MODEL_DIR / "vae_encoder"
+    files = [p for p in folder.iterdir() if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 3e6 and {p.name for p in files} == {
+        "config.json", "diffusion_pytorch_model.safetensors"}
+    index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
+    assert "vae_encoder" not in index  # not a pipeline component: training loads it
+    encoder = TinyEncoder.from_pretrained(str(folder))
+    assert next(encoder.parameters()).dtype == torch.float16  # fp16 on disk
+    vae = shipped_pipeline.vae.config
+    assert encoder.config.latent_channels == vae.latent_channels
+    assert (encoder.config.scaling_factor, encoder.config.shift_factor) == (vae.scaling_factor, vae.shift_factor)
+    assert "_name_or_path" not in json.loads((folder / "config.json").read_text()) or "/" not in json.loads(
+        (folder / "config.json").read_text())["_name_or_path"]
+
+
+def test_shipped_image_encoder_inverts_the_decoder(shipped_pipeline):
+    """On samples of seeds training never saw, D(E(D(z))) is close to D(z)."""
+    from diffusers_snapgen import TinyEncoder
+    from diffusers_snapgen.training.reconstruction import psnr
+    from diffusers_snapgen.training.tasks import sample_decoder_pairs
+
+    encoder = TinyEncoder.from_pretrained(str(DEFAULT_MODEL_DIR / "vae_encoder"), torch_dtype=torch.float32).eval()
+    prompts = ["red apple", "blue car", "smiling face", "green tree", "yellow star", "cat face", "pizza", "rocket"]
+    z, x = sample_decoder_pairs(shipped_pipeline, prompts, [2**42 + i for i in range(len(prompts))], 64)
+    with torch.no_grad():
+        encoded = encoder(x).latents
+        roundtrip = shipped_pipeline.vae.decode(encoded).sample.clamp(-1, 1)
+        constant = shipped_pipeline.vae.decode(z.mean(0, keepdim=True).expand_as(z)).sample.clamp(-1, 1)
+    ours, floor = psnr((roundtrip + 1) / 2, (x + 1) / 2).mean().item(), psnr((constant + 1) / 2, (x + 1) / 2).mean().item()
+    print(f"round-trip PSNR {ours:.2f} dB, constant encoder {floor:.2f} dB")
+    threshold = MEASURED_CONSTANT_PSNR + 0.5 * (MEASURED_ROUNDTRIP_PSNR - MEASURED_CONSTANT_PSNR)
+    assert ours > threshold and ours > floor + 3.0, (ours, floor)
+
+
+def test_train_snapgen_fine_tunes_the_default_model_on_a_cpu(tmp_path):
+    """`--pretrained_model_name_or_path default`: MiniLM from its wheel, the shipped encoder for the images."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rows = []
+    for i, color in enumerate([(230, 40, 40), (40, 80, 230), (40, 190, 60)]):
+        array = np.full((64, 64, 3), 255, np.uint8)
+        array[16:48, 16 + 4 * i:48] = color
+        Image.fromarray(array).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": "sks emoji"}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    script = Path(__file__).resolve().parents[1] / "training_examples" / "train_snapgen.py"
+    env = {k: v for k, v in os.environ.items() if k != DEFAULT_MODEL_ENV}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), "--pretrained_model_name_or_path", "default",
+                           "--train_data_dir", str(data), "--resolution", "64", "--train_batch_size", "2",
+                           "--max_train_steps", "2", "--report_to", "none", "--seed", "0", "--output_dir", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    tuned = SnapGenPipeline.from_pretrained(str(out))
+    assert type(tuned.vae).__name__ == "TinyDecoder" and (out / "vae_encoder" / "config.json").is_file()
+    shipped = SnapGenPipeline.from_pretrained(str(DEFAULT_MODEL_DIR), text_encoder=None)
+    moved = [name for name, p in tuned.unet.named_parameters()
+             if not torch.equal(p.float(), dict(shipped.unet.named_parameters())[name].float())]
+    assert moved  # the UNet was trained

@@ -286,6 +286,7 @@ class FlowMatchingTask(TrainingTask):
             guidance_scale=self.final_guidance_scale(DEFAULT_GUIDANCE_SCALE))
         if self.save_subfolder is None:
             atomic_save_pipeline(self.pipeline, args.output_dir)
+            self._save_image_encoder()
         else:
             from ..reconstruction import save_model_atomically
 
@@ -293,6 +294,16 @@ class FlowMatchingTask(TrainingTask):
         images = self.validate(self.run.state.global_step, final=True)
         if args.push_to_hub:
             self._push(images)
+
+    def _save_image_encoder(self):
+        """A base pipeline's ``vae_encoder/`` TinyEncoder travels with the saved pipeline, so the result is a training
+        base too (docs/finetuning.md)."""
+        from ...models import TinyEncoder
+        from ..components import ENCODER_SUBFOLDER, save_model_in_subfolder
+
+        encoder = self.base.vae_encoder
+        if isinstance(encoder, TinyEncoder) and encoder is self.base.components.get(ENCODER_SUBFOLDER):
+            save_model_in_subfolder(encoder, self.args.output_dir, ENCODER_SUBFOLDER)
 
     def final_num_inference_steps(self):
         return self.args.validation_num_inference_steps
