@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--train-results", type=Path, default=None, help="the training run's eval_results.json")
     parser.add_argument("--train-wall-s", type=float, default=None, help="the training run's wall time (s)")
     parser.add_argument("--train-command", type=str, default=None, help="the training command, for the record")
+    parser.add_argument("--train-note", type=str, default=None, help="how the training ran (threads, load)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
@@ -104,7 +106,7 @@ def main(argv=None):
     prompts, images = held_out(args.data)
     result = measure(pipe, encoder, prompts, images, args.num_samples, args.batch_size)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    payload = {"hardware": f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)",
+    payload = {"hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
                "encoder": {"parameters": sum(p.numel() for p in encoder.parameters()), "bytes_fp16": size,
                            "config": {k: v for k, v in encoder.config.items() if not k.startswith("_")}},
                "held_out": result, "prompts": "test split of --data" if args.data else list(PROMPTS)}
@@ -114,6 +116,8 @@ def main(argv=None):
         payload.setdefault("training", {})["wall_s"] = args.train_wall_s
     if args.train_command:
         payload.setdefault("training", {})["command"] = args.train_command
+    if args.train_note:
+        payload.setdefault("training", {})["note"] = args.train_note
     rows = [{"encoder": "shipped vae_encoder (fp16 weights, run in fp32)", "latent MSE": f"{result['latent_mse']:.4f}",
              "round-trip PSNR (dB)": f"{result['roundtrip_psnr']:.2f}",
              "real renders PSNR (dB)": f"{result['real_psnr']:.2f}" if "real_psnr" in result else "not measured"},
@@ -129,6 +133,8 @@ def main(argv=None):
         steps = training.get("step", "not measured")
         wall = f"{training['wall_s']:.0f} s" if "wall_s" in training else "not measured"
         table += f"\n\nTraining: {steps} steps, {wall} wall on the same CPU"
+        if "note" in training:
+            table += f" ({training['note']})"
         if "command" in training:
             table += f":\n\n```\n{training['command']}\n```"
     write_results(args.out, "default_model_encoder_cpu", payload, table)

@@ -5,7 +5,7 @@
 The subject is an emoji the default model never saw: ``orca`` exists in the Noto and Twemoji sets but not in Fluent
 Emoji Flat, whose names are the model's training captions. Eight instance images are rendered offline from the npm
 packages ``prepare_emoji.py`` uses (``~/.cache/diffusers-snapgen``; ``--cache-dir``): each set's icon at two scales,
-mirrored, and colour-jittered. ``train_snapgen_lora.py --pretrained_model_name_or_path default --instance_prompt
+mirrored with saturation and contrast jitter. ``train_snapgen_lora.py --pretrained_model_name_or_path default --instance_prompt
 "sks emoji"`` trains ``--steps`` steps per ``--timestep-sampling`` mode (a subprocess each, timed).
 
 Measured with the default pipeline's 4-step sampler, the same seeds before and after (64x64, pixels in [0, 1]):
@@ -60,7 +60,8 @@ def parse_args(argv=None):
 
 
 def render_instances(cache_dir: Path, folder: Path) -> list[Path]:
-    """Eight 64x64 variants of the subject: two sets x (large, small) x (as drawn, mirrored + colour jitter)."""
+    """Eight 64x64 variants of the subject: two sets x (large, small) x (as drawn, mirrored + colour jitter), on
+    white like the default model's training images."""
     sys.path.insert(0, str(ROOT / "training_examples" / "data"))
     from emoji_render import available_renderer, render
     from emoji_sets import read_icon_set
@@ -74,8 +75,8 @@ def render_instances(cache_dir: Path, folder: Path) -> list[Path]:
             raise SystemExit(f"{cache_dir / set_name} has no {SUBJECT!r} icon")
         for margin in (0.04, 0.16):
             image = render(icons[SUBJECT], 64, margin=margin, renderer=renderer)
-            jittered = ImageEnhance.Color(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).enhance(1.4)
-            jittered = ImageEnhance.Brightness(jittered).enhance(0.92)
+            jittered = ImageEnhance.Color(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).enhance(1.5)
+            jittered = ImageEnhance.Contrast(jittered).enhance(1.15)  # the white background stays white
             for variant, picture in (("plain", image), ("jitter", jittered)):
                 path = folder / f"{set_name.split('-')[0]}-{margin:.2f}-{variant}.png"
                 picture.save(path)

@@ -225,9 +225,10 @@ def test_readme_python_snippet_runs_on_the_shipped_model(tmp_path, monkeypatch):
 
 #: The shipped encoder's held-out round-trip PSNR, D(E(D(z))) vs D(z), measured on 128 samples by
 #: benchmarks/bench_default_encoder.py (benchmarks/results/default_model_encoder_cpu.md), and that of a constant
-#: encoder (the mean latent). The test asks for at least half of the encoder's margin over the constant one.
-MEASURED_ROUNDTRIP_PSNR = None
-MEASURED_CONSTANT_PSNR = None
+#: encoder (the mean latent). The test asks for at least half of the encoder's margin over the constant one
+#: (20.3 dB) on 8 other samples: a broken or missing encoder lands near the constant, a working one near 27 dB.
+MEASURED_ROUNDTRIP_PSNR = 27.40
+MEASURED_CONSTANT_PSNR = 13.12
 
 
 def test_shipped_default_model_has_an_image_encoder(shipped_pipeline):
@@ -239,13 +240,14 @@ def test_shipped_default_model_has_an_image_encoder(shipped_pipeline):
         "config.json", "diffusion_pytorch_model.safetensors"}
     index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
     assert "vae_encoder" not in index  # not a pipeline component: training loads it
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(folder / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
     encoder = TinyEncoder.from_pretrained(str(folder))
-    assert next(encoder.parameters()).dtype == torch.float16  # fp16 on disk
     vae = shipped_pipeline.vae.config
     assert encoder.config.latent_channels == vae.latent_channels
     assert (encoder.config.scaling_factor, encoder.config.shift_factor) == (vae.scaling_factor, vae.shift_factor)
-    assert "_name_or_path" not in json.loads((folder / "config.json").read_text()) or "/" not in json.loads(
-        (folder / "config.json").read_text())["_name_or_path"]
+    assert not json.loads((folder / "config.json").read_text()).get("_name_or_path", "").startswith("/")
 
 
 def test_shipped_image_encoder_inverts_the_decoder(shipped_pipeline):
@@ -289,7 +291,8 @@ def test_train_snapgen_fine_tunes_the_default_model_on_a_cpu(tmp_path):
                OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), "--pretrained_model_name_or_path", "default",
                            "--train_data_dir", str(data), "--resolution", "64", "--train_batch_size", "2",
-                           "--max_train_steps", "2", "--report_to", "none", "--seed", "0", "--output_dir", str(out)],
+                           "--max_train_steps", "2", "--logging_steps", "1", "--report_to", "none", "--seed", "0",
+                           "--output_dir", str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
