@@ -98,3 +98,11 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     assert len(targets) == 8 and all(r["status"] != "missed" for r in targets.values())
     report = (tmp_path / "inference_suite_cpu.md").read_text()
     assert "## Targets" in report and "## End to end" in report
+
+
+def test_bench_default_encoder_measures_the_shipped_encoder(tmp_path):
+    _run("bench_default_encoder.py", "--num-samples", "8", "--batch-size", "4", "--out", str(tmp_path))
+    held = json.loads((tmp_path / "default_model_encoder_cpu.json").read_text())["held_out"]
+    assert held["num_samples"] == 8 and "real_psnr" not in held  # no --data: no real renders
+    assert held["roundtrip_psnr"] > held["constant_encoder_roundtrip_psnr"] + 3
+    assert "not measured" in (tmp_path / "default_model_encoder_cpu.md").read_text()
