@@ -135,6 +135,38 @@ def test_few_step_sampling_draws_only_the_pipeline_sigmas():
         timestep_sampler("uniform", scheduler)
 
 
+def test_the_adapter_starts_as_the_base_model_and_is_all_that_trains(tmp_path):
+    from diffusers_snapgen.testing import tiny_unet
+    from diffusers_snapgen.training.lora import add_lora_adapter, load_lora_adapter, lora_parameters, \
+        save_lora_adapter
+
+    unet = tiny_unet().eval()
+    cfg, g = unet.config, torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(1, cfg.in_channels, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 5, cfg.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g))
+    with torch.no_grad():
+        base = unet(**inputs).sample
+        add_lora_adapter(unet, rank=2, layers="attn,ffn,conv")
+        assert torch.equal(unet(**inputs).sample, base)  # B = 0: the adapter starts as the identity
+    # mixed precision: frozen weights in the weight dtype, the adapter in float32
+    half = add_lora_adapter(tiny_unet(), rank=2, weight_dtype=torch.bfloat16)
+    assert {p.dtype for n, p in half.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in lora_parameters(half)} == {torch.float32}
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(lora_parameters(unet))
+    assert any(".pointwise.lora_A" in n for n in trainable)  # conv: separable convs at their pointwise conv
+    with torch.no_grad():
+        for p in lora_parameters(unet):
+            p.normal_()
+    save_lora_adapter(unet, tmp_path)
+    other = add_lora_adapter(tiny_unet(), rank=2, layers="attn,ffn,conv")
+    load_lora_adapter(other, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(lora_parameters(other), lora_parameters(unet)))
+    with pytest.raises(ValueError, match="--rank"):
+        load_lora_adapter(add_lora_adapter(tiny_unet(), rank=2, layers="attn"), tmp_path)
+
+
 BAD_FLAGS = [
     (["--rank", "0"], "--rank"),
     (["--lora_layers", "attn,mlp"], "--lora_layers"),

@@ -71,6 +71,7 @@ def add_lora_adapter(unet, rank: int = 4, lora_alpha: float | None = None, lora_
     ``layers`` groups: rank ``rank``, scale ``lora_alpha / rank`` (``lora_alpha`` defaults to ``rank``), Gaussian
     ``A`` and zero ``B`` (diffusers' LoRA scripts), so the adapted model starts as the base model. The LoRA
     parameters stay float32. Returns ``unet``."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     if not hasattr(unet, "add_adapter"):
@@ -88,8 +89,7 @@ def add_lora_adapter(unet, rank: int = 4, lora_alpha: float | None = None, lora_
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_lora_weights="gaussian",
                         target_modules=lora_target_modules(layers))
     unet.add_adapter(config)
-    for p in lora_parameters(unet):
-        p.data = p.data.float()
+    cast_training_params(unet, dtype=torch.float32)  # the adapter only: the frozen weights keep weight_dtype
     return unet
 
 
