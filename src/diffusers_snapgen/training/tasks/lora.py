@@ -9,7 +9,6 @@ engine's checkpoint hooks save and load only the adapter of a peft-adapted model
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
