@@ -64,7 +64,8 @@ def dreambooth_dataset(instance_data_dir, instance_prompt: str, class_data_dir=N
             raise ValueError(f"--class_data_dir {str(class_data_dir)!r} holds no images: generate them first "
                              "(generate_class_images) or point it at a folder of class images.")
         n = max(len(instance), len(classes))
-        paths = [str(instance[i % len(instance)]) for i in range(n)] + [str(classes[i % len(classes)]) for i in range(n)]
+        paths = [str(instance[i % len(instance)]) for i in range(n)]
+        paths += [str(classes[i % len(classes)]) for i in range(n)]
         prompts = [instance_prompt] * n + [class_prompt] * n
         weights = [2.0] * n + [2.0 * float(prior_loss_weight)] * n
     digest = hashlib.sha256()

@@ -146,8 +146,9 @@ def load_lora_adapter(unet, folder, weight_name: str = LORA_WEIGHT_NAME):
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected:
+        example = (missing + unexpected)[0]
         raise ValueError(f"{path} does not match the adapter (different --rank or --lora_layers?): "
-                         f"{len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]}.")
+                         f"{len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {example}.")
 
 
 def timestep_sampler(kind: str, scheduler, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0,
