@@ -165,8 +165,9 @@ def test_the_adapter_starts_as_the_base_model_and_is_all_that_trains(tmp_path):
     other = add_lora_adapter(tiny_unet(), rank=2, layers="attn,ffn,conv")
     load_lora_adapter(other, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(lora_parameters(other), lora_parameters(unet)))
-    with pytest.raises(ValueError, match="--rank"):
-        load_lora_adapter(add_lora_adapter(tiny_unet(), rank=2, layers="attn"), tmp_path)
+    for rank, layers in ((2, "attn"), (3, "attn,ffn,conv")):  # other layers, other rank
+        with pytest.raises(ValueError, match="--rank"):
+            load_lora_adapter(add_lora_adapter(tiny_unet(), rank=rank, layers=layers), tmp_path)
 
 
 BAD_FLAGS = [

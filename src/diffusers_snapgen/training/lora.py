@@ -142,7 +142,10 @@ def load_lora_adapter(unet, folder, weight_name: str = LORA_WEIGHT_NAME):
     if not path.is_file():
         raise ValueError(f"no {weight_name} in {folder}: not a LoRA checkpoint of train_snapgen_lora.py.")
     state = {k.split(".", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    try:
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path} does not match the adapter (different --rank?): {str(e).splitlines()[-1]}") from e
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected:
