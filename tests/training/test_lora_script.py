@@ -61,6 +61,7 @@ def test_the_adapter_loads_changes_the_output_and_unloads_exactly(shared):
     ckpt = ref / f"checkpoint-{STEPS}"
     assert (ckpt / WEIGHTS).is_file() and not (ckpt / "unet").exists() and not (ckpt / "model.safetensors").exists()
     assert_same_weights(ckpt / WEIGHTS, ref / WEIGHTS, "final adapter vs last checkpoint")
+    assert not any(p.name.startswith(".tmp") for p in [*ref.iterdir(), *ckpt.iterdir()])
     card = (ref / "README.md").read_text()
     assert "train_snapgen_lora.py" in card and "load_lora_weights" in card and "a photo of sks shape" in card
 
