@@ -66,6 +66,10 @@ class LoRATask(FlowMatchingTask):
         self.sampler = timestep_sampler(args.timestep_sampling, self.pipeline.scheduler, args.weighting_scheme,
                                         args.logit_mean, args.logit_std, args.mode_scale, args.num_inference_steps)
         self.sample_weights: torch.Tensor | None = None
+        grid = getattr(self.sampler, "grid", None)
+        if grid is not None:
+            logger.info("timestep sampling: few_step, the %d sigmas of the pipeline's %d-step schedule %s", len(grid),
+                        self.sampler.num_inference_steps, [round(float(s), 4) for s in grid])
 
     def load_dataset(self):
         args = self.args
