@@ -13,6 +13,7 @@ import logging
 import torch
 
 from ..components import build_pipeline
+from ..distributed import is_deepspeed, is_fsdp
 from ..dreambooth import dreambooth_dataset, generate_class_images
 from ..engine import StepOutput
 from ..flow_matching import flow_matching_loss
@@ -62,6 +63,9 @@ class LoRATask(FlowMatchingTask):
     name = "lora"
 
     def __init__(self, args, accelerator, base: DenoiserBase, unet: torch.nn.Module):
+        if is_fsdp(accelerator) or is_deepspeed(accelerator):
+            raise ValueError("train_snapgen_lora.py trains a small adapter and runs with DDP (one or several "
+                             "processes), not FSDP or DeepSpeed: launch it with training_examples/configs/ddp.yaml.")
         super().__init__(args, accelerator, base, unet, card_kind="lora")
         self.sampler = timestep_sampler(args.timestep_sampling, self.pipeline.scheduler, args.weighting_scheme,
                                         args.logit_mean, args.logit_std, args.mode_scale, args.num_inference_steps)
