@@ -1,10 +1,10 @@
 """training_examples/train_snapgen_lora.py end to end (subprocesses, CPU, a tiny pipeline) and its pieces.
 
-A reference DreamBooth run is built once per session; it is loaded into a pipeline with ``load_lora_weights`` (the
-latents change, ``unload_lora_weights`` restores the base's exactly), and a run SIGKILLed after its first checkpoint
-and resumed must end with bitwise the same adapter. Prior preservation generates the missing class images; the
-few-step sampler draws only the pipeline's sigmas; bad flags end with one line and exit code 2 (through the scripts'
-parse_or_exit, in-process).
+A reference DreamBooth run (prior preservation, few-step sigmas) is built once per session; it is loaded into a
+pipeline with ``load_lora_weights`` (the latents change, ``unload_lora_weights`` restores the base's exactly), and a
+run SIGKILLed after its first checkpoint and resumed must end with bitwise the same adapter. Prior preservation
+generates the missing class images; the few-step sampler draws only the pipeline's sigmas; bad flags end with one line
+and exit code 2 (through the scripts' parse_or_exit, in-process).
 """
 
 import json
@@ -23,6 +23,9 @@ from safetensors import safe_open
 SCRIPT = ROOT / "training_examples" / "train_snapgen_lora.py"
 STEPS = 12
 WEIGHTS = "pytorch_lora_weights.safetensors"
+# the reference run: DreamBooth with prior preservation (2 of 3 class images generated), few-step sigmas
+PRIOR = ["--with_prior_preservation", "--class_prompt", "a shape", "--num_class_images", "3", "--prior_loss_weight",
+         "0.5", "--timestep_sampling", "few_step"]
 
 
 def _args(root, out, *extra):
@@ -35,11 +38,16 @@ def _args(root, out, *extra):
 
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory, worker_id, testrun_uid):
-    """The tiny base pipeline, 4 instance images and the reference run, built once per test session."""
+    """The tiny base pipeline, 4 instance images, 1 class image and the reference run, built once per test session."""
     root = session_folder(tmp_path_factory, worker_id, testrun_uid, "snapgen-lora")
-    run_once(root, "assets", lambda: (make_denoiser_assets(root), write_imagefolder(root / "instance", n=4, size=40)))
-    run_once(root, "reference", lambda: run_script(SCRIPT, _args(root, root / "ref"), root / "hf"))
+    run_once(root, "assets", lambda: (make_denoiser_assets(root), write_imagefolder(root / "instance", n=4, size=40),
+                                      write_imagefolder(root / "class", n=1, size=40)))
+    run_once(root, "reference", lambda: run_script(SCRIPT, _args(root, root / "ref", *_prior(root)), root / "hf"))
     return root
+
+
+def _prior(root):
+    return [*PRIOR, "--class_data_dir", str(root / "class")]
 
 
 def _latents(pipe):
@@ -77,7 +85,8 @@ def test_the_adapter_loads_changes_the_output_and_unloads_exactly(shared):
 
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_adapter(shared):
     out = shared / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_args(shared, out)], env=script_env(shared / "hf"),
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_args(shared, out, *_prior(shared))],
+                            env=script_env(shared / "hf"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
     try:
         deadline = time.time() + 240
@@ -89,30 +98,23 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_adapter(shared):
     finally:
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL and not (out / WEIGHTS).exists()
-    result = run_script(SCRIPT, _args(shared, out, "--resume_from_checkpoint", "latest"), shared / "hf")
+    result = run_script(SCRIPT, _args(shared, out, *_prior(shared), "--resume_from_checkpoint", "latest"),
+                        shared / "hf")
     assert "Resuming from checkpoint" in result.stdout + result.stderr
     assert_same_weights(shared / "ref" / WEIGHTS, out / WEIGHTS, "resumed adapter")
 
 
-def test_prior_preservation_generates_the_missing_class_images(shared, tmp_path):
-    class_dir = tmp_path / "class"
-    write_imagefolder(class_dir, n=1, size=40)  # one class image exists: two more are sampled
-    out = tmp_path / "out"
-    args = _args(shared, out, "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt",
-                 "a shape", "--num_class_images", "3", "--prior_loss_weight", "0.5", "--lora_layers", "attn,ffn",
-                 "--timestep_sampling", "few_step")
-    args[args.index("--max_train_steps") + 1] = "2"
-    run_script(SCRIPT, args, shared / "hf")
-    assert sorted(p.name for p in class_dir.glob("*.png")) == ["000.png", "class-00001-3.png", "class-00002-3.png"]
-    with safe_open(str(out / WEIGHTS), "pt") as f:
-        assert any(".ff.net.2.lora_A" in k for k in f.keys())
+def test_prior_preservation_generated_the_missing_class_images_and_weights_them(shared):
     from diffusers_snapgen.training.dreambooth import dreambooth_dataset
 
+    class_dir = shared / "class"  # one image was there; the reference run sampled two with the base pipeline
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["000.png", "class-00001-3.png", "class-00002-3.png"]
     ds, weights = dreambooth_dataset(shared / "instance", "a photo of sks shape", class_dir, "a shape", 0.5,
                                      num_class_images=3)
     # 4 instance and 3 class images balanced 1:1; the weighted mean is diffusers' L_inst + 0.5 L_prior
     assert ds["text"] == ["a photo of sks shape"] * 4 + ["a shape"] * 4
     assert weights.tolist() == [2.0] * 4 + [1.0] * 4
+    assert "prior preservation with `a shape`" in (shared / "ref" / "README.md").read_text()
 
 
 def test_few_step_sampling_draws_only_the_pipeline_sigmas():
