@@ -5,6 +5,7 @@
 - :mod:`.reconstruction` - the tiny decoder (paper §3.2) and the autoencoder.
 - :mod:`.encoder` - the tiny encoder, distilled from an autoencoder (fine-tuning a pipeline that ships a tiny decoder).
 - :mod:`.decoder_inversion` - the tiny encoder of a decoder-only pipeline, trained on the pipeline's own samples.
+- :mod:`.lora` - LoRA / DreamBooth fine-tuning of the UNet (an adapter trained with flow matching).
 """
 
 from .asd import ASDTask
@@ -16,6 +17,7 @@ from .decoder_inversion import (
 )
 from .denoising import DenoiserBase, FlowMatchingTask, KDTask, kd_scaling_from_args, load_denoiser_base
 from .encoder import ENCODER_SUBFOLDER, TinyEncoderTask, build_encoder, train_tiny_encoder
+from .lora import LoRATask, add_lora_from_args, prepare_class_images
 from .reconstruction import (
     AutoencoderTask,
     ReconstructionTask,
