@@ -106,7 +106,8 @@ def main(argv=None):
     prompts, images = held_out(args.data)
     result = measure(pipe, encoder, prompts, images, args.num_samples, args.batch_size)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    payload = {"hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+    threads = torch.get_num_threads()
+    payload = {"hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} torch threads)",
                "encoder": {"parameters": sum(p.numel() for p in encoder.parameters()), "bytes_fp16": size,
                            "config": {k: v for k, v in encoder.config.items() if not k.startswith("_")}},
                "held_out": result, "prompts": "test split of --data" if args.data else list(PROMPTS)}

@@ -5,8 +5,8 @@
 The subject is an emoji the default model never saw: ``orca`` exists in the Noto and Twemoji sets but not in Fluent
 Emoji Flat, whose names are the model's training captions. Eight instance images are rendered offline from the npm
 packages ``prepare_emoji.py`` uses (``~/.cache/diffusers-snapgen``; ``--cache-dir``): each set's icon at two scales,
-mirrored with saturation and contrast jitter. ``train_snapgen_lora.py --pretrained_model_name_or_path default --instance_prompt
-"sks emoji"`` trains ``--steps`` steps per ``--timestep-sampling`` mode (a subprocess each, timed).
+mirrored with saturation and contrast jitter. ``train_snapgen_lora.py --pretrained_model_name_or_path default
+--instance_prompt "sks emoji"`` trains ``--steps`` steps per ``--timestep-sampling`` mode (a subprocess each, timed).
 
 Measured with the default pipeline's 4-step sampler, the same seeds before and after (64x64, pixels in [0, 1]):
 
@@ -47,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=200, help="LoRA training steps per run (default 200)")
     parser.add_argument("--timestep-sampling", nargs="+", choices=SAMPLINGS, default=list(SAMPLINGS))
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lora-layers", default="attn", help="train_snapgen_lora.py --lora_layers (default attn)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=8, help="samples of the instance prompt (default 8)")
@@ -120,7 +121,8 @@ def train_lora(args, instance_dir: Path, out: Path, sampling: str) -> tuple[floa
                "--pretrained_model_name_or_path", "default", "--instance_data_dir", str(instance_dir),
                "--instance_prompt", INSTANCE_PROMPT, "--resolution", "64", "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--rank",
-               str(args.rank), "--timestep_sampling", sampling, "--seed", "0", "--report_to", "none",
+               str(args.rank), "--lora_layers", args.lora_layers, "--timestep_sampling", sampling, "--seed", "0",
+               "--report_to", "none",
                "--checkpointing_steps", str(args.steps * 10), "--output_dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("SNAPGEN_DEFAULT_MODEL", None)
@@ -155,7 +157,8 @@ def main(argv=None):
     before = samples(pipe, args.seeds)
     result = {"hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores)", "subject": SUBJECT,
               "instance_prompt": INSTANCE_PROMPT, "other_prompts": list(OTHER_PROMPTS), "steps": args.steps,
-              "rank": args.rank, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+              "rank": args.rank, "lora_layers": args.lora_layers, "learning_rate": args.learning_rate,
+              "batch_size": args.batch_size,
               "before": {"instance_to_nearest": to_instances(before["instance"], instances)}, "runs": {}}
     rows = [{"model": "default model (no LoRA)", "train wall (s)": "—",
              "sks emoji → nearest instance, mean abs": result["before"]["instance_to_nearest"]["mean_abs"],

@@ -113,7 +113,8 @@ def test_inversion_arguments_are_checked(tmp_path):
     from diffusers_snapgen.training.task_args import parse_encoder_args
 
     data = write_imagefolder(tmp_path / "data", n=2, size=16)
-    base = ["--targets", "pipeline_samples", "--pretrained_model_name_or_path", "default", "--train_data_dir", str(data)]
+    base = ["--targets", "pipeline_samples", "--pretrained_model_name_or_path", "default",
+            "--train_data_dir", str(data)]
     args = parse_encoder_args(base)
     assert args.targets == "pipeline_samples" and args.pixel_batch_size is None
     with pytest.raises(ValueError, match="--pretrained_vae_model_name_or_path"):

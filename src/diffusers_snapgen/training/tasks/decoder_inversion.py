@@ -53,8 +53,8 @@ def load_sampling_pipeline(source, device=None, dtype=torch.float32):
     else:
         pipe = SnapGenPipeline.from_pretrained(resolve_model_path(source), torch_dtype=dtype)
     if pipe.unet is None or pipe.vae is None or pipe.text_encoder is None:
-        raise ValueError(f"--pretrained_model_name_or_path {source!r} must be a SnapGen pipeline with a unet, a vae and "
-                         "a text encoder (or a packaged one named in its scheduler config) to sample latents from.")
+        raise ValueError(f"--pretrained_model_name_or_path {source!r} must be a SnapGen pipeline with a unet, a vae "
+                         "and a text encoder (or a packaged one named in its scheduler config) to sample latents from.")
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
