@@ -1,6 +1,6 @@
 """LoRA on the embedded default model, on a CPU: does it learn a new subject from 8 images, and do other prompts stay?
 
-    python benchmarks/bench_lora_default_model.py      # writes benchmarks/results/lora_default_model_cpu.{json,md,png}
+    python benchmarks/bench_lora_default_model.py      # writes benchmarks/results/lora_default_model_cpu.{json,md,jpg}
 
 The subject is an emoji the default model never saw: ``orca`` exists in the Noto and Twemoji sets but not in Fluent
 Emoji Flat, whose names are the model's training captions. Eight instance images are rendered offline from the npm
@@ -11,7 +11,8 @@ mirrored with saturation and contrast jitter. ``train_snapgen_lora.py --pretrain
 Measured with the default pipeline's 4-step sampler, the same seeds before and after (64x64, pixels in [0, 1]):
 
 - the instance prompt: the mean absolute distance (and PSNR) of each sample to its nearest instance image;
-- eight other prompts (two seeds each): the distance of the after-sample to the before-sample of the same seed.
+- eight other prompts (two seeds each): the distance of the after-sample to the before-sample of the same seed,
+  next to the distance between the two seeds of a prompt before training (the scale of "moved a lot").
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="LoRA training steps per run (default 200)")
     parser.add_argument("--timestep-sampling", nargs="+", choices=SAMPLINGS, default=list(SAMPLINGS))
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lora-layers", default="attn", help="train_snapgen_lora.py --lora_layers (default attn)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora-layers", nargs="+", default=["attn", "attn,ffn,conv"],
+                        help="train_snapgen_lora.py --lora_layers values, one run each (default: attn, attn,ffn,conv)")
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=8, help="samples of the instance prompt (default 8)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="the npm packages (default: prepare_emoji's)")
     parser.add_argument("--work-dir", type=Path, default=None, help="instance images and adapters (default: temp)")
@@ -116,12 +118,12 @@ def pairwise(a: np.ndarray, b: np.ndarray) -> dict:
     return {"mean_abs": float(np.abs(a - b).mean()), "psnr": float(np.mean([psnr(x, y) for x, y in zip(a, b)]))}
 
 
-def train_lora(args, instance_dir: Path, out: Path, sampling: str) -> tuple[float, str]:
+def train_lora(args, instance_dir: Path, out: Path, layers: str, sampling: str) -> tuple[float, str]:
     command = [sys.executable, str(ROOT / "training_examples" / "train_snapgen_lora.py"),
                "--pretrained_model_name_or_path", "default", "--instance_data_dir", str(instance_dir),
                "--instance_prompt", INSTANCE_PROMPT, "--resolution", "64", "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--rank",
-               str(args.rank), "--lora_layers", args.lora_layers, "--timestep_sampling", sampling, "--seed", "0",
+               str(args.rank), "--lora_layers", layers, "--timestep_sampling", sampling, "--seed", "0",
                "--report_to", "none",
                "--checkpointing_steps", str(args.steps * 10), "--output_dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -130,8 +132,10 @@ def train_lora(args, instance_dir: Path, out: Path, sampling: str) -> tuple[floa
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"train_snapgen_lora.py ({sampling}) failed:\n{proc.stderr[-3000:]}")
-    return wall, " ".join(Path(c).name if c.startswith(str(ROOT)) else c for c in command[1:])
+        raise SystemExit(f"train_snapgen_lora.py ({layers}, {sampling}) failed:\n{proc.stderr[-3000:]}")
+    shown = [Path(c).name if c.startswith(str(ROOT)) else c.replace(str(instance_dir.parent), "WORK")
+             for c in command[1:]]  # no machine paths in the record
+    return wall, " ".join(shown)
 
 
 def grid(rows: list[np.ndarray]) -> Image.Image:
@@ -159,37 +163,45 @@ def main(argv=None):
               "instance_prompt": INSTANCE_PROMPT, "other_prompts": list(OTHER_PROMPTS), "steps": args.steps,
               "rank": args.rank, "lora_layers": args.lora_layers, "learning_rate": args.learning_rate,
               "batch_size": args.batch_size,
-              "before": {"instance_to_nearest": to_instances(before["instance"], instances)}, "runs": {}}
+              "before": {"instance_to_nearest": to_instances(before["instance"], instances),
+                         "others_seed0_vs_seed1": pairwise(before["others"][::2], before["others"][1::2])},
+              "runs": {}}
     rows = [{"model": "default model (no LoRA)", "train wall (s)": "—",
              "sks emoji → nearest instance, mean abs": result["before"]["instance_to_nearest"]["mean_abs"],
              "sks emoji → nearest instance, PSNR (dB)": result["before"]["instance_to_nearest"]["psnr"],
              "8 other prompts: after vs before, mean abs": "—", "8 other prompts: after vs before, PSNR (dB)": "—"}]
+    scale = result["before"]["others_seed0_vs_seed1"]  # how far apart two seeds of one prompt are: the scale
+    rows.append({"model": "reference: other prompts, seed 0 vs seed 1 (no LoRA)", "train wall (s)": "—",
+                 "sks emoji → nearest instance, mean abs": "—", "sks emoji → nearest instance, PSNR (dB)": "—",
+                 "8 other prompts: after vs before, mean abs": scale["mean_abs"],
+                 "8 other prompts: after vs before, PSNR (dB)": scale["psnr"]})
     pictures = [list(instances), list(before["instance"]), list(before["others"][::2])]
-    for sampling in args.timestep_sampling:
-        out = work / f"lora-{sampling}"
-        wall, command = train_lora(args, work / "instance", out, sampling)
+    for layers, sampling in [(layers, sampling) for layers in args.lora_layers for sampling in args.timestep_sampling]:
+        out = work / f"lora-{layers.replace(',', '-')}-{sampling}"
+        wall, command = train_lora(args, work / "instance", out, layers, sampling)
         pipe.load_lora_weights(str(out))
         after = samples(pipe, args.seeds)
         pipe.unload_lora_weights()
         run = {"train_wall_s": wall, "command": command,
                "instance_to_nearest": to_instances(after["instance"], instances),
                "others_after_vs_before": pairwise(after["others"], before["others"])}
-        result["runs"][sampling] = run
-        rows.append({"model": f"+ LoRA, --timestep_sampling {sampling}", "train wall (s)": f"{wall:.0f}",
+        result["runs"][f"{layers} {sampling}"] = run
+        rows.append({"model": f"+ LoRA on {layers}, --timestep_sampling {sampling}", "train wall (s)": f"{wall:.0f}",
                      "sks emoji → nearest instance, mean abs": run["instance_to_nearest"]["mean_abs"],
                      "sks emoji → nearest instance, PSNR (dB)": run["instance_to_nearest"]["psnr"],
                      "8 other prompts: after vs before, mean abs": run["others_after_vs_before"]["mean_abs"],
                      "8 other prompts: after vs before, PSNR (dB)": run["others_after_vs_before"]["psnr"]})
         pictures += [list(after["instance"]), list(after["others"][::2])]
-    title = (f"LoRA on the default model, {args.steps} steps on 8 images of a new subject ({SUBJECT}, Noto + Twemoji), "
-             f"{result['hardware']}, 64x64, 4-step sampling, pixels in [0, 1]")
+    title = (f"LoRA on the default model, {args.steps} steps on 8 images of a new subject ({SUBJECT}, Noto + Twemoji; "
+             f"rank {args.rank}, learning rate {args.learning_rate:g}, batch {args.batch_size}), {result['hardware']}, "
+             "64x64, 4-step sampling, pixels in [0, 1]")
     table = title + "\n\n" + markdown_table(rows, list(rows[0]))
-    table += ("\n\nRows of lora_default_model_cpu.png: the instance images; before: 'sks emoji' (seeds 0-7), the other "
-              "prompts (seed 0); then per run the same after training.")
+    table += ("\n\nRows of lora_default_model_cpu.jpg: the instance images; before: 'sks emoji' (seeds 0-7) and the "
+              "other prompts (seed 0); then, per run in table order, the same two rows after training.")
     write_results(args.out, "lora_default_model_cpu", result, table)
-    tmp = args.out / ".tmp-lora_default_model_cpu.png"
-    grid(pictures).save(tmp)
-    tmp.replace(args.out / "lora_default_model_cpu.png")
+    tmp = args.out / ".tmp-lora_default_model_cpu.jpg"
+    grid(pictures).save(tmp, format="JPEG", quality=90)
+    tmp.replace(args.out / "lora_default_model_cpu.jpg")
     print(table)
 
 
