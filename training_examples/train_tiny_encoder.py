@@ -20,6 +20,15 @@ whose config carries the autoencoder's scaling_factor / shift_factor; copy it in
 
     encoder = TinyEncoder.from_pretrained("runs/emoji/tiny_encoder")
     z = encoder.encode(images).latent_dist.mode()  # zero variance: mean == mode == sample
+
+A pipeline with a decoder only (e.g. `default`, the embedded model) has no autoencoder to distil: --targets
+pipeline_samples inverts its frozen decoder on latents the pipeline samples from the training captions (MSE of
+E(D(z)) vs z, plus --pixel_loss_weight x MSE(D(E(x)), x) on the real images; docs/finetuning.md):
+
+    python training_examples/train_tiny_encoder.py --targets pipeline_samples \
+      --pretrained_model_name_or_path default --train_data_dir data/emoji64/train \
+      --validation_data_dir data/emoji64/test --resolution 64 --num_pipeline_samples 2048 \
+      --pixel_loss_weight 2 --pixel_batch_size 4 --max_train_steps 800 --output_dir runs/default-encoder
 """
 
 from diffusers_snapgen.training import parse_or_exit
