@@ -100,6 +100,8 @@ def test_a_pipelines_vae_encoder_encodes_its_training_images(tmp_path_factory, w
     shutil.copytree(root / "pipe-tiny-decoder", folder)
     with pytest.raises(ValueError, match="vae_encoder"):  # no encoder yet: the error says how to get one
         load_vae_encoder(load_base_components(str(folder)))
+    with pytest.raises(ValueError, match="holds a TinyDecoder, not an AutoencoderKL"):  # not loaded as a random AE
+        load_vae_encoder({}, str(folder))
     TinyEncoder.from_pretrained(str(root / "ref")).save_pretrained(folder / "vae_encoder")
     components = load_base_components(str(folder))
     assert "vae_encoder" not in json.loads((folder / "model_index.json").read_text())  # not a pipeline component

@@ -147,6 +147,26 @@ def load_base_components(pretrained_model_name_or_path, revision=None, variant=N
     return comps
 
 
+def _check_autoencoder_folder(path, subfolder) -> None:
+    """A local folder whose config names another class than ``AutoencoderKL`` (e.g. the default model's
+    ``TinyDecoder``) would load as a randomly initialised autoencoder: refuse it with the fix."""
+    if not _is_local(path):
+        return
+    config = os.path.join(path, subfolder or "", "config.json")
+    if not os.path.isfile(config):
+        return
+    import json
+
+    with open(config, encoding="utf-8") as f:
+        name = json.load(f).get("_class_name")
+    if name not in (None, "AutoencoderKL"):
+        raise ValueError(
+            f"{path!r} holds a {name}, not an AutoencoderKL: it cannot encode images. A pipeline with a decoder only "
+            "encodes with its `vae_encoder/` TinyEncoder (pass it as --pretrained_model_name_or_path instead); "
+            "train one with train_tiny_encoder.py --targets pipeline_samples."
+        )
+
+
 def load_vae_encoder(components: dict, pretrained_vae_model_name_or_path=None, dtype=torch.float32, revision=None,
                      variant=None, cache_dir=None):
     """The image encoder of training images: the ``AutoencoderKL`` ``pretrained_vae_model_name_or_path`` (``vae``
@@ -158,6 +178,7 @@ def load_vae_encoder(components: dict, pretrained_vae_model_name_or_path=None, d
                                                            "--pretrained_vae_model_name_or_path")
     if pretrained_vae_model_name_or_path is not None:
         sub = "vae" if _has_subfolder(pretrained_vae_model_name_or_path, "vae", revision, cache_dir) else None
+        _check_autoencoder_folder(pretrained_vae_model_name_or_path, sub)
         vae = AutoencoderKL.from_pretrained(pretrained_vae_model_name_or_path, subfolder=sub, torch_dtype=dtype,
                                             revision=revision, variant=variant, cache_dir=cache_dir)
     else:
