@@ -98,3 +98,21 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     assert len(targets) == 8 and all(r["status"] != "missed" for r in targets.values())
     report = (tmp_path / "inference_suite_cpu.md").read_text()
     assert "## Targets" in report and "## End to end" in report
+
+
+def test_bench_lora_smoke_on_cpu(tmp_path):
+    _run("bench_lora.py", "--unet", "tiny", "--resolution", "64", "--device", "cpu", "--batch_sizes", "1,2",
+         "--steps", "2", "--warmup", "1", "--text_tokens", "8", "--lora_layers", "attn,ffn", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bench_lora_cpu.json").read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    assert all(row["images_per_s"] > 0 and row["peak_memory_gib"] is None for row in rows)  # no CUDA: not measured
+    assert 0 < rows[0]["lora_params_m"] < rows[0]["unet_params_m"]
+    assert "| tiny | 64 | 2 |" in (tmp_path / "bench_lora_cpu.md").read_text()
+
+
+def test_bench_lora_rejects_bad_arguments():
+    import pytest
+
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        _run("bench_lora.py", "--device", "cpu", "--rank", "0")
+    assert "--rank" in error.value.stderr

@@ -97,7 +97,39 @@ def test_other_modules_can_add_subcommands(monkeypatch, capsys):
 
 # --------------------------------------------------------------------------- bad input: one line, exit code 2
 
+def test_generate_with_a_lora_folder_file_and_scale(saved_pipeline, tmp_path, capsys):
+    import torch
+    from peft import LoraConfig
+
+    from diffusers_snapgen import SnapGenUNet2DModel
+    from diffusers_snapgen.training.lora import save_lora_adapter
+
+    unet = SnapGenUNet2DModel.from_pretrained(saved_pipeline, subfolder="unet")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    weights = save_lora_adapter(unet, tmp_path / "lora")
+
+    def image(name, *extra):
+        code, out, err = run(capsys, "generate", "a red apple", "-m", str(saved_pipeline), "-o",
+                             str(tmp_path / name), *SMALL, *extra)
+        assert code == 0, err
+        with Image.open(tmp_path / name) as im:
+            return np.asarray(im)
+
+    base = image("base.png")
+    adapted = image("lora.png", "--lora", str(tmp_path / "lora"))
+    assert not np.array_equal(adapted, base)
+    np.testing.assert_array_equal(image("file.png", "--lora", str(weights)), adapted)
+    np.testing.assert_array_equal(image("off.png", "--lora", str(weights), "--lora-scale", "0"), base)
+    assert not np.array_equal(image("half.png", "--lora", str(weights), "--lora_scale", "0.5"), adapted)
+
+
 BAD = [
+    ("lora-folder-without-weights", ["generate", "x", "-m", "{model}", "--lora", "{tmp}"], "--lora"),
+    ("lora-not-safetensors", ["generate", "x", "-m", "{model}", "--lora", "{tmp}/a-file"], "--lora"),
+    ("lora-scale-without-lora", ["generate", "x", "-m", "{model}", "--lora-scale", "0.5"], "--lora"),
+    ("lora-scale-not-a-number", ["generate", "x", "-m", "{model}", "--lora-scale", "big"], "--lora-scale"),
     ("height-not-multiple", ["generate", "x", "-m", "{model}", "--height", "33"], "--height"),
     ("width-zero", ["generate", "x", "-m", "{model}", "--width", "0"], "--width"),
     ("steps-zero", ["generate", "x", "-m", "{model}", "--steps", "0"], "--steps"),

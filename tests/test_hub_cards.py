@@ -58,7 +58,8 @@ def test_coreml_card_rejects_bad_arguments():
 @pytest.mark.parametrize("kind,stage,tag", [("pipeline", "asd", "text-to-image"), ("unet", "kd", "text-to-image"),
                                             ("tiny_decoder", "tiny_decoder", None),
                                             ("autoencoder", "autoencoder", None),
-                                            ("transformer", "teacher", None)])
+                                            ("transformer", "teacher", None),
+                                            ("lora", "lora", "text-to-image")])
 def test_pytorch_cards(kind, stage, tag, tmp_path):
     card = render_pytorch_card(kind, stage, "me/snapgen-test", base_model="stabilityai/stable-diffusion-3.5-large",
                                training={"max_train_steps": 1000, "learning_rate": 1e-4}, datasets=["me/captions"],
@@ -86,6 +87,10 @@ def test_pytorch_cards(kind, stage, tag, tmp_path):
         assert "train_sd3_teacher.py" in loaded.text and "mmdit" in loaded.data.tags
         assert "snapgen generate" not in loaded.text and "convert_snapgen_to_coreml" not in loaded.text
 
+    if kind == "lora":
+        assert 'pipe.load_lora_weights("me/snapgen-test")' in loaded.text and "lora" in loaded.data.tags
+        assert "--lora me/snapgen-test" in loaded.text and "convert_snapgen_to_coreml" not in loaded.text
+
 
 def test_pytorch_card_argument_errors():
     with pytest.raises(ValueError, match="`kind`"):
@@ -96,6 +101,8 @@ def test_pytorch_card_argument_errors():
         render_pytorch_card("unet", "kd", "")
     with pytest.raises(TypeError, match="`training`"):
         render_pytorch_card("unet", "kd", "me/x", training=[("lr", 1)])
+    with pytest.raises(ValueError, match="`prompt`"):
+        render_pytorch_card("lora", "lora", "me/x", prompt=" ")
 
 
 def test_templates_ship_as_package_data():

@@ -31,6 +31,7 @@ PYTORCH_KINDS = {
     "tiny_encoder": ("SnapGen tiny encoder", None),
     "autoencoder": ("SnapGen-compatible autoencoder", None),
     "transformer": ("SD3 transformer", None),
+    "lora": ("SnapGen LoRA", "text-to-image"),
 }
 STAGES = {
     "pretrain": ("train_snapgen.py", "flow-matching pre-training (paper §3.3)"),
@@ -40,6 +41,7 @@ STAGES = {
     "tiny_encoder": ("train_tiny_encoder.py", "tiny encoder distillation: latent MSE to an autoencoder's mean"),
     "autoencoder": ("train_autoencoder.py", "autoencoder training: L1/MSE + KL + LPIPS + adversarial (SD3 latents)"),
     "teacher": ("train_sd3_teacher.py", "teacher training: flow matching of an SD3Transformer2DModel (paper §3.3)"),
+    "lora": ("train_snapgen_lora.py", "LoRA fine-tuning: flow matching of a low-rank adapter on the frozen UNet"),
 }
 
 
@@ -142,12 +144,14 @@ def render_pytorch_card(
     subfolder: str | None = None,
     notes: str | None = None,
     template_path=None,
+    prompt: str | None = None,
 ) -> ModelCard:
     """The README of a PyTorch repo pushed by a training example.
 
     ``kind``: one of ``PYTORCH_KINDS`` (``"pipeline"``, ``"unet"``, ``"tiny_decoder"``, ``"tiny_encoder"``, ...);
     ``stage``: one of ``STAGES`` (``"pretrain"``, ``"kd"``, ``"asd"``, ...); ``training``:
-    hyper-parameters shown as a table (e.g. ``{"steps": 1000, "lr": 1e-4}``).
+    hyper-parameters shown as a table (e.g. ``{"steps": 1000, "lr": 1e-4}``); ``prompt``: the prompt of the usage
+    example (a DreamBooth LoRA's instance prompt).
     """
     if kind not in PYTORCH_KINDS:
         raise ValueError(f"`kind` must be one of {tuple(PYTORCH_KINDS)}, got {kind!r}.")
@@ -157,6 +161,8 @@ def render_pytorch_card(
         raise ValueError(f"`repo_id` must be the Hub repo id the card describes (e.g. 'me/snapgen'), got {repo_id!r}.")
     if training is not None and not isinstance(training, dict):
         raise TypeError(f"`training` must be a dict of settings, got {type(training).__name__}.")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ValueError(f"`prompt` must be a non-empty string or None, got {prompt!r}.")
     _check_license(license)
     title, pipeline_tag = PYTORCH_KINDS[kind]
     script, stage_label = STAGES[stage]
@@ -164,6 +170,8 @@ def render_pytorch_card(
                  "autoencoder": ["vae", "autoencoder-kl"],
                  "transformer": ["sd3", "mmdit", "teacher"]}
     tags = ["snapgen", "diffusers", "safetensors"] + (["text-to-image"] if pipeline_tag else kind_tags[kind])
+    if kind == "lora":
+        tags += ["lora", "template:sd-lora"]
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag=pipeline_tag,
@@ -187,6 +195,8 @@ def render_pytorch_card(
         "transformer": "A diffusers `SD3Transformer2DModel` (MMDiT) trained with flow matching on the latents and text "
                        "encoding of a SnapGen base pipeline: the teacher of SnapGen's knowledge distillation and "
                        "adversarial step distillation (paper §3.3-3.4), sampled through `SnapGenPipeline`.",
+        "lora": "LoRA weights for a SnapGen UNet (diffusers' LoRA layout, `pytorch_lora_weights.safetensors`): load "
+                "them into the base `SnapGenPipeline` with `load_lora_weights`.",
     }
     rows = sorted((str(k), str(v)) for k, v in (training or {}).items())
     kwargs = dict(
@@ -203,6 +213,7 @@ def render_pytorch_card(
         guidance_scale=guidance_scale,
         training_rows=rows,
         notes=notes,
+        prompt=prompt or "a red apple on a wooden table",
     )
     path = template_path or hub_cards_dir() / "pytorch_model_card.md"
     return ModelCard.from_template(card_data, template_path=str(path), **kwargs)

@@ -1,4 +1,4 @@
-"""The ``snapgen`` command line: ``snapgen generate PROMPT`` and ``snapgen info MODEL``.
+"""The ``snapgen`` command line: ``snapgen generate PROMPT [--lora PATH]`` and ``snapgen info MODEL``.
 
 Subcommands live in a small registry so other modules can add theirs (``convert-coreml``, ``eval``): define
 ``configure(parser)`` and ``run(args) -> int`` and call :func:`register_subcommand` at import time of a module listed
@@ -39,6 +39,8 @@ SUBCOMMAND_MODULES: dict[str, tuple[str, str]] = {
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: ``--seed`` range: what ``torch.Generator.manual_seed`` accepts without wrapping.
 MAX_SEED = 2**64 - 1
+#: The file of a LoRA folder (diffusers' name; ``train_snapgen_lora.py`` writes it).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: ``snapgen generate`` on the CPU refuses images larger than this many pixels unless ``--allow-large`` is given
 #: (8192x8192 would run for many minutes without a word).
 MAX_CPU_PIXELS = 1024 * 1024
@@ -277,6 +279,42 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: fp16 on GPU)")
     parser.add_argument("--allow-large", action="store_true",
                         help=f"on the CPU, allow images over {MAX_CPU_PIXELS:,} pixels (slow: minutes)")
+    parser.add_argument("--lora", default=None,
+                        help=f"LoRA weights to apply: a folder with {LORA_WEIGHT_NAME} (train_snapgen_lora.py's "
+                             "output or one of its checkpoints), a .safetensors file, or a Hub repo id")
+    parser.add_argument("--lora-scale", "--lora_scale", dest="lora_scale", type=_lora_scale, default=None,
+                        help="strength of --lora (default 1.0; 0 is the base model)")
+
+
+def _lora_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def resolve_lora(lora: str) -> tuple[str, str | None]:
+    """``(source, weight_name)`` for ``load_lora_weights`` from ``--lora``: a folder holding
+    ``pytorch_lora_weights.safetensors``, a ``.safetensors`` file, or a Hub repo id; ValueError naming ``--lora``
+    otherwise (checked before the model loads)."""
+    path = Path(lora)
+    if path.is_dir():
+        if not (path / LORA_WEIGHT_NAME).is_file():
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            hint = f" (it has {', '.join(found)}: pass the file itself)" if found else ""
+            raise ValueError(f"--lora: the folder {lora!r} has no {LORA_WEIGHT_NAME}{hint}; pass the --output_dir of "
+                             "train_snapgen_lora.py, one of its checkpoint-* folders, or a .safetensors file.")
+        return str(path), None
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"--lora: {lora!r} is not a .safetensors file.")
+        return str(path.parent), path.name
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", lora) and not lora.startswith((".", "/")):
+        return lora, None
+    raise ValueError(f"--lora: {lora!r} is neither a folder, a .safetensors file nor a Hub repo id.")
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -350,6 +388,9 @@ def load_pipeline(model: str | None, dtype):
 def _run_generate(args: argparse.Namespace) -> int:
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     paths = output_paths(args.output, args.num_images, args.prompt, seed)  # fail before loading anything heavy
+    if args.lora_scale is not None and args.lora is None:
+        raise ValueError("--lora-scale sets the strength of --lora: pass --lora too.")
+    lora = resolve_lora(args.lora) if args.lora is not None else None
     model = resolve_model(args.model)
     import torch
 
@@ -357,6 +398,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     dtype = _resolve_dtype(args.dtype, device)
     with _quiet_loading():
         pipe = load_pipeline(args.model and model, dtype).to(device)
+        if lora is not None:
+            pipe.load_lora_weights(lora[0], weight_name=lora[1], adapter_name="lora")
+            if args.lora_scale is not None:
+                pipe.set_adapters(["lora"], adapter_weights=[args.lora_scale])
     side = pipe.default_sample_size * pipe.vae_scale_factor
     height, width = args.height or side, args.width or side
     if device.type == "cpu" and height * width > MAX_CPU_PIXELS and not args.allow_large:

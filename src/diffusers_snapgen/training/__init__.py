@@ -20,6 +20,8 @@ The objectives and their pieces:
 - :mod:`.discriminator`, :mod:`.adversarial` - teacher-feature and patch discriminators; hinge, non-saturating, R1.
 - :mod:`.reconstruction` - tiny-decoder pieces (paper §3.2): patches, PSNR/SSIM, losses, evaluation.
 - :mod:`.autoencoder` - the 16-channel, f = 8 ``AutoencoderKL`` of the demo model: KL, latent statistics.
+- :mod:`.lora`, :mod:`.dreambooth` - LoRA adapters (diffusers' LoRA layout, few-step timestep sampling) and
+  DreamBooth data with prior preservation (``train_snapgen_lora.py``).
 - :mod:`.data`, :mod:`.checkpointing`, :mod:`.components` - data and caches, atomic checkpoints, model loading.
 """
 
@@ -109,6 +111,7 @@ from .tasks import (
     AutoencoderTask,
     FlowMatchingTask,
     KDTask,
+    LoRATask,
     TinyDecoderTask,
     TinyEncoderTask,
     load_denoiser_base,

@@ -324,10 +324,13 @@ def validate_common(args: argparse.Namespace) -> argparse.Namespace:
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
     precomputed = _precomputed(args)
+    instance = getattr(args, "instance_data_dir", None)
     if args.dataset_name is None and args.train_data_dir is None and getattr(args, "train_shards", None) is None \
-            and not precomputed:
+            and not precomputed and instance is None:
         raise ValueError("Need a dataset: pass --dataset_name (HF datasets), --train_data_dir (image folder), "
-                         "--train_shards (tar shards) or --precompute_dir (precompute_latents.py's output).")
+                         "--train_shards (tar shards) or --precompute_dir (precompute_latents.py's output)"
+                         + (", or DreamBooth images with --instance_data_dir." if hasattr(args, "instance_data_dir")
+                            else "."))
     if precomputed and (args.dataset_name is not None or args.train_data_dir is not None):
         raise ValueError(f"--precompute_dir {args.precompute_dir} holds a precomputed data set (index.json): it is the "
                          "training data, drop --dataset_name / --train_data_dir (or pass another --precompute_dir).")

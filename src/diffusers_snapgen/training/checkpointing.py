@@ -4,7 +4,8 @@ A checkpoint ``<output_dir>/checkpoint-<step>`` is first written in full to ``<o
 and then renamed into place; ``latest`` only considers ``checkpoint-<int>`` folders that carry the
 ``training_state.json`` written last, so a process killed while saving never leaves a checkpoint that resume would pick.
 It holds (through accelerate) the trainable models, optimizer, LR scheduler and RNG states, plus, through the hooks
-registered by :func:`register_checkpoint_hooks`, the student in diffusers format (``unet/``), its EMA (``unet_ema/``)
+registered by :func:`register_checkpoint_hooks`, the student in diffusers format (``unet/``; a LoRA student's adapter:
+``pytorch_lora_weights.safetensors``), its EMA (``unet_ema/``)
 and :class:`TrainingState` (global step, epoch, data position).
 """
 
@@ -242,11 +243,15 @@ def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: Trainin
     ``save_pretrained`` into ``<ckpt>/unet`` and its EMA into ``<ckpt>/unet_ema``; other prepared models (KD
     projectors) are left to accelerate. ``state`` is registered for checkpointing (``custom_checkpoint_0.pkl``).
 
+    A peft-adapted student (LoRA, ``train_snapgen_lora.py``) is saved as its adapter only,
+    ``<ckpt>/pytorch_lora_weights.safetensors`` (diffusers' LoRA layout), and loaded back into its adapter.
+
     Under FSDP2 and DeepSpeed accelerate saves and loads the prepared models itself (sharded); ``unet/`` and
     ``unet_ema/`` are then written from full tensors gathered on every process (docs/distributed_training.md) and the
     EMA is loaded back into each process's shard.
     """
     from .distributed import ema_is_sharded, full_copy, full_ema_tensors, is_deepspeed, is_fsdp, load_full_ema
+    from .lora import has_lora_adapter, load_lora_adapter, save_lora_adapter
 
     if not isinstance(student_cls, type):
         raise TypeError(f"`student_cls` must be a model class, got {student_cls!r}.")
@@ -266,7 +271,10 @@ def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: Trainin
             if _is_student(models[i]):
                 model = full_copy(accelerator, models[i])  # a collective when sharded
                 if model is not None and accelerator.is_main_process:
-                    model.save_pretrained(os.path.join(output_dir, student_subfolder))
+                    if has_lora_adapter(model):  # the adapter only, loadable with load_lora_weights(checkpoint)
+                        save_lora_adapter(model, output_dir)
+                    else:
+                        model.save_pretrained(os.path.join(output_dir, student_subfolder))
                 if not _accelerate_saves_models():
                     weights.pop(i)
                 break
@@ -284,6 +292,9 @@ def register_checkpoint_hooks(accelerator, student_cls, ema=None, state: Trainin
                 if _accelerate_saves_models():  # accelerate loads its own (sharded) copy
                     break
                 model = accelerator.unwrap_model(models.pop(i))
+                if has_lora_adapter(model):
+                    load_lora_adapter(model, input_dir)
+                    break
                 loaded = student_cls.from_pretrained(input_dir, subfolder=student_subfolder)
                 model.register_to_config(**loaded.config)
                 model.load_state_dict(loaded.state_dict())

@@ -121,8 +121,7 @@ class FlowMatchingTask(TrainingTask):
             return self._stream_data(), None
         if is_precomputed(args.precompute_dir):
             return self._precomputed_data(), None
-        hf = load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
-                                        args.cache_dir, args.image_column, args.caption_column, args.max_train_samples)
+        hf = self.load_dataset()
         ds = ImageCaptionDataset(hf, args.image_column, args.caption_column, args.resolution, args.center_crop,
                                  args.random_flip, seed=args.seed)
         cache_dir = Path(args.precompute_dir or Path(args.output_dir, "cache"))
@@ -160,6 +159,13 @@ class FlowMatchingTask(TrainingTask):
         on_device = self.latent_cache is not None and self.text_cache is not None
         why = "the data comes from a DataLoader: pass --cache_latents and --cache_text_embeddings"
         return loader_or_device_batches(args, acc, len(ds), on_device, ds, why)
+
+    def load_dataset(self):
+        """The HF dataset of images and captions (``--dataset_name`` or ``--train_data_dir``); a task may build its
+        own (DreamBooth instance and class images)."""
+        args = self.args
+        return load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
+                                          args.cache_dir, args.image_column, args.caption_column, args.max_train_samples)
 
     def _stream_data(self) -> StreamBatches:
         args, acc = self.args, self.accelerator
