@@ -195,6 +195,9 @@ def export_components(
             if ane_psnr < ANE_FORM_MIN_PSNR:
                 raise RuntimeError(f"[{name}] the Neural-Engine form differs from the model: PSNR {ane_psnr:.1f} dB "
                                    f"< {ANE_FORM_MIN_PSNR} dB. This is a bug in diffusers_snapgen.coreml.")
+        if recipe is not None and component.compressible and recipe.for_component(name) is not None:
+            recipe.check_component(name, {n for n, p in component.module.named_parameters()  # before converting
+                                           if p.ndim >= 2 and p.numel() > weight_threshold})
         _log(progress, f"[{name}] converting to {component.package}.mlpackage ({target}, fp16)")
         mlmodel, seconds, used_route = convert_module(
             component.module, component.inputs, component.output_names, target=target, route=route, warmup=False

@@ -50,6 +50,8 @@ __all__ = [
     "greedy_moves",
     "MixedBitSearch",
     "palettized_candidates",
+    "package_lut_bits",
+    "search_mixed_bit",
 ]
 
 RECIPE_FORMAT = "diffusers-snapgen/coreml-mixed-bit/1"
@@ -271,12 +273,13 @@ class MixedBitSearch:
     def assignment(self, moves: int) -> dict[str, int]:
         widest = self.bits[-1]
         assignment = {unit: widest for unit in self.groups}
-        for unit, b in self._order[:moves]:
+        for unit, b in self.order[:moves]:
             assignment[unit] = b
         return assignment
 
     @property
-    def _order(self):
+    def order(self) -> list[tuple[str, int]]:
+        """The greedy order of moves (measures the sensitivities first if needed)."""
         if not self.sensitivity:
             self.measure()
         if getattr(self, "_moves", None) is None:
@@ -296,7 +299,7 @@ class MixedBitSearch:
         """
         if isinstance(bar_db, bool) or not isinstance(bar_db, (int, float)) or not math.isfinite(bar_db):
             raise ValueError(f"`bar_db` must be a finite number of dB (e.g. {DEFAULT_BAR_DB}), got {bar_db!r}.")
-        order = self._order
+        order = self.order
         budget = _error(bar_db)
         widest = self.bits[-1]
         predicted = sum(_error(self.sensitivity[u][widest]) for u in self.groups)
@@ -338,6 +341,42 @@ class MixedBitSearch:
         self._log(f"bar {bar_db} dB: {metadata['average_bits_per_weight']} bits/weight, measured {value:.2f} dB "
                   f"({moves} of {len(order)} moves)")
         return MixedBitRecipe(layers, metadata)
+
+
+def package_lut_bits(package) -> dict[str, int]:
+    """``{constant name: nbits}`` of every ``constexpr_lut_to_dense`` op in a saved ``.mlpackage`` (or loaded
+    model), read from the index type of the op (``UINT4`` -> 4); constant names lose their ``_palettized`` suffix."""
+    from ._deps import require_coremltools
+    from .validate import _load_spec
+
+    ct = require_coremltools()
+    model = ct.models.MLModel(str(package), skip_model_load=True) if isinstance(package, (str, os.PathLike)) \
+        else package
+    spec = _load_spec(model)
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    types = {}
+    for op in block.operations:  # index arrays may be const ops of their own
+        if op.type == "const":
+            types[op.outputs[0].name] = op.attributes["val"].type.tensorType.dataType
+    found = {}
+    for op in block.operations:
+        if op.type != "constexpr_lut_to_dense":
+            continue
+        argument = op.inputs["indices"].arguments[0]
+        dtype = types[argument.name] if argument.name else argument.value.type.tensorType.dataType
+        type_name = _proto_dtype_name(dtype)
+        if not type_name.startswith("UINT"):
+            raise ValueError(f"unexpected look-up-table index type {type_name} in {op.outputs[0].name}.")
+        name = op.outputs[0].name
+        found[name[: -len("_palettized")] if name.endswith("_palettized") else name] = int(type_name[4:])
+    return found
+
+
+def _proto_dtype_name(value: int) -> str:
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(value)
 
 
 @contextlib.contextmanager
