@@ -19,7 +19,7 @@ bar) applied to SnapGen's few-step pipeline (paper §4, on-device deployment):
 The result is a JSON recipe (:func:`save_recipe` / :func:`load_recipe`; ``packages/mixed`` via
 ``snapgen convert-coreml --variants mixed:RECIPE.json``). Layers are named by the parameter names of the traced
 package module (e.g. ``unet.down_blocks.0.resnets.0.conv1.weight``), which coremltools turns into constant names
-(``unet_down_blocks_0_resnets_0_conv1_weight_to_fp16``). Design notes: docs/coreml.md.
+(``unet_down_blocks_0_resnets_0_conv1_weight_to_fp16``). Design notes: docs/coreml_mixed_bit.md.
 """
 
 from __future__ import annotations
