@@ -12,8 +12,8 @@ bar) applied to SnapGen's few-step pipeline (paper §4, on-device deployment):
    text -> UNet x steps -> decoder, fixed prompts and seeds -- when only that layer is palettized (every other
    weight fp16), against the fp32 pipeline;
 3. greedy assignment: start with every layer at the widest offered width and repeatedly lower the layer whose next
-   step costs the least added error (``10**(-PSNR/10)``, summed over layers) per bit saved, while the predicted
-   error stays under the bar; the chosen assignment is then measured end to end and, if it misses the bar, the
+   step costs the least added error (``10**(-PSNR/10)``; the measured error of the all-widest assignment plus each
+   move's own increase) per bit saved, while the predicted error stays under the bar; the chosen assignment is then measured end to end and, if it misses the bar, the
    last moves are undone one by one until it holds (so a stricter bar never gives fewer bits).
 
 The result is a JSON recipe (:func:`save_recipe` / :func:`load_recipe`; ``packages/mixed`` via
@@ -302,7 +302,8 @@ class MixedBitSearch:
         order = self.order
         budget = _error(bar_db)
         widest = self.bits[-1]
-        predicted = sum(_error(self.sensitivity[u][widest]) for u in self.groups)
+        # additive model around the measured all-widest assignment: each move adds its unit's own error increase
+        predicted = _error(self.measured_psnr(0))
         moves = 0
         for unit, b in order:
             old = self.assignment(moves)[unit]
