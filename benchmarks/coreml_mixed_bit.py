@@ -150,7 +150,7 @@ def run_default(args) -> dict:
 
 def run_paper(args) -> dict:
     from diffusers_snapgen import SnapGenUNet2DModel
-    from diffusers_snapgen.coreml.compress import palettizable_parameters, palettize
+    from diffusers_snapgen.coreml.compress import palettizable_parameters, palettize, swapped_parameters
     from diffusers_snapgen.coreml.components import unet_component
     from diffusers_snapgen.coreml.convert import convert_module
     from diffusers_snapgen.coreml.export import _dir_size, _run, _versions
@@ -174,16 +174,16 @@ def run_paper(args) -> dict:
     for param in candidates:
         units.setdefault(".".join(param.split(".")[:args.group_depth]), []).append(("unet", param))
 
-    def evaluate(states):
-        from diffusers_snapgen.coreml.compress import swapped_parameters
-
-        with swapped_parameters(spec.module, {**base, **states.get("unet", {})}):
+    def evaluate(states):  # the fp16 base is swapped in once, around the whole search
+        with swapped_parameters(spec.module, states.get("unet", {})):
             return psnr(reference, _run(spec.module, spec.inputs)[0])
 
     search = MixedBitSearch({"unet": candidates}, evaluate, args.bits, groups=units, progress=say,
                             metadata={"palettize_mode": "uniform", "resolution": args.resolution})
-    search.measure()
-    recipe = search.recipe(args.bar)
+    with swapped_parameters(spec.module, base):
+        search.measure()
+        recipe = search.recipe(args.bar)
+    del base
     search_seconds = time.perf_counter() - start
     eligible = palettizable_parameters(mlmodel, spec.module, 2048)
     sizes_mib = {}
