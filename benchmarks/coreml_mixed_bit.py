@@ -64,7 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--report-pairs", type=_positive, default=24, help="default: other pairs per group the "
                         "variants are measured on (24)")
     parser.add_argument("--resolution", type=_positive, default=256, help="paper: conversion/search image side (256)")
-    parser.add_argument("--group-depth", type=_positive, default=4, help="paper: name parts that form a unit (4)")
+    parser.add_argument("--group-depth", type=_positive, default=None,
+                        help="name parts that form one unit (paper: 4 by default; default model: one unit per layer)")
+    parser.add_argument("--search-components", default="unet,text", help="default: packages the search covers")
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (benchmarks/results)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
@@ -101,6 +103,7 @@ def run_default(args) -> dict:
     start = time.perf_counter()
     recipe, search = search_mixed_bit(pipe, recipe_path, bar_db=args.bar, bits=args.bits, resolution=resolution,
                                       prompts=[p for p, _ in search_set], seeds=[s for _, s in search_set],
+                                      components=args.search_components.split(","), group_depth=args.group_depth,
                                       progress=say)
     search_seconds = time.perf_counter() - start
     curve = []
@@ -136,7 +139,9 @@ def run_default(args) -> dict:
         "versions": _versions(),
         "bar_db": args.bar,
         "bits_offered": list(args.bits),
-        "search": {k: v for k, v in recipe.metadata.items() if k not in ("sensitivity_db", "quality")},
+        "search_components": args.search_components.split(","),
+        "group_depth": args.group_depth,
+        "search": {k: v for k, v in recipe.metadata.items() if k not in ("sensitivity_db", "quality", "groups")},
         "search_pairs": search_set,
         "report_pairs": report_set,
         "search_seconds": round(search_seconds, 1),
@@ -222,6 +227,14 @@ def _fmt(value):
     return "—" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
 
 
+def _units(r: dict) -> str:
+    depth = r.get("group_depth")
+    if depth is None:
+        return f"{r['search']['units']} layers, one width each"
+    return (f"{r['search']['units']} units: layers sharing the first {depth} parts of their parameter name share "
+            "one width")
+
+
 def markdown_default(r: dict) -> str:
     lines = [
         f"# Mixed-bit Core ML palettization of the embedded default model ({r['resolution']}², {r['target']})",
@@ -234,8 +247,9 @@ def markdown_default(r: dict) -> str:
         "",
         f"Search: k-means tables of {', '.join(map(str, r['bits_offered']))} bits per layer, bar "
         f"{r['bar_db']} dB end-to-end image PSNR on {len(r['search_pairs'])} prompt/seed pairs of the model's "
-        f"evaluation (benchmarks/results/eval_quality.json); {r['search']['units']} layers, "
-        f"{r['search']['evaluations']} pipeline runs, {r['search_seconds'] / 60:.1f} min. Recipe: "
+        f"evaluation (benchmarks/results/eval_quality.json), over the {', '.join(r['search_components'])} "
+        f"package(s) ({_units(r)}); {r['search']['evaluations']} pipeline runs, "
+        f"{r['search_seconds'] / 60:.1f} min. Packages the search does not cover stay fp16 in `mixed`. Recipe: "
         f"`{r['recipe_file']}` (measured {r['search']['measured_psnr_db']} dB on the search pairs). The variants "
         f"below are measured on {len(r['report_pairs'])} *other* pairs (other seeds).",
         "",
@@ -314,6 +328,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.model == "paper" and args.group_depth is None:
+        args.group_depth = 4
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"coreml_mixed_bit_{args.model}"
     if args.render_only:
