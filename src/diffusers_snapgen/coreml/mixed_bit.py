@@ -300,7 +300,7 @@ class MixedBitSearch:
         if isinstance(bar_db, bool) or not isinstance(bar_db, (int, float)) or not math.isfinite(bar_db):
             raise ValueError(f"`bar_db` must be a finite number of dB (e.g. {DEFAULT_BAR_DB}), got {bar_db!r}.")
         order = self.order
-        budget = _error(bar_db)
+        allowed = _error(bar_db)
         widest = self.bits[-1]
         # additive model around the measured all-widest assignment: each move adds its unit's own error increase
         predicted = _error(self.measured_psnr(0))
@@ -308,7 +308,7 @@ class MixedBitSearch:
         for unit, b in order:
             old = self.assignment(moves)[unit]
             step = max(0.0, _error(self.sensitivity[unit][b]) - _error(self.sensitivity[unit][old]))
-            if predicted + step > budget:
+            if predicted + step > allowed:
                 break
             predicted += step
             moves += 1
