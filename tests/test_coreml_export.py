@@ -104,6 +104,20 @@ def test_variant_psnr_and_sizes(exported):
     sizes = [variants[v]["components"]["unet"]["size_bytes"] for v in VARIANTS]
     assert sizes[0] > sizes[1] > sizes[2]
     assert variants["fp16"]["size_bytes"] == sum(e["size_bytes"] for e in variants["fp16"]["components"].values())
+    assert [variants[v]["average_bits_per_weight"] for v in VARIANTS] == [16.0, 6.0, 4.0]
+
+
+def test_end_to_end_quality_per_variant(exported):
+    _, out, manifest, messages = exported
+    settings = manifest["end_to_end_settings"]
+    assert len(settings["prompts"]) == len(settings["seeds"]) == 8 and settings["resolution"] == 64
+    e2e = {v: manifest["variants"][v]["end_to_end"] for v in VARIANTS}
+    assert e2e["fp16"]["image_psnr_db"] > e2e["palettize6"]["image_psnr_db"] > e2e["palettize4"]["image_psnr_db"]
+    assert all(e["worst_image_psnr_db"] <= e["image_psnr_db"] for e in e2e.values())
+    assert e2e["fp16"]["nearest_reference_agreement"] == 1.0
+    assert any(m.startswith("palettize4: end-to-end image PSNR") for m in messages)
+    text = ModelCard.load(out / "README.md").text
+    assert "end-to-end image PSNR" in text and f"{e2e['palettize6']['image_psnr_db']} dB" in text
 
 
 def test_scheduler_json_and_progress(exported):

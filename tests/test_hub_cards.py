@@ -42,7 +42,7 @@ def test_coreml_card_metadata_and_swift_loop(tmp_path):
     text = loaded.text
     assert "let timesteps: [Float] = [1000, 857.69, 602.15, 8.93]" in text
     assert "[1, 16, 128, 128]" in text and "/ 1.5305 + 0.0609" in text
-    assert "| `palettize4` | 1.0 MiB | 30.1 dB ⚠ |" in text
+    assert "| `palettize4` | 1.0 MiB | — | 30.1 dB ⚠ |" in text  # no bits/weight in this manifest
     assert "4 flow-matching steps without classifier-free guidance" in text
     # a local path is not a Hub base model
     assert render_coreml_card(_manifest(), model_id=str(tmp_path)).data.base_model is None

@@ -86,7 +86,13 @@ def render_coreml_card(manifest: dict, model_id: str | None = None, license: str
             value = entry.get("psnr_db")
             mark = "" if entry.get("meets_threshold", True) else " ⚠"
             cells.append("—" if value is None else f"{value} dB{mark}")
-        rows.append({"name": variant, "size": f"{data['size_bytes'] / 2**20:.1f} MiB", "cells": cells})
+        bits = data.get("average_bits_per_weight")
+        e2e = data.get("end_to_end") or {}
+        agreement = e2e.get("nearest_reference_agreement")
+        rows.append({"name": variant, "size": f"{data['size_bytes'] / 2**20:.1f} MiB", "cells": cells,
+                     "bits": "—" if bits is None else f"{bits:.2f}",
+                     "end_to_end": "—" if not e2e else f"{e2e['image_psnr_db']} dB",
+                     "agreement": "—" if agreement is None else f"{agreement * 100:.0f}%"})
     io_rows = [{"package": c["package"], "inputs": _fmt_io(c["io"]["inputs"]), "outputs": _fmt_io(c["io"]["outputs"])}
                for c in components.values()]
     unet_inputs = {f["name"]: f["shape"] for f in components.get("unet", {}).get("io", {}).get("inputs", [])}
@@ -123,6 +129,7 @@ def render_coreml_card(manifest: dict, model_id: str | None = None, license: str
         shift_factor=decoder_notes.get("shift_factor", 0.0609),
         component_names=names,
         variant_rows=rows,
+        end_to_end=manifest.get("end_to_end_settings"),
         variant_names=list(manifest["variants"]),
         io_rows=io_rows,
         versions=manifest.get("versions", {}),

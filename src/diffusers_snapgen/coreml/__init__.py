@@ -8,6 +8,8 @@ validation run on Linux; running the packages needs macOS/iOS. Entry points:
   for single models (e.g. the paper-size benchmark);
 - :func:`to_ane_unet` -- the Neural-Engine-friendly PyTorch form of the UNet;
 - :func:`check_structure`, :func:`psnr`, :func:`palettize`, :func:`decompressed_state_dict` -- the checks;
+- :func:`search_mixed_bit`, :func:`load_recipe` -- per-layer palettization widths (``--variants mixed:RECIPE.json``);
+- :class:`EndToEndQuality` -- image PSNR of the full sampling with a variant's weights vs fp32;
 - :func:`render_coreml_card`, :func:`render_pytorch_card`, :func:`push_folder_to_hub` -- Hub cards and uploads;
 - ``snapgen convert-coreml`` / ``python conversion/convert_snapgen_to_coreml.py`` (:mod:`.cli`).
 
@@ -29,6 +31,9 @@ _EXPORTS = {
     "validate": ["check_structure", "program_ops", "op_counts", "io_spec", "psnr", "ANE_OPS", "FORBIDDEN_OPS",
                  "TEXT_ENCODER_EXTRA_OPS", "ANE_FORM_MIN_PSNR", "COMPRESSED_MIN_PSNR"],
     "cards": ["render_coreml_card", "render_pytorch_card", "push_folder_to_hub", "upload_plan"],
+    "mixed_bit": ["MixedBitRecipe", "MixedBitSearch", "search_mixed_bit", "load_recipe", "save_recipe",
+                  "package_lut_bits"],
+    "quality": ["EndToEndQuality", "image_psnr", "nearest_reference_agreement"],
     "cli": ["add_convert_coreml_parser", "run"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -27,11 +27,13 @@ def _target(text: str) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``convert-coreml`` arguments to ``parser``."""
     parser.add_argument("--model", "-m", required=True, help="SnapGen pipeline folder or Hub repo id")
-    parser.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
+    parser.add_argument("--output", "-o", default=None,
+                        help="output folder (written atomically); required unless --search-mixed-bit is given")
     parser.add_argument("--resolution", type=_positive_int, default=1024, help="square image size in px (1024)")
     parser.add_argument("--target", type=_target, default="iOS18", help="deployment target: iOS17 or iOS18")
     parser.add_argument("--variants", default="fp16,palettize6,palettize4",
-                        help="comma list of fp16, palettize8, palettize6, palettize4")
+                        help="comma list of fp16, palettize8, palettize6, palettize4, mixed:RECIPE.json (per-layer "
+                             "widths; with --search-mixed-bit, a bare 'mixed' is the recipe just searched)")
     parser.add_argument("--components", default="unet,decoder,text", help="comma list of unet, decoder, text")
     parser.add_argument("--batch-size", type=int, choices=(1, 2), default=1,
                         help="UNet batch: 1 for few-step CFG-free models, 2 to batch CFG")
@@ -46,6 +48,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", default="apache-2.0", help="license in the model card (apache-2.0)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--search-mixed-bit", metavar="RECIPE.json", default=None,
+                        help="search per-layer widths that keep the end-to-end image PSNR >= --bar and write the recipe")
+    parser.add_argument("--bar", type=float, default=35.0, help="end-to-end PSNR bar of the mixed-bit search in dB (35)")
+    parser.add_argument("--search-bits", default="2,4,6", help="widths the mixed-bit search offers (2,4,6)")
+    parser.add_argument("--group-depth", type=_positive_int, default=None,
+                        help="mixed-bit search: layers sharing the first N name parts get one width (faster)")
     parser.add_argument("--dry-run", action="store_true",
                         help="load and check the model, list what would be written/uploaded; convert and upload nothing")
 
@@ -76,7 +84,25 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(message, flush=True)
 
-    variants = parse_variants(args.variants)
+    search = args.search_mixed_bit
+    if search is not None:
+        from .mixed_bit import parse_bits
+
+        if not search.endswith(".json"):
+            raise ValueError(f"--search-mixed-bit must name a .json recipe file, got {search!r}.")
+        parse_bits(args.search_bits, "--search-bits")
+        if not (args.bar == args.bar and 0 < args.bar < 200):
+            raise ValueError(f"--bar must be a PSNR in dB between 0 and 200 (e.g. 35), got {args.bar}.")
+        if args.dry_run:
+            raise ValueError("--dry-run lists an export; drop it to run --search-mixed-bit.")
+    elif args.output is None:
+        raise ValueError("--output is required (the export folder), unless --search-mixed-bit RECIPE.json is given.")
+    tokens = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "mixed" in tokens:
+        if search is None:
+            raise ValueError("--variants 'mixed' needs a recipe: mixed:RECIPE.json, or --search-mixed-bit RECIPE.json.")
+        tokens = [t for t in tokens if t != "mixed"]
+    variants = parse_variants(tokens) if tokens else []
     components = parse_components(args.components)
     if args.weight_threshold < 0:
         raise ValueError(f"--weight-threshold must be >= 0, got {args.weight_threshold}.")
@@ -84,6 +110,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--push-to-hub must be a repo id like 'user/name', got {args.push_to_hub!r}.")
     say(f"loading {args.model}")
     pipe = _load_pipeline(args.model)
+    if search is not None:
+        from .mixed_bit import search_mixed_bit
+
+        search_mixed_bit(pipe, search, bar_db=args.bar, bits=args.search_bits, resolution=args.resolution,
+                         target=args.target, group_size=args.group_size, weight_threshold=args.weight_threshold,
+                         components=[g for g in components if g != "decoder"], group_depth=args.group_depth,
+                         progress=say)
+        if "mixed" in [v.strip() for v in args.variants.split(",")]:
+            variants.append(f"mixed:{search}")
+        if args.output is None:
+            return 0
+    if not variants:
+        raise ValueError("--variants is empty: choose from fp16, palettize8, palettize6, palettize4, mixed:RECIPE.json.")
     if args.dry_run:
         from .export import planned_layout
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,21 +25,33 @@ from ._deps import quiet_progress, require_coremltools, require_sklearn
 
 __all__ = [
     "VARIANTS",
+    "MIXED_PREFIX",
+    "NBITS",
     "parse_variants",
+    "variant_key",
     "variant_nbits",
+    "palettizable_parameters",
     "parameter_constants",
     "program_constants",
     "palettize",
+    "average_bits",
     "decompressed_state_dict",
     "swapped_parameters",
 ]
 
 VARIANTS = ("fp16", "palettize8", "palettize6", "palettize4")
+#: ``mixed:RECIPE.json`` selects a per-layer bit width recipe (:mod:`.mixed_bit`); its folder is ``packages/mixed``.
+MIXED_PREFIX = "mixed:"
+#: Bit widths of ``constexpr_lut_to_dense`` look-up tables.
+NBITS = (1, 2, 3, 4, 6, 8)
 _SUFFIXES = re.compile(r"(_to_fp16|_palettized|_to_fp32)+$")
 
 
 def parse_variants(value) -> list[str]:
-    """``"fp16,palettize6"`` or a sequence -> validated, de-duplicated list in the given order."""
+    """``"fp16,palettize6,mixed:recipe.json"`` or a sequence -> validated, de-duplicated list in the given order.
+
+    ``mixed:PATH`` names a mixed-bit recipe file (written by :func:`~.mixed_bit.search_mixed_bit`); it is checked to
+    exist here and parsed when the export applies it. At most one mixed variant per export."""
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(value, Iterable):
@@ -47,15 +60,32 @@ def parse_variants(value) -> list[str]:
         raise TypeError(f"`variants` must be a comma-separated string or a list, got {type(value).__name__}.")
     if not items:
         raise ValueError(f"`variants` is empty: choose from {VARIANTS}.")
-    unknown = [v for v in items if v not in VARIANTS]
+    if not all(isinstance(v, str) for v in items):
+        raise TypeError(f"`variants` must be strings, got {items!r}.")
+    mixed = [v for v in items if v.startswith(MIXED_PREFIX)]
+    unknown = [v for v in items if v not in VARIANTS and v not in mixed]
     if unknown:
-        raise ValueError(f"Unknown `variants` {unknown}: choose from {VARIANTS}.")
+        raise ValueError(f"Unknown `variants` {unknown}: choose from {VARIANTS} or mixed:RECIPE.json.")
+    if len(set(mixed)) > 1:
+        raise ValueError(f"`variants` has {len(set(mixed))} mixed recipes {mixed}: export one mixed variant at a time.")
+    for v in mixed:
+        path = v[len(MIXED_PREFIX):]
+        if not path or not Path(path).is_file():
+            raise ValueError(f"`variants`: mixed-bit recipe {path!r} is not a file; write one with "
+                             "`snapgen convert-coreml --search-mixed-bit RECIPE.json` and pass mixed:RECIPE.json.")
     return list(dict.fromkeys(items))
 
 
+def variant_key(variant: str) -> str:
+    """Folder and manifest name of a variant: ``mixed:recipe.json`` -> ``mixed``; others unchanged."""
+    return "mixed" if variant.startswith(MIXED_PREFIX) else variant
+
+
 def variant_nbits(variant: str) -> int | None:
-    """Bits per weight of a palettized variant; ``None`` for ``fp16``."""
+    """Bits per weight of a palettized variant; ``None`` for ``fp16`` and mixed recipes (bits per layer)."""
     parse_variants([variant])
+    if variant.startswith(MIXED_PREFIX):
+        return None
     return None if variant == "fp16" else int(variant[len("palettize"):])
 
 
@@ -129,10 +159,26 @@ def parameter_constants(mlmodel, module: torch.nn.Module) -> dict[str, str]:
     return _map_parameters(program_constants(mlmodel), module)
 
 
+def palettizable_parameters(mlmodel, module: torch.nn.Module, weight_threshold: int = 2048,
+                            values: dict | None = None) -> dict[str, dict]:
+    """``{parameter name: {"const", "shape", "numel"}}`` of the weights :func:`palettize` compresses: parameters
+    of ``module`` found in the program with at least two dimensions and more than ``weight_threshold`` elements
+    (at most ``2**nbits`` elements also keeps a weight in fp16)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be the traced torch.nn.Module, got {type(module).__name__}.")
+    values = program_constants(mlmodel, decompress=False) if values is None else values
+    found = {}
+    for const_name, pname in _map_parameters(values, module).items():
+        val = values[const_name]
+        if val.ndim >= 2 and val.size > weight_threshold:
+            found[pname] = {"const": const_name, "shape": list(val.shape), "numel": int(val.size)}
+    return dict(sorted(found.items()))
+
+
 def palettize(
     mlmodel,
     module: torch.nn.Module,
-    nbits: int,
+    nbits,
     target: str,
     group_size: int = 16,
     weight_threshold: int = 2048,
@@ -140,16 +186,22 @@ def palettize(
 ):
     """k-means palettize the parameter weights of ``mlmodel`` to ``nbits``; returns ``(model, info)``.
 
-    Weights with at most ``max(weight_threshold, 2**nbits)`` elements, biases and other 1-D vectors, and every
-    constant that is not a parameter (RoPE tables, buffers) are left in fp16. On iOS18 each look-up table covers
-    ``group_size`` output channels (per-grouped-channel); a weight whose output channels ``group_size`` does not
-    divide, and every weight on iOS17, gets one table (per-tensor). ``mode="uniform"`` (evenly spaced tables, no
-    clustering) gives packages of exactly the same size much faster: the paper-size benchmark uses it for sizes.
+    ``nbits`` is one width for every weight, or ``{parameter name: nbits}`` (a mixed-bit recipe): listed weights get
+    their own width, unlisted ones stay fp16. Weights with at most ``max(weight_threshold, 2**nbits)`` elements,
+    biases and other 1-D vectors, and every constant that is not a parameter (RoPE tables, buffers) are left in
+    fp16. On iOS18 each look-up table covers ``group_size`` output channels (per-grouped-channel); a weight whose
+    output channels ``group_size`` does not divide, and every weight on iOS17, gets one table (per-tensor).
+    ``mode="uniform"`` (evenly spaced tables, no clustering) gives packages of exactly the same size much faster.
+    coremltools clusters each weight on its own (scikit-learn k-means, ``random_state=0``), so a weight's table
+    does not depend on which other weights are palettized in the same call.
     """
     ct = require_coremltools()
     require_sklearn()
-    if nbits not in (1, 2, 3, 4, 6, 8):
-        raise ValueError(f"`nbits` must be one of 1, 2, 3, 4, 6, 8, got {nbits!r}.")
+    per_layer = isinstance(nbits, Mapping)
+    widths = set(nbits.values()) if per_layer else {nbits}
+    bad = sorted(str(b) for b in widths if isinstance(b, bool) or b not in NBITS)
+    if bad:
+        raise ValueError(f"`nbits` must be one of {NBITS} (or a mapping to them), got {', '.join(bad)}.")
     if target not in ("iOS17", "iOS18"):
         raise ValueError(f"`target` must be 'iOS17' or 'iOS18', got {target!r}.")
     if mode not in ("kmeans", "uniform"):
@@ -162,38 +214,39 @@ def palettize(
         raise TypeError(f"`module` must be the traced torch.nn.Module, got {type(module).__name__}.")
     cto = ct.optimize.coreml
     values = program_constants(mlmodel, decompress=False)
-    mapping = _map_parameters(values, module)
-    min_size = max(weight_threshold, 2**nbits)
-    configs, chosen, grouped = {}, [], 0
-    for const_name, pname in mapping.items():
-        val = values[const_name]
-        if val.ndim < 2 or val.size <= min_size:
+    eligible = palettizable_parameters(mlmodel, module, weight_threshold, values)
+    if per_layer:
+        unknown = sorted(set(nbits) - set(eligible))
+        if unknown:
+            raise ValueError(f"`nbits` names weights that are not palettizable parameters of this model: "
+                             f"{unknown[:5]}; use names from palettizable_parameters().")
+    configs, chosen, grouped = {}, {}, 0
+    for pname, meta in eligible.items():
+        bits = nbits.get(pname) if per_layer else nbits
+        if bits is None or meta["numel"] <= 2**bits:
             continue
-        if target == "iOS18" and val.shape[0] % group_size == 0 and val.shape[0] > group_size:
-            cfg = cto.OpPalettizerConfig(
-                mode=mode,
-                nbits=nbits,
-                granularity="per_grouped_channel",
-                group_size=group_size,
-                channel_axis=0,
-                weight_threshold=min_size,
-            )
+        shape = meta["shape"]
+        common = dict(mode=mode, nbits=bits, weight_threshold=max(weight_threshold, 2**bits))
+        if target == "iOS18" and shape[0] % group_size == 0 and shape[0] > group_size:
+            cfg = cto.OpPalettizerConfig(granularity="per_grouped_channel", group_size=group_size, channel_axis=0,
+                                         **common)
             grouped += 1
         else:
-            cfg = cto.OpPalettizerConfig(
-                mode=mode, nbits=nbits, granularity="per_tensor", weight_threshold=min_size
-            )
-        configs[const_name] = cfg
-        chosen.append(pname)
+            cfg = cto.OpPalettizerConfig(granularity="per_tensor", **common)
+        configs[meta["const"]] = cfg
+        chosen[pname] = bits
+    sizes = {p: eligible[p]["numel"] for p in eligible}
     info = {
-        "nbits": nbits,
+        "nbits": "mixed" if per_layer else nbits,
         "mode": mode,
         "granularity": "per_grouped_channel" if target == "iOS18" else "per_tensor",
         "group_size": group_size if target == "iOS18" else None,
-        "weight_threshold": min_size,
+        "weight_threshold": weight_threshold if per_layer else max(weight_threshold, 2**nbits),
         "palettized_tensors": len(chosen),
         "per_grouped_channel_tensors": grouped,
+        "average_bits_per_weight": average_bits(chosen, sizes),
         "palettized_parameters": sorted(chosen),
+        "parameter_bits": dict(sorted(chosen.items())),
     }
     if not configs:
         return mlmodel, info
@@ -201,6 +254,15 @@ def palettize(
     with quiet_progress():
         compressed = cto.palettize_weights(mlmodel, config)
     return compressed, info
+
+
+def average_bits(bits: Mapping, sizes: Mapping) -> float | None:
+    """Bits per weight over the weights in ``sizes`` (``{name: elements}``): ``bits[name]``, or 16 (fp16) for a
+    weight ``bits`` does not list. Look-up tables are not counted. ``None`` when ``sizes`` is empty."""
+    total = sum(sizes.values())
+    if not total:
+        return None
+    return round(sum(n * bits.get(name, 16) for name, n in sizes.items()) / total, 4)
 
 
 def decompressed_state_dict(mlmodel, module: torch.nn.Module) -> dict[str, torch.Tensor]:

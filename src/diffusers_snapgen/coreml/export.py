@@ -28,7 +28,17 @@ import numpy as np
 import torch
 
 from ._deps import quiet_progress, require_coremltools
-from .compress import decompressed_state_dict, palettize, parse_variants, swapped_parameters, variant_nbits
+from .compress import (
+    MIXED_PREFIX,
+    average_bits,
+    decompressed_state_dict,
+    palettizable_parameters,
+    palettize,
+    parse_variants,
+    swapped_parameters,
+    variant_key,
+    variant_nbits,
+)
 from .components import COMPONENT_GROUPS, CoreMLComponent, parse_components, pipeline_components
 from .convert import TARGETS, convert_module
 from .validate import ANE_FORM_MIN_PSNR, COMPRESSED_MIN_PSNR, check_structure, psnr
@@ -153,13 +163,16 @@ def export_components(
     route: str = "auto",
     palettize_mode: str = "kmeans",
     progress=print,
+    quality=None,
 ) -> dict:
     """Convert, check, compress and save each component into ``packages_dir/<variant>/``.
 
     Returns ``{"components": {...}, "variants": {...}}`` for the manifest. Raises ``RuntimeError`` when a package
     fails its structure check or the ANE form drifts from the original (PSNR < 60 dB); with ``strict`` also when a
     compressed variant falls below 35 dB. ``validate=False`` skips the PyTorch forward passes of the PSNR checks
-    (the structure checks always run).
+    (the structure checks always run). ``mixed:RECIPE.json`` applies a mixed-bit recipe (:mod:`.mixed_bit`);
+    components the recipe does not list stay fp16 in that variant. ``quality`` (an
+    :class:`~.quality.EndToEndQuality` over the same components) adds each variant's end-to-end image PSNR.
     """
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
@@ -168,7 +181,9 @@ def export_components(
         raise TypeError("`components` must be a list of CoreMLComponent (from unet_component, decoder_component, "
                         "text_encoder_component or pipeline_components).")
     packages_dir = Path(packages_dir)
-    report = {"components": {}, "variants": {v: {"components": {}} for v in variants}}
+    recipe = _load_mixed_recipe(variants, components)
+    report = {"components": {}, "variants": {variant_key(v): {"components": {}} for v in variants}}
+    states = {variant_key(v): {} for v in variants}
     for component in components:
         name = component.name
         ane_outputs = _run(component.module, component.inputs)  # also fills caches (RoPE tables) before tracing
@@ -180,6 +195,9 @@ def export_components(
             if ane_psnr < ANE_FORM_MIN_PSNR:
                 raise RuntimeError(f"[{name}] the Neural-Engine form differs from the model: PSNR {ane_psnr:.1f} dB "
                                    f"< {ANE_FORM_MIN_PSNR} dB. This is a bug in diffusers_snapgen.coreml.")
+        if recipe is not None and component.compressible and recipe.for_component(name) is not None:
+            recipe.check_component(name, {n for n, p in component.module.named_parameters()  # before converting
+                                           if p.ndim >= 2 and p.numel() > weight_threshold})
         _log(progress, f"[{name}] converting to {component.package}.mlpackage ({target}, fp16)")
         mlmodel, seconds, used_route = convert_module(
             component.module, component.inputs, component.output_names, target=target, route=route, warmup=False
@@ -204,17 +222,26 @@ def export_components(
             "parameters": sum(p.numel() for p in component.module.parameters()),
             "notes": component.notes,
         }
+        eligible = palettizable_parameters(mlmodel, component.module, weight_threshold) if component.compressible \
+            else {}
+        report["components"][name]["palettizable_weights"] = sum(m["numel"] for m in eligible.values())
         for variant in variants:
+            key = variant_key(variant)
             nbits = variant_nbits(variant) if component.compressible else None
+            if variant.startswith(MIXED_PREFIX) and component.compressible:
+                nbits = recipe.for_component(name)
+                if nbits is not None:
+                    recipe.check_component(name, eligible)
             compression = {"method": "none"}
             model = mlmodel
             if nbits is not None:
-                _log(progress, f"[{name}] palettizing to {nbits} bits ({variant})")
+                label = f"{nbits} bits" if isinstance(nbits, int) else f"recipe {Path(recipe.path).name}"
+                _log(progress, f"[{name}] palettizing to {label} ({key})")
                 start = time.perf_counter()
                 model, info = palettize(mlmodel, component.module, nbits, target, group_size, weight_threshold,
                                         mode=palettize_mode)
-                compression = {"method": "palettization", **{k: v for k, v in info.items()
-                                                              if k != "palettized_parameters"},
+                keep = {"palettized_parameters"} | (set() if key == "mixed" else {"parameter_bits"})
+                compression = {"method": "palettization", **{k: v for k, v in info.items() if k not in keep},
                                "seconds": round(time.perf_counter() - start, 2)}
             entry = {"compression": compression}
             if validate:
@@ -223,19 +250,67 @@ def export_components(
                     value = _min_psnr(reference_outputs, _run(component.module, component.inputs))
                 entry.update(psnr_db=_round(value), meets_threshold=bool(value >= COMPRESSED_MIN_PSNR),
                              restored_parameters=len(state))
+                if quality is not None:
+                    states[key][name] = {k: v.half() for k, v in state.items()}
                 if strict and value < COMPRESSED_MIN_PSNR:
-                    raise RuntimeError(f"[{name}] {variant}: output PSNR {value:.1f} dB < {COMPRESSED_MIN_PSNR} dB "
+                    raise RuntimeError(f"[{name}] {key}: output PSNR {value:.1f} dB < {COMPRESSED_MIN_PSNR} dB "
                                        "(strict): drop this variant or lower its compression.")
-                _log(progress, f"[{name}] {variant}: PSNR {value:.1f} dB vs fp32"
+                _log(progress, f"[{name}] {key}: PSNR {value:.1f} dB vs fp32"
                                + ("" if value >= COMPRESSED_MIN_PSNR else f" (below {COMPRESSED_MIN_PSNR} dB)"))
             chunk = chunk_unet and component.group == "unet"
-            saved = _save_variant(model, component, packages_dir / variant, chunk, target)
-            entry.update({**saved, "files": [f"packages/{variant}/{f}" for f in saved["files"]]})
-            report["variants"][variant]["components"][name] = entry
-            _log(progress, f"[{name}] saved packages/{variant}/ ({saved['size_bytes'] / 2**20:.1f} MiB)")
-    for variant, data in report["variants"].items():
+            saved = _save_variant(model, component, packages_dir / key, chunk, target)
+            entry.update({**saved, "files": [f"packages/{key}/{f}" for f in saved["files"]]})
+            report["variants"][key]["components"][name] = entry
+            _log(progress, f"[{name}] saved packages/{key}/ ({saved['size_bytes'] / 2**20:.1f} MiB)")
+    for key, data in report["variants"].items():
         data["size_bytes"] = sum(c["size_bytes"] for c in data["components"].values())
+        data.update(_variant_bits(data["components"], report["components"], components))
+        if key == "mixed":
+            data["recipe"] = {"file": Path(recipe.path).name, **{k: recipe.metadata.get(k) for k in (
+                "bar_db", "measured_psnr_db", "average_bits_per_weight", "bits_offered")}}
+        if quality is not None and validate:
+            data["end_to_end"] = quality.report(states[key])
+            _log(progress, f"{key}: end-to-end image PSNR {data['end_to_end']['image_psnr_db']} dB vs fp32")
+    if quality is not None and validate:
+        report["end_to_end_settings"] = quality.settings()
     return report
+
+
+def _load_mixed_recipe(variants, components):
+    """The recipe of a ``mixed:`` variant (validated against the component names), or ``None``."""
+    from .mixed_bit import load_recipe
+
+    mixed = [v for v in variants if v.startswith(MIXED_PREFIX)]
+    if not mixed:
+        return None
+    recipe = load_recipe(mixed[0][len(MIXED_PREFIX):])
+    known = {"unet", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    unknown = sorted(set(recipe.layers) - known)
+    if unknown:
+        raise ValueError(f"mixed-bit recipe {Path(recipe.path).name!r} lists unknown components {unknown}: "
+                         f"use {sorted(known)} (recreate it with `snapgen convert-coreml --search-mixed-bit`).")
+    exported = {c.name for c in components if c.compressible}
+    if exported and not set(recipe.layers) & exported:
+        raise ValueError(f"mixed-bit recipe {Path(recipe.path).name!r} covers {sorted(recipe.layers)} but this "
+                         f"export compresses {sorted(exported)}: export the recipe's components.")
+    return recipe
+
+
+def _variant_bits(entries: dict, components: dict, specs) -> dict:
+    """Average bits per palettizable weight (see ``palettizable_parameters``) of the UNet and of all compressible
+    packages together; fp16 weights count 16 bits, look-up tables are not counted."""
+    sizes, bits = {}, {}
+    for spec in specs:
+        if not spec.compressible or spec.name not in entries:
+            continue
+        weights = components[spec.name]["palettizable_weights"]
+        if weights:
+            sizes[spec.name] = weights
+            bits[spec.name] = entries[spec.name]["compression"].get("average_bits_per_weight") or 16.0
+    out = {"average_bits_per_weight": average_bits({n: bits[n] for n in sizes}, sizes)}
+    if "unet" in bits:
+        out["unet_average_bits_per_weight"] = bits["unet"]
+    return out
 
 
 def few_step_schedule(scheduler, num_inference_steps: int) -> dict:
@@ -291,11 +366,18 @@ def export_pipeline(
     license: str = "apache-2.0",
     overwrite: bool = False,
     progress=print,
+    end_to_end: bool = True,
+    quality_prompts=None,
+    quality_seeds=None,
 ) -> dict:
     """Export ``pipe`` (a :class:`SnapGenPipeline`) to ``output_dir`` in the Hub layout; returns the manifest.
 
     ``variants``: ``fp16``, ``palettize8``, ``palettize6``, ``palettize4`` (UNet and text encoders are compressed;
-    the 1.4M-parameter decoder stays fp16). ``num_inference_steps`` defaults to the pipeline's sampling default.
+    the 1.4M-parameter decoder stays fp16) and ``mixed:RECIPE.json`` (per-layer widths, :mod:`.mixed_bit`).
+    ``num_inference_steps`` defaults to the pipeline's sampling default. With ``validate`` and ``end_to_end``
+    (and the UNet and, for a pipeline with text encoders, the text packages exported) each variant also gets the
+    end-to-end image PSNR of the full sampling against fp32 on ``quality_prompts``/``quality_seeds``
+    (:class:`~.quality.EndToEndQuality`; default prompts :data:`~.quality.DEFAULT_QUALITY_PROMPTS`).
     """
     from ..cards import render_coreml_card
 
@@ -308,14 +390,23 @@ def export_pipeline(
     defaults = pipe.sampling_defaults if hasattr(pipe, "sampling_defaults") else {}
     steps = num_inference_steps if num_inference_steps is not None else defaults.get("num_inference_steps", 4)
     schedule = few_step_schedule(pipe.scheduler, steps) if hasattr(pipe, "scheduler") else None
+    if not isinstance(end_to_end, bool):
+        raise TypeError(f"`end_to_end` must be a bool, got {type(end_to_end).__name__}.")
     specs = pipeline_components(pipe, resolution, groups, batch_size)
+    quality = None
+    has_text = getattr(pipe, "text_encoder_mode", None) is not None
+    if validate and end_to_end and "unet" in groups and ("text" in groups or not has_text):
+        from .quality import EndToEndQuality
+
+        _log(progress, "sampling the fp32 reference images of the end-to-end check")
+        quality = EndToEndQuality(pipe, specs, resolution, quality_prompts, quality_seeds)
     guidance = float(defaults.get("guidance_scale", 1.0))
     if batch_size == 1 and guidance > 1.0:
         _log(progress, f"note: the model's default guidance scale is {guidance}; a batch-1 UNet needs two calls per "
                        "step for CFG (export with batch_size=2 to batch them)")
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         report = export_components(specs, staging / "packages", target, variants, chunk_unet, group_size,
-                                   weight_threshold, validate, strict, progress=progress)
+                                   weight_threshold, validate, strict, progress=progress, quality=quality)
         tokenizers = []
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(pipe, name, None)

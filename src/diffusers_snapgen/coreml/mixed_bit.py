@@ -1,0 +1,481 @@
+"""Mixed-bit palettization: a bit width per layer, chosen from each layer's measured effect on the output.
+
+The recipe follows Apple's mixed-bit palettization of Stable Diffusion (``ml-stable-diffusion``,
+``mixed_bit_compression_pre_analysis.py``: per-layer sensitivity, then the cheapest assignment that keeps a PSNR
+bar) applied to SnapGen's few-step pipeline (paper §4, on-device deployment):
+
+1. each compressible package (UNet, text encoders) is converted once; coremltools palettizes *every* weight at each
+   offered width (``palettize_weights`` with one ``OpPalettizerConfig`` per op) and the dense weights are read back
+   from the ``constexpr_lut_to_dense`` ops (``LUT[indices]``). coremltools clusters each weight on its own with a
+   fixed seed, so these are exactly the weights a package with any mix of widths holds;
+2. sensitivity of a layer (or layer group) at ``b`` bits: the PSNR of the pipeline's output -- the full sampling,
+   text -> UNet x steps -> decoder, fixed prompts and seeds -- when only that layer is palettized (every other
+   weight fp16), against the fp32 pipeline;
+3. greedy assignment: start with every layer at the widest offered width and repeatedly lower the layer whose next
+   step costs the least added error (``10**(-PSNR/10)``; the measured error of the all-widest assignment plus each
+   move's own increase) per bit saved, while the predicted error stays under the bar; the chosen assignment is then measured end to end and, if it misses the bar, the
+   last moves are undone one by one until it holds (so a stricter bar never gives fewer bits).
+
+The result is a JSON recipe (:func:`save_recipe` / :func:`load_recipe`; ``packages/mixed`` via
+``snapgen convert-coreml --variants mixed:RECIPE.json``). Layers are named by the parameter names of the traced
+package module (e.g. ``unet.down_blocks.0.resnets.0.conv1.weight``), which coremltools turns into constant names
+(``unet_down_blocks_0_resnets_0_conv1_weight_to_fp16``). Design notes: docs/coreml_mixed_bit.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .compress import NBITS, average_bits, decompressed_state_dict, palettizable_parameters, palettize, \
+    swapped_parameters
+
+__all__ = [
+    "RECIPE_FORMAT",
+    "DEFAULT_BAR_DB",
+    "DEFAULT_SEARCH_BITS",
+    "MixedBitRecipe",
+    "load_recipe",
+    "save_recipe",
+    "parse_bits",
+    "greedy_moves",
+    "MixedBitSearch",
+    "palettized_candidates",
+    "package_lut_bits",
+    "search_mixed_bit",
+]
+
+RECIPE_FORMAT = "diffusers-snapgen/coreml-mixed-bit/1"
+DEFAULT_BAR_DB = 35.0
+DEFAULT_SEARCH_BITS = (2, 4, 6)
+
+
+def parse_bits(value, argument: str = "bits") -> tuple[int, ...]:
+    """``"2,4,6"`` or a sequence -> sorted, distinct widths from ``NBITS`` (at least one)."""
+    if isinstance(value, str):
+        try:
+            items = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError as err:
+            raise ValueError(f"`{argument}` must be a comma list of integers from {NBITS}, got {value!r}.") from err
+    elif isinstance(value, Sequence):
+        items = list(value)
+    else:
+        raise TypeError(f"`{argument}` must be a comma list or a sequence of ints, got {type(value).__name__}.")
+    bad = [b for b in items if isinstance(b, bool) or not isinstance(b, int) or b not in NBITS]
+    if bad or not items:
+        raise ValueError(f"`{argument}` must be widths from {NBITS}, got {value!r}.")
+    return tuple(sorted(set(items)))
+
+
+@dataclass
+class MixedBitRecipe:
+    """Per-component ``{parameter name: nbits}`` plus metadata (bar, measured PSNR, bits per weight, settings)."""
+
+    layers: dict[str, dict[str, int]]
+    metadata: dict = field(default_factory=dict)
+    path: str | None = None
+
+    def for_component(self, name: str) -> dict[str, int] | None:
+        """The component's assignment, or ``None`` when the recipe does not cover it (it then stays fp16)."""
+        return self.layers.get(name)
+
+    def check_component(self, name: str, eligible: Mapping) -> None:
+        """ValueError naming the recipe file when it lists layers that ``eligible`` (the palettizable parameters of
+        the package being exported) does not have: the recipe was made for another model or threshold."""
+        unknown = sorted(set(self.layers.get(name, {})) - set(eligible))
+        if unknown:
+            raise ValueError(
+                f"mixed-bit recipe {self._where()}: component {name!r} lists {len(unknown)} layer(s) this model has "
+                f"no palettizable weight for (e.g. {unknown[0]!r}): recreate the recipe for this model with "
+                "`snapgen convert-coreml --search-mixed-bit` (same --weight-threshold)."
+            )
+
+    def to_json(self) -> dict:
+        return {"format": RECIPE_FORMAT, **self.metadata, "components": {
+            name: {"average_bits_per_weight": self.metadata.get("component_bits", {}).get(name),
+                   "layers": dict(sorted(layers.items()))} for name, layers in self.layers.items()}}
+
+    def _where(self) -> str:
+        return repr(Path(self.path).name) if self.path else "(in memory)"
+
+
+def _recipe_error(path, problem: str) -> ValueError:
+    return ValueError(f"mixed-bit recipe {str(path)!r}: {problem}; write a valid one with "
+                      f"`snapgen convert-coreml --search-mixed-bit RECIPE.json` (format {RECIPE_FORMAT}).")
+
+
+def load_recipe(path) -> MixedBitRecipe:
+    """Read and validate a recipe file; ValueError naming the file and the fix on bad JSON, format or widths."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a recipe file path, got {type(path).__name__}.")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"mixed-bit recipe {str(path)!r} is not a file: write one with "
+                         "`snapgen convert-coreml --search-mixed-bit RECIPE.json`.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _recipe_error(path, f"not valid JSON ({err})") from err
+    if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
+        raise _recipe_error(path, f"'format' must be {RECIPE_FORMAT!r}")
+    components = data.get("components")
+    if not isinstance(components, dict) or not components:
+        raise _recipe_error(path, "'components' must map component names (unet, text_encoder, ...) to layers")
+    layers = {}
+    for name, entry in components.items():
+        table = entry.get("layers") if isinstance(entry, dict) else None
+        if not isinstance(table, dict) or not table:
+            raise _recipe_error(path, f"components.{name}.layers must map layer names to bit widths")
+        bad = {k: v for k, v in table.items() if isinstance(v, bool) or v not in NBITS}
+        if bad:
+            key = next(iter(bad))
+            raise _recipe_error(path, f"layer {key!r} of {name!r} has {bad[key]!r} bits; allowed widths are {NBITS}")
+        layers[name] = {str(k): int(v) for k, v in table.items()}
+    metadata = {k: v for k, v in data.items() if k not in ("format", "components")}
+    return MixedBitRecipe(layers, metadata, str(path))
+
+
+def save_recipe(recipe: MixedBitRecipe, path) -> Path:
+    """Write ``recipe`` as JSON to ``path`` (temporary file renamed into place)."""
+    if not isinstance(recipe, MixedBitRecipe):
+        raise TypeError(f"`recipe` must be a MixedBitRecipe, got {type(recipe).__name__}.")
+    if not isinstance(path, (str, os.PathLike)) or Path(path).suffix != ".json":
+        raise ValueError(f"`path` must be a .json file path, got {path!r}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(recipe.to_json(), handle, indent=1)
+        handle.write("\n")
+    os.replace(tmp, path)
+    recipe.path = str(path)
+    return path
+
+
+def _error(db: float) -> float:
+    """Relative squared error of a PSNR (``10**(-dB/10)``); additive across independent layer errors."""
+    return 0.0 if math.isinf(db) else 10.0 ** (-db / 10.0)
+
+
+def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int]) -> list[tuple[str, int]]:
+    """The order in which the greedy search lowers units: ``[(unit, new_bits), ...]`` down to all-narrowest.
+
+    ``sensitivity[unit][b]``: PSNR (dB) with only ``unit`` at ``b`` bits; ``sizes[unit]``: its weights. Each step
+    takes the unit whose next narrower width adds the least error per bit saved (ties: larger unit first, then
+    name), so the order does not depend on the bar.
+    """
+    widths = sorted(bits, reverse=True)
+    level = {unit: 0 for unit in sizes}
+    moves = []
+    while True:
+        best = None
+        for unit, index in level.items():
+            if index + 1 >= len(widths):
+                continue
+            old, new = widths[index], widths[index + 1]
+            added = max(0.0, _error(sensitivity[unit][new]) - _error(sensitivity[unit][old]))
+            key = (added / (sizes[unit] * (old - new)), -sizes[unit], unit)
+            if best is None or key < best[0]:
+                best = (key, unit, new)
+        if best is None:
+            return moves
+        level[best[1]] += 1
+        moves.append((best[1], best[2]))
+
+
+def palettized_candidates(mlmodel, module, bits, target, group_size, weight_threshold, mode="kmeans", progress=None,
+                          name: str = ""):
+    """``({parameter: {b: fp16 tensor}}, {parameter: elements})``: every palettizable weight of ``mlmodel`` at each
+    width in ``bits``, decompressed from the palettized program (one ``palettize_weights`` call per width)."""
+    eligible = palettizable_parameters(mlmodel, module, weight_threshold)
+    candidates = {p: {} for p in eligible}
+    for b in bits:
+        start = time.perf_counter()
+        model, _ = palettize(mlmodel, module, b, target, group_size, weight_threshold, mode=mode)
+        state = decompressed_state_dict(model, module)
+        for p in eligible:
+            if eligible[p]["numel"] > 2**b:
+                candidates[p][b] = state[p].half()
+        if progress is not None:
+            progress(f"[{name}] {b}-bit {mode} palettization of {len(eligible)} weights read back in "
+                     f"{time.perf_counter() - start:.1f}s")
+    candidates = {p: c for p, c in candidates.items() if len(c) == len(bits)}  # too small for some width: fp16
+    return candidates, {p: eligible[p]["numel"] for p in candidates}
+
+
+class MixedBitSearch:
+    """Measured per-unit sensitivities and the greedy assignment under any bar (no re-measuring per bar).
+
+    Args:
+        candidates: ``{component: {parameter: {nbits: decompressed tensor}}}``.
+        evaluate: ``evaluate({component: {parameter: tensor}}) -> PSNR dB`` of the output with those weights swapped
+            in (everything else as the caller set it up: fp16 weights, fp32 reference).
+        bits: the offered widths.
+        groups: optional ``{unit name: [(component, parameter), ...]}``: layers that share one width (cheaper
+            search for large models); default one unit per layer.
+    """
+
+    def __init__(self, candidates: Mapping, evaluate: Callable, bits=DEFAULT_SEARCH_BITS, groups: Mapping | None = None,
+                 progress=None, metadata: Mapping | None = None):
+        self.bits = parse_bits(bits)
+        if not candidates or not all(isinstance(v, Mapping) for v in candidates.values()):
+            raise ValueError("`candidates` must map component names to {parameter: {nbits: tensor}}.")
+        self.candidates = candidates
+        self.evaluate = evaluate
+        self.progress = progress
+        self.metadata = dict(metadata or {})
+        if groups is None:
+            groups = {f"{c}/{p}": [(c, p)] for c, params in candidates.items() for p in params}
+        missing = [(c, p) for members in groups.values() for c, p in members
+                   if c not in candidates or p not in candidates[c]]
+        if missing:
+            raise ValueError(f"`groups` names weights without candidates: {missing[:3]}.")
+        self.groups = {unit: list(members) for unit, members in groups.items() if members}
+        self.sizes = {unit: sum(int(candidates[c][p][self.bits[0]].numel()) for c, p in members)
+                      for unit, members in self.groups.items()}
+        self.sensitivity: dict[str, dict[int, float]] = {}
+        self._measured: dict[int, float] = {}
+        self.evaluations = 0
+
+    def _log(self, message):
+        if self.progress is not None:
+            self.progress(message)
+
+    def _states(self, assignment: Mapping[str, int]) -> dict:
+        states = {}
+        for unit, b in assignment.items():
+            for c, p in self.groups[unit]:
+                states.setdefault(c, {})[p] = self.candidates[c][p][b]
+        return states
+
+    def _run(self, assignment) -> float:
+        self.evaluations += 1
+        return float(self.evaluate(self._states(assignment)))
+
+    def measure(self) -> dict:
+        """PSNR with only one unit palettized, for every unit and width (``len(units) * len(bits)`` evaluations)."""
+        start = time.perf_counter()
+        for index, unit in enumerate(self.groups):
+            self.sensitivity[unit] = {b: self._run({unit: b}) for b in self.bits}
+            if (index + 1) % 25 == 0 or index + 1 == len(self.groups):
+                self._log(f"sensitivity: {index + 1}/{len(self.groups)} units ({time.perf_counter() - start:.0f}s)")
+        return self.sensitivity
+
+    def assignment(self, moves: int) -> dict[str, int]:
+        widest = self.bits[-1]
+        assignment = {unit: widest for unit in self.groups}
+        for unit, b in self.order[:moves]:
+            assignment[unit] = b
+        return assignment
+
+    @property
+    def order(self) -> list[tuple[str, int]]:
+        """The greedy order of moves (measures the sensitivities first if needed)."""
+        if not self.sensitivity:
+            self.measure()
+        if getattr(self, "_moves", None) is None:
+            self._moves = greedy_moves(self.sensitivity, self.sizes, self.bits)
+        return self._moves
+
+    def measured_psnr(self, moves: int) -> float:
+        if moves not in self._measured:
+            self._measured[moves] = self._run(self.assignment(moves))
+        return self._measured[moves]
+
+    def recipe(self, bar_db: float = DEFAULT_BAR_DB) -> MixedBitRecipe:
+        """The cheapest assignment found that keeps the end-to-end PSNR >= ``bar_db`` (measured, not predicted).
+
+        When even every unit at the widest width misses the bar, that assignment is returned with
+        ``meets_bar: false`` in the metadata.
+        """
+        if isinstance(bar_db, bool) or not isinstance(bar_db, (int, float)) or not math.isfinite(bar_db):
+            raise ValueError(f"`bar_db` must be a finite number of dB (e.g. {DEFAULT_BAR_DB}), got {bar_db!r}.")
+        order = self.order
+        allowed = _error(bar_db)
+        widest = self.bits[-1]
+        # additive model around the measured all-widest assignment: each move adds its unit's own error increase
+        predicted = _error(self.measured_psnr(0))
+        moves = 0
+        for unit, b in order:
+            old = self.assignment(moves)[unit]
+            step = max(0.0, _error(self.sensitivity[unit][b]) - _error(self.sensitivity[unit][old]))
+            if predicted + step > allowed:
+                break
+            predicted += step
+            moves += 1
+        while moves > 0 and self.measured_psnr(moves) < bar_db:
+            moves -= 1
+        value = self.measured_psnr(moves)
+        assignment = self.assignment(moves)
+        layers: dict[str, dict[str, int]] = {}
+        for unit, b in assignment.items():
+            for c, p in self.groups[unit]:
+                layers.setdefault(c, {})[p] = b
+        sizes = {c: {p: int(self.candidates[c][p][widest].numel()) for p in params}
+                 for c, params in self.candidates.items()}
+        all_sizes = {f"{c}/{p}": n for c, params in sizes.items() for p, n in params.items()}
+        all_bits = {f"{c}/{p}": b for c, params in layers.items() for p, b in params.items()}
+        metadata = {
+            **self.metadata,
+            "bar_db": float(bar_db),
+            "measured_psnr_db": round(value, 3),
+            "meets_bar": bool(value >= bar_db),
+            "average_bits_per_weight": average_bits(all_bits, all_sizes),
+            "component_bits": {c: average_bits(layers.get(c, {}), sizes[c]) for c in self.candidates},
+            "bits_offered": list(self.bits),
+            "units": len(self.groups),
+            "moves_applied": moves,
+            "evaluations": self.evaluations,
+            "sensitivity_db": {u: {str(b): round(v, 2) for b, v in s.items()} for u, s in self.sensitivity.items()},
+        }
+        if any(len(m) > 1 for m in self.groups.values()):
+            metadata["groups"] = {u: [f"{c}/{p}" for c, p in m] for u, m in self.groups.items()}
+        self._log(f"bar {bar_db} dB: {metadata['average_bits_per_weight']} bits/weight, measured {value:.2f} dB "
+                  f"({moves} of {len(order)} moves)")
+        return MixedBitRecipe(layers, metadata)
+
+
+def package_lut_bits(package) -> dict[str, int]:
+    """``{constant name: nbits}`` of every ``constexpr_lut_to_dense`` op in a saved ``.mlpackage`` (or loaded
+    model), read from the index type of the op (``UINT4`` -> 4); constant names lose their ``_palettized`` suffix."""
+    from ._deps import require_coremltools
+    from .validate import _load_spec
+
+    ct = require_coremltools()
+    model = ct.models.MLModel(str(package), skip_model_load=True) if isinstance(package, (str, os.PathLike)) \
+        else package
+    spec = _load_spec(model)
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    types = {}
+    for op in block.operations:  # index arrays may be const ops of their own
+        if op.type == "const":
+            types[op.outputs[0].name] = op.attributes["val"].type.tensorType.dataType
+    found = {}
+    for op in block.operations:
+        if op.type != "constexpr_lut_to_dense":
+            continue
+        argument = op.inputs["indices"].arguments[0]
+        dtype = types[argument.name] if argument.name else argument.value.type.tensorType.dataType
+        type_name = _proto_dtype_name(dtype)
+        if not type_name.startswith("UINT"):
+            raise ValueError(f"unexpected look-up-table index type {type_name} in {op.outputs[0].name}.")
+        name = op.outputs[0].name
+        found[name[: -len("_palettized")] if name.endswith("_palettized") else name] = int(type_name[4:])
+    return found
+
+
+def _proto_dtype_name(value: int) -> str:
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(value)
+
+
+@contextlib.contextmanager
+def swapped_states(modules: Mapping[str, torch.nn.Module], states: Mapping[str, Mapping]):
+    """Swap ``states[name]`` into ``modules[name]`` for every listed component (restored on exit)."""
+    with contextlib.ExitStack() as stack:
+        for name, state in states.items():
+            if state:
+                stack.enter_context(swapped_parameters(modules[name], state))
+        yield
+
+
+def search_mixed_bit(
+    pipe,
+    output=None,
+    bar_db: float = DEFAULT_BAR_DB,
+    bits=DEFAULT_SEARCH_BITS,
+    resolution: int | None = None,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    target: str = "iOS18",
+    group_size: int = 16,
+    weight_threshold: int = 2048,
+    components: Sequence[str] = ("unet", "text"),
+    palettize_mode: str = "kmeans",
+    group_depth: int | None = None,
+    progress=print,
+):
+    """Search a mixed-bit recipe for ``pipe`` that keeps the end-to-end image PSNR >= ``bar_db``; returns
+    ``(recipe, search)`` (``search.recipe(other_bar)`` reuses the measurements) and writes ``output`` (.json) if
+    given.
+
+    Converts the compressible packages in ``components`` (``"unet"``, ``"text"``), palettizes each weight at every
+    width in ``bits`` and measures the full sampling at ``resolution`` (default: the model's native size) on
+    ``prompts``/``seeds`` (default :data:`~.quality.DEFAULT_QUALITY_PROMPTS`). ``group_depth=k`` makes layers that
+    share the first ``k`` parts of their name (``unet.down_blocks.0``) one unit with one width (fewer evaluations).
+    """
+    from .components import parse_components, pipeline_components
+    from .convert import TARGETS, convert_module
+    from .quality import EndToEndQuality
+
+    bits = parse_bits(bits)
+    if target not in TARGETS:
+        raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
+    if output is not None and (not isinstance(output, (str, os.PathLike)) or Path(output).suffix != ".json"):
+        raise ValueError(f"`output` must be a .json file path for the recipe, got {output!r}.")
+    groups = parse_components(components)
+    if group_depth is not None and (isinstance(group_depth, bool) or not isinstance(group_depth, int)
+                                    or group_depth < 1):
+        raise ValueError(f"`group_depth` must be None (one unit per layer) or an int >= 1, got {group_depth!r}.")
+    if "decoder" in groups:
+        raise ValueError("`components`: the decoder is never palettized; search 'unet' and/or 'text'.")
+    if resolution is None:
+        resolution = pipe.default_sample_size * pipe.vae_scale_factor
+    has_text = getattr(pipe, "text_encoder_mode", None) is not None
+    specs = pipeline_components(pipe, resolution, ["unet", "decoder"] + (["text"] if has_text else []))
+    quality = EndToEndQuality(pipe, specs, resolution, prompts, seeds)
+    # fp16 packages hold the parameters cast to fp16: the baseline of every evaluation
+    base = {spec.name: {k: v.detach().half() for k, v in spec.module.named_parameters()} for spec in specs}
+    candidates = {}
+    for spec in specs:
+        if not (spec.compressible and spec.group in groups):
+            continue
+        start = time.perf_counter()
+        mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target=target)
+        if progress is not None:
+            progress(f"[{spec.name}] converted in {time.perf_counter() - start:.1f}s")
+        candidates[spec.name], _ = palettized_candidates(
+            mlmodel, spec.module, bits, target, group_size, weight_threshold, palettize_mode, progress, spec.name)
+        del mlmodel
+    if not any(candidates.values()):
+        raise ValueError(f"`components` {groups} hold no weight above `weight_threshold`={weight_threshold}: "
+                         "lower the threshold or search other components.")
+
+    def evaluate(states):
+        return quality.psnr({name: {**state, **states.get(name, {})} for name, state in base.items()})
+
+    metadata = {
+        "target": target,
+        "group_size": group_size,
+        "weight_threshold": weight_threshold,
+        "palettize_mode": palettize_mode,
+        "quality": quality.settings(),
+        "baseline": "fp32 pipeline; weights outside the evaluated layers hold their fp16 package values",
+    }
+    fp16 = evaluate({})
+    metadata["fp16_psnr_db"] = round(fp16, 3) if math.isfinite(fp16) else "inf"
+    units = None
+    if group_depth is not None:
+        units = {}
+        for name, params in candidates.items():
+            for param in params:
+                units.setdefault(f"{name}/{'.'.join(param.split('.')[:group_depth])}", []).append((name, param))
+    search = MixedBitSearch(candidates, evaluate, bits, groups=units, progress=progress, metadata=metadata)
+    search.measure()
+    recipe = search.recipe(bar_db)
+    if output is not None:
+        save_recipe(recipe, output)
+        if progress is not None:
+            progress(f"wrote {output}")
+    return recipe, search
