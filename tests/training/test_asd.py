@@ -95,6 +95,30 @@ def test_teacher_rollout_is_euler_sampling_along_the_teacher_schedule(models):
         teacher_rollout(teacher, noise, torch.tensor([1.0, 0.0, 0.5]), ehs, pooled, grid)
 
 
+@torch.no_grad()
+def test_teacher_rollout_with_classifier_free_guidance(models):
+    _, teacher = models
+    noise, ehs, pooled = _cond(3)
+    neg_ehs, neg_pooled = torch.zeros(1, *ehs.shape[1:]), torch.zeros(1, pooled.shape[1])
+    sig = torch.tensor([1.0, 0.6, 0.2])
+    guided = teacher_rollout(teacher, noise, sig, ehs, pooled, few_step_sigmas(None, 1), guidance_scale=3.0,
+                             negative_encoder_hidden_states=neg_ehs, negative_pooled_projections=neg_pooled)
+    v = denoiser_forward(teacher, noise, sig * 1000, ehs, pooled)
+    u = denoiser_forward(teacher, noise, sig * 1000, neg_ehs.expand_as(ehs), neg_pooled.expand_as(pooled))
+    torch.testing.assert_close(guided.velocity, u + 3.0 * (v - u), atol=1e-4, rtol=1e-4)
+    assert guided.num_forwards == 2 and not torch.allclose(guided.velocity, v, atol=1e-3)
+    # the static (CUDA-graph) loop and the dynamic loop agree, with per-sample negatives too
+    grid = few_step_sigmas(None, 4)
+    kw = dict(guidance_scale=2.0, negative_encoder_hidden_states=neg_ehs.expand_as(ehs).clone(),
+              negative_pooled_projections=neg_pooled.expand_as(pooled).clone())
+    dynamic = teacher_rollout(teacher, noise, grid[[0, 2, 3]], ehs, pooled, grid, **kw)
+    static = teacher_rollout(teacher, noise, grid[[0, 2, 3]], ehs, pooled, grid, num_steps=4, **kw)
+    torch.testing.assert_close(dynamic.sample, static.sample, atol=1e-5, rtol=1e-5)
+    assert dynamic.num_forwards == 8
+    with pytest.raises(ValueError, match="negative_encoder_hidden_states"):
+        teacher_rollout(teacher, noise, sig, ehs, pooled, guidance_scale=3.0)
+
+
 def _objective(models, **kw):
     student, teacher = models
     disc = TeacherFeatureDiscriminator.from_teacher(teacher, head_channels=16)
@@ -193,6 +217,10 @@ def test_asd_objective_argument_errors(models):
         AdversarialStepDistillation(teacher, disc, scaling=scaling, adversarial_weight=-1)
     with pytest.raises(TypeError, match="adversarial_sampler"):
         AdversarialStepDistillation(teacher, disc, scaling=scaling, adversarial_sampler="logit_normal")
+    with pytest.raises(ValueError, match="negative_conditioning"):
+        AdversarialStepDistillation(teacher, disc, scaling=scaling, teacher_guidance_scale=2.0)
+    with pytest.raises(ValueError, match="teacher_guidance_scale"):
+        AdversarialStepDistillation(teacher, disc, scaling=scaling, teacher_guidance_scale=0.5)
     objective = AdversarialStepDistillation(teacher, disc, scaling=scaling, adversarial_sampler=FlowMatchingSampler())
     fm = prepare_flow_matching_batch(torch.zeros(1, 4, 8, 8), FewStepSampler(None, 4))
     with pytest.raises(ValueError, match="student_pred"):
@@ -213,7 +241,8 @@ def test_asd_flags_extend_the_kd_parser(tmp_path):
         assert flag in help_text
     for extra, match in ((["--from_scratch"], "from_scratch"), (["--num_inference_steps", "0"], "num_inference_steps"),
                          (["--adversarial_weight", "-1"], "adversarial_weight"),
-                         (["--discriminator_learning_rate", "0"], "discriminator_learning_rate")):
+                         (["--discriminator_learning_rate", "0"], "discriminator_learning_rate"),
+                         (["--teacher_guidance_scale", "0.5"], "teacher_guidance_scale")):
         with pytest.raises(ValueError, match=match):
             parse_asd_args([*base, *extra])
     with pytest.raises(TypeError, match="argv"):

@@ -136,8 +136,9 @@ def test_asd_resume_restores_student_ema_discriminator_and_both_optimizers(asd):
 
 
 def test_asd_options_eight_steps_r1_checkpointing_accumulation_bf16(asd):
-    """The less common paths run end to end: 8-step grid, one-step teacher, R1 (math attention, double backward
-    through the checkpointed teacher), teacher samples as "real", non-saturating loss, accumulation, bf16."""
+    """The less common paths run end to end: 8-step grid, one-step teacher guided with CFG against the cached empty
+    prompt, R1 (math attention, double backward through the checkpointed teacher), teacher samples as "real",
+    non-saturating loss, accumulation, bf16."""
     out = asd / "options"
     _run(["--pretrained_model_name_or_path", str(asd / "base"), "--unet_model_name_or_path", str(asd / "base" / "unet"),
           "--teacher_model_name_or_path", str(asd / "teacher"), "--train_data_dir", str(asd / "data"),
@@ -145,7 +146,8 @@ def test_asd_options_eight_steps_r1_checkpointing_accumulation_bf16(asd):
           "--report_to", "none", "--logging_steps", "1", "--output_dir", str(out), "--discriminator_head_channels", "16",
           "--discriminator_layers", "transformer_blocks.1", "--gradient_checkpointing", "--r1_gamma", "1.0",
           "--adversarial_real_source", "teacher", "--gan_loss", "non_saturating", "--disable_feature_kd",
-          "--num_inference_steps", "8", "--teacher_num_inference_steps", "1", "--mixed_precision", "bf16"], asd / "hf")
+          "--num_inference_steps", "8", "--teacher_num_inference_steps", "1", "--mixed_precision", "bf16",
+          "--cache_text_embeddings", "--teacher_guidance_scale", "3"], asd / "hf")
     metrics = read_metrics(out)
     assert len(metrics) == 2 and all(m["r1"] >= 0 for m in metrics)
     assert "kd_feat_mean" not in metrics[0]

@@ -138,7 +138,9 @@ def rollout_steps(student_sigmas, teacher_sigmas=None) -> int:
 @torch.no_grad()
 def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, encoder_hidden_states: torch.Tensor,
                     pooled_projections: torch.Tensor | None = None, teacher_sigmas: torch.Tensor | None = None,
-                    num_train_timesteps: int = 1000, num_steps: int | None = None) -> TeacherTargets:
+                    num_train_timesteps: int = 1000, num_steps: int | None = None, guidance_scale: float = 1.0,
+                    negative_encoder_hidden_states: torch.Tensor | None = None,
+                    negative_pooled_projections: torch.Tensor | None = None) -> TeacherTargets:
     """Runs ``teacher`` with Euler steps from each sample's ``sigma`` down to 0 through the points of its own
     schedule ``teacher_sigmas`` below that sigma (``None`` or a one-point schedule: a single step, i.e. plain
     output KD). Inputs are cast to the teacher's dtype; the integration runs in float32. The first call sees the
@@ -146,7 +148,12 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
 
     ``num_steps`` (:func:`rollout_steps` of the student's grid) makes the loop static: every call sees the whole
     batch and finished samples stay put, so nothing is read back to the host (CUDA-graph safe). Without it the loop
-    runs until every sample reached 0, calling the teacher on the unfinished samples only."""
+    runs until every sample reached 0, calling the teacher on the unfinished samples only.
+
+    ``guidance_scale`` > 1 guides every teacher velocity with classifier-free guidance against the ``negative_*``
+    conditioning (the empty prompt's, one row or one per sample): a teacher that was not guidance-distilled (unlike
+    SD3.5-Large-Turbo) then hands its guided sampling to a student that samples without CFG. The conditional call
+    comes first, so feature-KD hooks capture the conditional features."""
     for name, v in (("noisy_latents", noisy_latents), ("sigmas", sigmas), ("encoder_hidden_states", encoder_hidden_states)):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(v).__name__}.")
@@ -160,7 +167,29 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
         grid = torch.zeros(0, device=noisy_latents.device)
     else:
         grid = torch.as_tensor(teacher_sigmas, dtype=torch.float32).flatten().to(noisy_latents.device)
+    guided = guidance_scale != 1.0
+    if guided and negative_encoder_hidden_states is None:
+        raise ValueError("`guidance_scale` != 1 needs `negative_encoder_hidden_states` (the empty prompt's).")
     dtype = next(teacher.parameters()).dtype
+
+    def rows_of(cond, rows, n):  # the teacher's dtype; one shared row is expanded to the batch
+        if cond is None:
+            return None
+        if cond.shape[0] == 1 and n != 1:
+            return cond.expand(n, *cond.shape[1:]).to(dtype)
+        return (cond if rows is None else cond[rows]).to(dtype)
+
+    def forward(x_in, t, rows=None):
+        n = x_in.shape[0]
+        v = denoiser_forward(teacher, x_in.to(dtype), t, rows_of(encoder_hidden_states, rows, n),
+                             rows_of(pooled_projections, rows, n)).float()
+        if not guided:
+            return v
+        u = denoiser_forward(teacher, x_in.to(dtype), t, rows_of(negative_encoder_hidden_states, rows, n),
+                             rows_of(negative_pooled_projections, rows, n)).float()
+        return u + guidance_scale * (v - u)
+
+    per_call = 2 if guided else 1
     x = noisy_latents.detach().float().clone()
     cur = sigmas.detach().float().to(x.device).clone()
     shape = (-1, *([1] * (x.ndim - 1)))
@@ -173,18 +202,16 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
     first, calls = None, 0
     if num_steps is not None:
         for _ in range(num_steps):
-            v = denoiser_forward(teacher, x.to(dtype), cur * num_train_timesteps, encoder_hidden_states.to(dtype),
-                                 None if pooled_projections is None else pooled_projections.to(dtype)).float()
+            v = forward(x, cur * num_train_timesteps)
             first = v if first is None else first
             nxt = next_sigma(cur)
             x = x + (nxt - cur).reshape(shape) * v
-            cur, calls = nxt, calls + 1
+            cur, calls = nxt, calls + per_call
     while num_steps is None and bool((cur > 0).any()):
         idx = (cur > 0).nonzero().squeeze(1)
         c = cur[idx]
-        v = denoiser_forward(teacher, x[idx].to(dtype), c * num_train_timesteps, encoder_hidden_states[idx].to(dtype),
-                             None if pooled_projections is None else pooled_projections[idx].to(dtype)).float()
-        calls += 1
+        v = forward(x[idx], c * num_train_timesteps, idx)
+        calls += per_call
         if first is None:
             first = v
         nxt = next_sigma(c)
@@ -227,7 +254,8 @@ class AdversarialStepDistillation:
                  output_kd: bool = True, adversarial_weight: float = 0.5, gan_loss: str = "hinge",
                  r1_gamma: float = 0.0, adversarial_sampler: FlowMatchingSampler | None = None, teacher_sigmas=None,
                  student_sigmas=None, real_source: str = "data", weighting_scheme: str = "logit_normal", max_grad_norm: float = 1.0,
-                 accelerator=None, num_train_timesteps: int = 1000):
+                 accelerator=None, num_train_timesteps: int = 1000, teacher_guidance_scale: float = 1.0,
+                 negative_conditioning: tuple | None = None):
         from .discriminator import TeacherFeatureDiscriminator
         from .scaling import TimestepAwareScaling
 
@@ -248,6 +276,13 @@ class AdversarialStepDistillation:
                         ("max_grad_norm", max_grad_norm)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"`{name}` (--{name}) must be a number >= 0, got {v!r}.")
+        if isinstance(teacher_guidance_scale, bool) or not isinstance(teacher_guidance_scale, (int, float)) \
+                or teacher_guidance_scale < 1:
+            raise ValueError(f"`teacher_guidance_scale` (--teacher_guidance_scale) must be a number >= 1, "
+                             f"got {teacher_guidance_scale!r}.")
+        if teacher_guidance_scale != 1 and negative_conditioning is None:
+            raise ValueError("`teacher_guidance_scale` > 1 needs `negative_conditioning`: the empty prompt's "
+                             "(encoder_hidden_states, pooled_projections).")
         if adversarial_sampler is None:
             adversarial_sampler = FlowMatchingSampler()
         if not isinstance(adversarial_sampler, FlowMatchingSampler):
@@ -264,6 +299,8 @@ class AdversarialStepDistillation:
         self.teacher_sigmas = None if teacher_sigmas is None else torch.as_tensor(teacher_sigmas, dtype=torch.float32)
         self.weighting_scheme, self.max_grad_norm = weighting_scheme, float(max_grad_norm)
         self.accelerator, self.num_train_timesteps = accelerator, num_train_timesteps
+        self.teacher_guidance_scale = float(teacher_guidance_scale)
+        self.negative_conditioning = negative_conditioning if self.teacher_guidance_scale != 1 else None
         self.rollout_steps = None if student_sigmas is None else rollout_steps(student_sigmas, self.teacher_sigmas)
 
     # ------------------------------------------------------------------ pieces
@@ -272,8 +309,17 @@ class AdversarialStepDistillation:
         grid = self.teacher_sigmas
         if grid is not None and grid.device != noisy_latents.device:  # once: no host copy inside a captured step
             grid = self.teacher_sigmas = grid.to(noisy_latents.device)
+        negative_ehs = negative_pooled = None
+        if self.negative_conditioning is not None:
+            negative_ehs, negative_pooled = self.negative_conditioning
+            if negative_ehs.device != noisy_latents.device:  # once, like the grid
+                negative_ehs, negative_pooled = negative_ehs.to(noisy_latents.device), (
+                    None if negative_pooled is None else negative_pooled.to(noisy_latents.device))
+                self.negative_conditioning = (negative_ehs, negative_pooled)
         return teacher_rollout(self.teacher, noisy_latents, sigmas, encoder_hidden_states, pooled_projections,
-                               grid, self.num_train_timesteps, num_steps=self.rollout_steps)
+                               grid, self.num_train_timesteps, num_steps=self.rollout_steps,
+                               guidance_scale=self.teacher_guidance_scale,
+                               negative_encoder_hidden_states=negative_ehs, negative_pooled_projections=negative_pooled)
 
     def renoise_draw(self, like: torch.Tensor, generator: torch.Generator | None):
         """``(sigmas', timesteps', noise)`` for re-noising, drawn from ``generator`` (on its device)."""

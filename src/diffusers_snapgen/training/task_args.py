@@ -80,6 +80,10 @@ def build_asd_parser() -> argparse.ArgumentParser:
       help="The few-step teacher's own schedule (SD3.5-Large-Turbo: 4). KD targets come from the teacher run along it "
            "from the student's noise level down to 0; 1 = a single teacher forward (plain output KD).")
     a("--teacher_shift", type=float, default=None, help="Shift of the teacher's schedule (default: the scheduler's).")
+    a("--teacher_guidance_scale", type=float, default=1.0,
+      help="Classifier-free guidance of the teacher's KD targets against the empty prompt (1: none, as for a "
+           "guidance-distilled teacher like SD3.5-Large-Turbo). A teacher trained with --proportion_empty_prompts "
+           "and sampled with CFG needs it, or the no-CFG student loses the prompt.")
     a("--discriminator_layers", type=str, default=None,
       help='Teacher blocks carrying discriminator heads, "transformer_blocks.8,transformer_blocks.18,..." (default: '
            "--discriminator_num_heads blocks spread over the teacher's depth).")
@@ -113,6 +117,8 @@ def validate_asd_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("adversarial_weight", "r1_gamma"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.teacher_guidance_scale < 1:
+        raise ValueError(f"--teacher_guidance_scale must be >= 1 (1: no guidance), got {args.teacher_guidance_scale}.")
     if args.discriminator_learning_rate is not None and args.discriminator_learning_rate <= 0:
         raise ValueError(f"--discriminator_learning_rate must be > 0, got {args.discriminator_learning_rate}.")
     if args.adversarial_logit_std <= 0:

@@ -3,12 +3,18 @@ few-step grid, plus the teacher-feature discriminator (objective: :class:`~..asd
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
 from ..asd import AdversarialStepDistillation, FewStepSampler, few_step_sigmas
 from ..engine import StepOutput, build_lr_scheduler, build_optimizer
 from ..flow_matching import FlowMatchingSampler
 from .denoising import DenoiserBase, KDTask
 
 __all__ = ["ASDTask"]
+
+logger = logging.getLogger("diffusers_snapgen.training")
 
 
 class ASDTask(KDTask):
@@ -48,7 +54,23 @@ class ASDTask(KDTask):
                                                     args.adversarial_logit_std),
             teacher_sigmas=few_step_sigmas(scheduler_config, args.teacher_num_inference_steps, args.teacher_shift),
             student_sigmas=self.sampler.grid, real_source=args.adversarial_real_source,
-            weighting_scheme=args.weighting_scheme, max_grad_norm=args.max_grad_norm, accelerator=acc)
+            weighting_scheme=args.weighting_scheme, max_grad_norm=args.max_grad_norm, accelerator=acc,
+            teacher_guidance_scale=args.teacher_guidance_scale,
+            negative_conditioning=self.empty_prompt_conditioning() if args.teacher_guidance_scale != 1 else None)
+        if args.teacher_guidance_scale != 1:
+            logger.info("teacher targets guided with CFG %g against the empty prompt", args.teacher_guidance_scale)
+
+    def empty_prompt_conditioning(self):
+        """``(encoder_hidden_states, pooled_projections)`` of the empty prompt, one row, float32 on the device: the
+        text cache's (what caption dropout trains on), or encoded."""
+        if self.text_cache is not None:
+            embeds, pooled = self.text_cache.empty_embeds, self.text_cache.empty_pooled
+        else:
+            embeds, pooled = self._encode([""])
+        device = self.accelerator.device
+        embeds = embeds.reshape(1, *embeds.shape[-2:]).to(device, torch.float32)
+        pooled = None if pooled is None else pooled.reshape(1, pooled.shape[-1]).to(device, torch.float32)
+        return embeds, pooled
 
     def auxiliary_optimizers(self):
         return [self.d_optimizer]
