@@ -27,6 +27,7 @@ from diffusers_snapgen.evaluation import (
     train_classifier,
     write_report,
 )
+from diffusers_snapgen.evaluation.metrics import round_trip
 from diffusers_snapgen.testing import tiny_pipeline
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_quality.py"
@@ -172,7 +173,8 @@ def test_evaluate_models_one_table_and_grid(classifier, rendered, data_dir, save
     result = evaluate_models(models, prompts, classifier, reference_features=classifier.embed(images),
                              rendered={t: i for t, i in zip(texts, images)}, images_per_prompt=2, seed=10,
                              encoder=student.vae, decoder_images=load_rendered(data_dir, "test")[0][:2])
-    assert [row["model"] for row in result.rows] == ["rendered", "teacher", "student", "student_again", "student_4"]
+    assert [row["model"] for row in result.rows] == ["rendered", "autoencoder", "teacher", "student", "student_again",
+                                                     "student_4"]
     assert result.seeds == [10, 11] * 4 and result.groups.count("heldout") == 4  # copy j of every prompt: seed 10 + j
     assert torch.equal(result.images["student"], result.images["student_again"])  # same prompts and seeds
     assert not torch.equal(result.images["student"], result.images["student_4"])
@@ -182,6 +184,13 @@ def test_evaluate_models_one_table_and_grid(classifier, rendered, data_dir, save
     assert rows["student"]["prompt_seed_ratio"] > 0 and rows["rendered"]["prompt_seed_ratio"] is None
     assert rows["rendered"]["top1_seen"] >= rows["student"]["top1_seen"] and rows["rendered"]["psnr"] is None
     assert rows["rendered"]["fid"] < rows["student"]["fid"]  # the data's own images are closest to the data
+    # the autoencoder row: the rendered images through the encoder's round trip, copies of one prompt identical
+    first = result.images["rendered"][0:1].float() / 255
+    expected = (round_trip(first, student.vae, student.vae) * 255).round().to(torch.uint8)
+    assert torch.equal(result.images["autoencoder"][0:1], expected)
+    assert torch.equal(result.images["autoencoder"][0], result.images["autoencoder"][1])
+    assert not torch.equal(result.images["autoencoder"], result.images["rendered"])
+    assert rows["autoencoder"]["prompt_seed_ratio"] is None and rows["autoencoder"]["fid"] is not None
     paths = write_report(result, tmp_path / "report", grid_prompts=3, cell_size=32, seed_grid_model="student",
                          seed_grid_prompts=16)
     table = json.loads(paths["json"].read_text())
@@ -190,7 +199,7 @@ def test_evaluate_models_one_table_and_grid(classifier, rendered, data_dir, save
     markdown = paths["markdown"].read_text()
     assert "| student_4 | 4 |" in markdown and "top-1 heldout" in markdown
     grid = Image.open(paths["grid"])
-    assert grid.size == (150 + 5 * (32 + 4), 22 + 3 * (32 + 4))
+    assert grid.size == (150 + 6 * (32 + 4), 22 + 3 * (32 + 4))
     seeds = Image.open(paths["seeds"])  # 4 prompts (all there are) x (rendered + 2 seeds)
     assert seeds.size == (150 + 3 * (32 + 4), 22 + 4 * (32 + 4))
     with pytest.raises(ValueError, match="seed_grid_model"):
@@ -219,8 +228,8 @@ def test_snapgen_eval_cli_trains_then_compares(data_dir, saved_models, tmp_path,
                          "--decoder-images", "2", "--prompt-sets", "heldout", "--max-prompts", "1"])
     assert code == 0, capsys.readouterr().err
     table = json.loads((out / "eval_quality.json").read_text())
-    assert [row["model"] for row in table["rows"]] == ["rendered", "student", "teacher"]
-    assert table["rows"][1]["psnr"] is not None and table["settings"]["models"]["teacher"].endswith("teacher")
+    assert [row["model"] for row in table["rows"]] == ["rendered", "autoencoder", "student", "teacher"]
+    assert table["rows"][2]["psnr"] is not None and table["settings"]["models"]["teacher"].endswith("teacher")
     assert (out / "eval_quality_grid.png").is_file() and (out / "eval_quality.md").is_file()
     assert wrapper.RESULTS.name == "results"
 

@@ -17,9 +17,10 @@ import torch
 
 from .classifier import EmojiClassifier
 from .data import to_tensor, to_uint8
-from .metrics import decoder_psnr_ssim, fid, prompt_accuracy, prompt_seed_ratio
+from .metrics import decoder_psnr_ssim, fid, prompt_accuracy, prompt_seed_ratio, round_trip
 
 RENDERED = "rendered"  # name of the optional reference row: the dataset's own images
+RECONSTRUCTED = "autoencoder"  # the rendered images through the encoder's autoencoder: what a perfect denoiser decodes
 
 
 @dataclass
@@ -70,7 +71,9 @@ class EvaluationResult:
         note = (f"\nSame prompts and seeds for every model ({per_group} images; copy j of every prompt uses seed "
                 "first + j); accuracy (the prompt's concept among the classifier's top-1/top-5, whatever the style) "
                 "and FID from the emoji classifier (FID against the whole rendered set; it depends on the image "
-                "count, so compare rows of one table: the rendered row is the floor at this count); prompt/seed: "
+                "count, so compare rows of one table: the rendered row is the floor at this count; the autoencoder "
+                "row, the rendered images through the reference autoencoder, is the ceiling of every model decoded "
+                "in its latent space); prompt/seed: "
                 "mean RMS pixel distance between different prompts at one seed over that between seeds of one "
                 "prompt (>= 1: the prompt drives the picture); PSNR/SSIM of each model's decoder on held-out images "
                 "encoded by the reference autoencoder.\n")
@@ -132,8 +135,9 @@ def _check_models(models) -> list[tuple]:
             raise TypeError(f"each of `models` must be (name, pipeline, steps[, guidance_scale]), got {entry!r}.")
         name, pipe, steps = entry[:3]
         guidance = entry[3] if len(entry) == 4 else None
-        if not isinstance(name, str) or not name or name in seen or name == RENDERED:
-            raise ValueError(f"model names must be distinct non-empty strings other than {RENDERED!r}; got {name!r}.")
+        if not isinstance(name, str) or not name or name in seen or name in (RENDERED, RECONSTRUCTED):
+            raise ValueError(f"model names must be distinct non-empty strings other than {RENDERED!r} and "
+                             f"{RECONSTRUCTED!r}; got {name!r}.")
         if not callable(pipe):
             raise TypeError(f"model {name!r}: the pipeline must be a DiffusionPipeline or a function returning one.")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -185,7 +189,9 @@ def evaluate_models(
         prompts: a list of captions, or ``{"seen": [...], "heldout": [...]}``; accuracy is reported per group.
         classifier: the :class:`EmojiClassifier` (prompt accuracy and FID features).
         reference_features: classifier features of the rendered set for FID (``classifier.embed(images)``).
-        rendered: optional caption -> rendered image; adds a first row ``"rendered"`` (the dataset's images).
+        rendered: optional caption -> rendered image; adds a first row ``"rendered"`` (the dataset's images) and,
+            with ``encoder``, a row ``"autoencoder"``: those images encoded and decoded by it (the ceiling of every
+            model whose latents it decodes).
         encoder, decoder_images: an ``AutoencoderKL`` and held-out images: PSNR/SSIM of each model's ``vae``.
         autocast: ``torch.bfloat16`` to sample under autocast (see :func:`generate_images`).
         progress: called with one line per finished model (e.g. ``print``).
@@ -218,7 +224,7 @@ def evaluate_models(
             row[f"top1_{group}"], row[f"top5_{group}"] = accuracy["top1"], accuracy["top5"]
         if reference_features is not None and len(images) >= 2:
             row["fid"] = fid(classifier.embed(images), reference_features)
-        if name != RENDERED:  # the rendered row has one image per prompt, whatever the seed
+        if name not in (RENDERED, RECONSTRUCTED):  # reference rows: one image per prompt, whatever the seed
             row["prompt_seed_ratio"] = prompt_seed_ratio(images, prompts_rep, seeds)["ratio"]
         if vae is not None and encoder is not None:
             if id(vae) not in decoder_cache:
@@ -237,6 +243,12 @@ def evaluate_models(
         reference = to_uint8(to_tensor([rendered[p] for p in prompts_rep], size))
         all_images[RENDERED] = reference
         rows.append(measure(RENDERED, reference))
+        if encoder is not None:  # the ceiling of every model decoded through this latent space
+            first = {p: i for i, p in reversed(list(enumerate(prompts_rep)))}  # one round trip per prompt
+            order = {p: k for k, p in enumerate(first)}
+            decoded = to_uint8(round_trip(reference[list(first.values())].float() / 255, encoder, encoder, batch_size))
+            all_images[RECONSTRUCTED] = decoded[[order[p] for p in prompts_rep]]
+            rows.append(measure(RECONSTRUCTED, all_images[RECONSTRUCTED]))
     for name, pipe, steps, guidance in checked:
         loaded = pipe if hasattr(pipe, "components") else pipe()
         _sync(loaded)
@@ -317,8 +329,9 @@ def image_grid(result: EvaluationResult, max_prompts: int = 8, cell_size: int = 
 def seed_grid(result: EvaluationResult, model: str, max_prompts: int = 16, max_seeds: int = 4, cell_size: int = 128):
     """A PIL image of one model: one row per prompt (groups interleaved), the rendered reference (when the result
     has it) then the images of the first ``max_seeds`` seeds."""
-    if model not in result.images or model == RENDERED:
-        raise ValueError(f"`model` must be one of the evaluated models {[n for n in result.images if n != RENDERED]},"
+    if model not in result.images or model in (RENDERED, RECONSTRUCTED):
+        evaluated = [n for n in result.images if n not in (RENDERED, RECONSTRUCTED)]
+        raise ValueError(f"`model` must be one of the evaluated models {evaluated},"
                          f" got {model!r}.")
     for name, value, low in (("max_prompts", max_prompts, 1), ("max_seeds", max_seeds, 1),
                              ("cell_size", cell_size, 16)):

@@ -167,6 +167,13 @@ def decoder_psnr_ssim(images, encoder, decoder, batch_size: int = 8) -> dict:
     factor = 2 ** (len(encoder.config.block_out_channels) - 1)
     if reference.shape[-1] % factor or reference.shape[-2] % factor:
         raise ValueError(f"image sides must be multiples of {factor}, got {tuple(reference.shape[-2:])}.")
+    return psnr_ssim(reference, round_trip(reference, encoder, decoder, batch_size))
+
+
+@torch.no_grad()
+def round_trip(reference: torch.Tensor, encoder, decoder, batch_size: int = 8) -> torch.Tensor:
+    """``decoder.decode(encoder.encode(x).latent_dist.mode())`` of ``(N, 3, H, W)`` images in [0, 1], in [0, 1] on
+    the CPU (the checks are :func:`decoder_psnr_ssim`'s)."""
     encode_param = next(encoder.parameters())
     decode_param = next(decoder.parameters())
     outputs = []
@@ -175,4 +182,4 @@ def decoder_psnr_ssim(images, encoder, decoder, batch_size: int = 8) -> dict:
         z = encoder.encode(x).latent_dist.mode()
         y = decoder.decode(z.to(decode_param.device, decode_param.dtype)).sample
         outputs.append(((y.float() + 1) / 2).clamp(0, 1).cpu())
-    return psnr_ssim(reference, torch.cat(outputs))
+    return torch.cat(outputs)
