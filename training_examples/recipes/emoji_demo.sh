@@ -47,13 +47,12 @@ case "$PRESET" in
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
   h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
-         # H200. Step counts chosen from the rates the scripts logged there (benchmarks/results/bench_train_loop_h200.md):
-         # ~9 minutes of training steps; with compilation, caching and evaluation the whole recipe is planned to stay
-         # under 20 minutes of wall time (not yet run end to end at these counts: benchmarks/results/emoji_h200.md)
+         # H200, side stages in parallel. Data to KD student: 14.2 min of wall time at these counts
+         # (benchmarks/results/emoji_h200.md); the embedded model is this run's KD student shipped with SHIP_FROM=kd
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
-    VAE_STEPS="${VAE_STEPS:-4000}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
-    GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-2000}"; TEACHER_STEPS="${TEACHER_STEPS:-8000}"
-    STUDENT_STEPS="${STUDENT_STEPS:-6000}"; ASD_STEPS="${ASD_STEPS:-800}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
+    VAE_STEPS="${VAE_STEPS:-3000}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-2500}"
+    GAN_START="${GAN_START:-1250}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-6000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-4000}"; ASD_STEPS="${ASD_STEPS:-400}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
     PARALLEL="${PARALLEL:-1}"
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"
     EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
@@ -285,7 +284,7 @@ step_ship() {  # ASD student (SHIP_FROM=kd: the KD student at 4 steps, CFG $SHIP
               # text encoder (MiniLM comes from its wheel, named in the scheduler config so every entry point loads
               # it): the embedded model
   "$PYTHON" - "$RUNS" "$SHIP_DIR" "$SHIP_LIMIT_MB" "$SHIP_FROM" "$SHIP_GUIDANCE" <<'PY'
-import shutil, sys, tempfile
+import json, shutil, sys, tempfile
 from pathlib import Path
 import torch
 from diffusers_snapgen import SnapGenPipeline, TinyDecoder
@@ -303,6 +302,10 @@ shipped.save_pretrained(tmp)
 if (runs / "tiny_encoder" / "config.json").is_file():  # images -> latents, for fine-tuning the shipped model
     from diffusers_snapgen import TinyEncoder
     TinyEncoder.from_pretrained(runs / "tiny_encoder").to(torch.float16).save_pretrained(tmp / "vae_encoder")
+for config in tmp.glob("*/config.json"):  # no path of the training machine in a shipped config
+    data = json.loads(config.read_text())
+    if data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2) + "\n")
 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 if size > limit_mb * 1e6:
     shutil.rmtree(tmp)
