@@ -6,7 +6,8 @@ Rows, measured in one run on this machine's CPU (float32):
 
 - ``snapgen generate`` end to end in a fresh process (imports, MiniLM and model loading, sampling, PNG), the README's
   main command, median of ``--cli-runs``;
-- one warm ``pipe(prompt)`` at the shipped defaults (4 steps, no CFG, TinyDecoder), median of ``--iters``;
+- one warm ``pipe(prompt)`` at the shipped defaults (steps and CFG from its scheduler config, TinyDecoder), median
+  of ``--iters``;
 - the anchor: the same UNet sampled like a non-distilled model (28 steps, CFG 3), which is what the 4-step ASD model
   saves. Image size is the model's native one unless ``--size`` is given.
 """

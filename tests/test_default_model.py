@@ -71,7 +71,7 @@ def test_load_default_pipeline_generates_with_minilm(default_folder):
     assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.text_encoder.config.hidden_size == 384
     assert pipe.sampling_defaults == {"num_inference_steps": 2, "guidance_scale": 1.0}
     image = pipe("red apple", height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (128, 128)
+    assert image.size == (64, 64)
     assert np.asarray(image).std() > 0  # a real decode, not a blank canvas
 
 
@@ -94,7 +94,7 @@ def test_snapgen_generate_without_model_uses_the_default(default_folder, tmp_pat
     assert code == 0, err
     assert out.strip() == str(target)
     with Image.open(target) as image:
-        assert image.size == (128, 128)
+        assert image.size == (64, 64)
     code = cli.main(["info", "--json"])
     out, _ = capsys.readouterr()
     assert code == 0 and '"unet"' in out
@@ -109,7 +109,7 @@ def test_a_folder_naming_its_text_encoder_package_loads_it_on_every_entry_point(
     pipe = load(str(packaged_folder))
     assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.packaged_text_encoder == MINILM
     image = pipe("red apple", height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (128, 128) and np.asarray(image).std() > 0
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
 
 
 def test_packaged_text_encoder_follows_the_dtype_and_can_be_skipped(packaged_folder):
