@@ -1,4 +1,4 @@
-"""PyTorch -> Core ML ML-program conversion with fixed shapes (coremltools 9.0; DESIGN.md §6).
+"""PyTorch -> Core ML ML-program conversion with fixed shapes (coremltools 9.0; docs/design.md, "Core ML").
 
 Two routes reach coremltools' torch frontend: ``"trace"`` (``torch.jit.trace``, the default, as in Apple's
 ``ml-stable-diffusion``) and ``"export"`` (``torch.export.export(...).run_decompositions({})``), which also works

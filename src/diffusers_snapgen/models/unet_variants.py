@@ -43,7 +43,7 @@ _STEPS = [
         {"params": -0.16, "flops": -0.06, "latency": -0.09},
     ),
     # The paper *replaces* stage-1 residual blocks with CA+FFN transformer blocks ("smaller, faster", no number).
-    # The concrete config (DESIGN.md §2, public derivative configs) keeps the residual blocks and adds one
+    # The concrete config (docs/design.md, "UNet"; public derivative configs) keeps the residual blocks and adds one
     # transformer block per layer, which adds ~1.5% params and ~13% FLOPs at a 128x128 latent.
     (
         "e",
