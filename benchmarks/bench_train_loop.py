@@ -285,8 +285,8 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
     return rows
 
 
-def resume_check(name: str, half: int, window: int, tiny: bool) -> dict:
-    """Trains ``2 * half`` steps (graph mode), then resumes a new run from the step-``half`` checkpoint: the largest
+def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "graph") -> dict:
+    """Trains ``2 * half`` steps in step mode ``mode``, then resumes a new run from the step-``half`` checkpoint: the largest
     relative difference of the windows' mean losses after ``half`` (bitwise on the CPU; kernels with atomics make
     CUDA runs differ in the last bits)."""
     import shutil
@@ -302,7 +302,7 @@ def resume_check(name: str, half: int, window: int, tiny: bool) -> dict:
         for part in ("uninterrupted", "resumed"):
             extra = ["--checkpointing_steps", str(half)] + (["--resume_from_checkpoint", "latest"]
                                                              if part == "resumed" else [])
-            args = _args(kind, batch, size, "graph", out, window, 2 * half - window, extra)
+            args = _args(kind, batch, size, mode, out, window, 2 * half - window, extra)
             args.output_dir = str(out / part)
             if part == "resumed":
                 shutil.copytree(out / "uninterrupted" / f"checkpoint-{half}", out / part / f"checkpoint-{half}")
@@ -369,8 +369,9 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="Tiny models on the CPU (graph modes step eagerly).")
     p.add_argument("--tag", type=str, default=None, help="File stem suffix (default: the device, e.g. h200).")
     p.add_argument("--resume_check", type=str, default=None,
-                   help="Also train this config 2 x --resume_steps steps and resume a new run half-way (graph mode).")
+                   help="Also train this config 2 x --resume_steps steps and resume a new run half-way.")
     p.add_argument("--resume_steps", type=int, default=100)
+    p.add_argument("--resume_mode", type=str, default="graph", help=f"Step mode of the resume check, of {list(MODES)}.")
     p.add_argument("--deadline", type=float, default=None,
                    help="Unix time after which no config starts (a running one is stopped then): rows say 'skipped'.")
     p.add_argument("--_one", type=str, default=None, help=argparse.SUPPRESS)
@@ -380,14 +381,14 @@ def main(argv=None):
     for name in configs:
         if name not in CONFIGS:
             p.error(f"--configs: unknown config {name!r}; choose from {list(CONFIGS)}")
-    for mode in modes:
+    for flag, mode in [("--modes", m) for m in modes] + [("--resume_mode", args.resume_mode)]:
         if mode not in MODES:
-            p.error(f"--modes: unknown mode {mode!r}; choose from {list(MODES)}")
+            p.error(f"{flag}: unknown mode {mode!r}; choose from {list(MODES)}")
     if args.warmup < 1 or args.steps < args.warmup or args.steps % args.warmup:
         p.error("--steps must be a positive multiple of --warmup (the timing windows)")
     if args._one is not None:  # the child process of one config
         if args._one.startswith("resume:"):
-            rows = [resume_check(args._one[7:], args.resume_steps, args.warmup, args.smoke)]
+            rows = [resume_check(args._one[7:], args.resume_steps, args.warmup, args.smoke, args.resume_mode)]
         else:
             rows = run_config(args._one, modes, args.warmup, args.steps, args.smoke,
                               args.profile_mode if args._one == args.profile_config else None)
@@ -405,7 +406,8 @@ def main(argv=None):
     for name in jobs:
         cmd = [sys.executable, __file__, "--out", str(args.out), "--_one", name, "--modes", ",".join(modes),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile_config", args.profile_config,
-               "--profile_mode", args.profile_mode, "--resume_steps", str(args.resume_steps)] + \
+               "--profile_mode", args.profile_mode, "--resume_steps", str(args.resume_steps),
+               "--resume_mode", args.resume_mode] + \
             (["--smoke"] if args.smoke else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         timeout = None if args.deadline is None else args.deadline - time.time()

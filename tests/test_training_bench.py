@@ -33,7 +33,8 @@ def test_bench_train_loop_runs_the_engine_in_each_mode(tmp_path):
     the real engine; graph modes fall back to eager steps off CUDA and say so in `step_mode`."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_loop.py"
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--configs",
-                           "student16,decoder128", "--modes", "eager,graph_eager", "--warmup", "1", "--steps", "2"],
+                           "student16,decoder128", "--modes", "eager,graph_eager", "--warmup", "1", "--steps", "2",
+                           "--resume_check", "student16", "--resume_mode", "graph_eager", "--resume_steps", "2"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "bench_train_loop_smoke.json").read_text())
@@ -43,6 +44,14 @@ def test_bench_train_loop_runs_the_engine_in_each_mode(tmp_path):
         assert "error" not in row, row
         assert row["steps_per_s"] > 0 and row["step_mode"] == "eager" and row["params_m"] > 0
     assert "| student16 | graph_eager |" in (tmp_path / "bench_train_loop_smoke.md").read_text()
+    # the resume check: a run resumed at step 2 logs the uninterrupted run's losses (bitwise on the CPU)
+    resume = info["resume"]
+    assert "error" not in resume, resume
+    assert resume["resumed_at"] == 2 and resume["windows"] == 2 and resume["max_rel_loss_diff"] == 0.0
+    assert set(resume["losses"]["resumed"]) == set(resume["losses"]["uninterrupted"])
     bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--configs", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--configs" in bad.stderr
+    bad_mode = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--resume_check", "student16",
+                               "--resume_mode", "fast"], capture_output=True, text=True)
+    assert bad_mode.returncode == 2 and "--resume_mode: unknown mode 'fast'" in bad_mode.stderr

@@ -47,19 +47,18 @@ case "$PRESET" in
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
   h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
-         # H200, side stages in parallel. Data to KD student: 14.2 min of wall time at these counts
-         # (benchmarks/results/emoji_h200.md); the embedded model is this run's KD student shipped with SHIP_FROM=kd
+         # H200, side stages in parallel (benchmarks/results/emoji_h200.md)
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
-    VAE_STEPS="${VAE_STEPS:-3000}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-2500}"
-    GAN_START="${GAN_START:-1250}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-6000}"
-    STUDENT_STEPS="${STUDENT_STEPS:-4000}"; ASD_STEPS="${ASD_STEPS:-400}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
-    PARALLEL="${PARALLEL:-1}"
+    VAE_STEPS="${VAE_STEPS:-3000}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-4000}"
+    GAN_START="${GAN_START:-2000}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-6000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-8000}"; ASD_STEPS="${ASD_STEPS:-400}"; CKPT_STEPS="${CKPT_STEPS:-2000}"
+    PARALLEL="${PARALLEL:-1}"; NUM_SCALE_IMAGES="${NUM_SCALE_IMAGES:-4096}"
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"
     EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
     MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"; REPORT_TO="${REPORT_TO:-none}"
     TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"; SETS="${SETS:-all}"
     FAST="${FAST---compile --cuda_graphs}"; TEACHER_FAST="${TEACHER_FAST---cuda_graphs}"
-    KD_FAST="${KD_FAST---cuda_graphs}"; ASD_FAST="${ASD_FAST---cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
+    KD_FAST="${KD_FAST---compile --cuda_graphs}"; ASD_FAST="${ASD_FAST---cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
     DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"; TEXT_TOKENS="${TEXT_TOKENS:-20}"  # fxemoji captions reach 18
     CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 40}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
@@ -192,12 +191,14 @@ step_classifier() {  # the eval's emoji classifier (concept classes), trained on
 }
 
 step_vae() {  # 16-channel, f = 8 AutoencoderKL; its encoder is the frozen encoder of every later step
+  local scale=()  # latent statistics from the first NUM_SCALE_IMAGES training images (all when unset)
+  [[ -n "${NUM_SCALE_IMAGES:-}" ]] && scale=(--num_scale_images "$NUM_SCALE_IMAGES")
   $LAUNCH "$ROOT/training_examples/train_autoencoder.py" --train_data_dir "$DATA" --vae_config "$CONFIGS/vae.json" \
     --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" --random_flip --train_batch_size "$VAE_BATCH" \
     --learning_rate "${VAE_LR:-1e-4}" --kl_weight 1e-6 --lpips_weight 0 --max_train_steps "$VAE_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --seed "$SEED" --report_to "$REPORT_TO" \
     --cache_images --dataloader_num_workers "$WORKERS" --validation_steps "$VALIDATION_STEPS" \
-    "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/vae"
+    "${scale[@]}" "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/vae"
 }
 
 step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + patch GAN; LPIPS needs web weights)
