@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -296,8 +297,8 @@ def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "gra
     kind, size, batch, tiny_size, tiny_batch = CONFIGS[name]
     if tiny:
         size, batch = tiny_size, tiny_batch
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    rows, modes, fallbacks = {}, {}, _FallbackLog()
+    with tempfile.TemporaryDirectory() as tmp, fallbacks:
         out = Path(tmp)
         for part in ("uninterrupted", "resumed"):
             extra = ["--checkpointing_steps", str(half)] + (["--resume_from_checkpoint", "latest"]
@@ -312,11 +313,30 @@ def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "gra
             train(run)
             rows[part] = {r["step"]: r["loss"] for r in map(json.loads, (out / part / "logs" / "metrics.jsonl")
                                                             .read_text().splitlines()) if r["step"] > half}
-            mode = run.program.mode
+            modes[part] = run.program.mode
             del run
     diffs = [abs(rows["resumed"][k] - v) / max(abs(v), 1e-12) for k, v in rows["uninterrupted"].items()]
-    return {"config": name, "resumed_at": half, "steps": 2 * half, "windows": len(diffs), "step_mode": mode,
-            "max_rel_loss_diff": max(diffs), "losses": rows}
+    return {"config": name, "resumed_at": half, "steps": 2 * half, "windows": len(diffs), "step_mode": modes["resumed"],
+            "step_modes": modes, "fallbacks": fallbacks.messages, "max_rel_loss_diff": max(diffs), "losses": rows}
+
+
+class _FallbackLog(logging.Handler):
+    """Collects the engine's "--cuda_graphs is off: <why>" lines while in use (a fallback is a result, not noise)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        if "--cuda_graphs is off" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("diffusers_snapgen").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("diffusers_snapgen").removeHandler(self)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -345,10 +365,13 @@ def markdown(info: dict) -> str:
                                        "error"]))
     resume = info.get("resume")
     if resume and "error" not in resume:
-        lines += ["", f"Resume: `{resume['config']}` trained {resume['steps']} steps ({resume['step_mode']}), and a new run "
-                  f"resumed from the step-{resume['resumed_at']} checkpoint: the mean losses of its "
+        modes = resume.get("step_modes", {})
+        lines += ["", f"Resume: `{resume['config']}` trained {resume['steps']} steps "
+                  f"({modes.get('uninterrupted', resume['step_mode'])}), and a new run resumed from the "
+                  f"step-{resume['resumed_at']} checkpoint ({resume['step_mode']}): the mean losses of its "
                   f"{resume['windows']} logging windows differ from the uninterrupted run's by at most "
                   f"{resume['max_rel_loss_diff']:.2e} (relative)."]
+        lines += [f"Fell back to eager steps: {message}" for message in resume.get("fallbacks", [])]
     elif resume:
         lines += ["", f"Resume check failed: {resume['error']}"]
     lines += ["", "`step_mode` is what ran (a mode whose CUDA graph could not be captured says `eager`); `warmup_s` "

@@ -93,20 +93,26 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     steps = [line for line in proc.stderr.splitlines() if line.startswith("=== ")]
     assert steps == ["=== kd_output ===", "=== eval ==="]  # chosen steps run in order, in the foreground
 
-    # SHIP_FROM=kd: the KD student as the shipped folder, sampling in 4 steps with CFG
-    kd_ship = tmp_path / "shipped-kd"
-    proc = subprocess.run(["bash", str(RECIPE), "ship"], env={**env, "SHIP_FROM": "kd", "SHIP_GUIDANCE": "2.5",
-                                                             "SHIP_DIR": str(kd_ship)},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    defaults = json.loads((kd_ship / "scheduler" / "scheduler_config.json").read_text())["_snapgen_defaults"]
-    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (4, 2.5)
+    # SHIP_FROM=kd / nokd: that student as the shipped folder, sampling in 4 steps with CFG
     from safetensors.torch import load_file
 
-    shipped_unet = load_file(str(kd_ship / "unet" / "diffusion_pytorch_model.safetensors"))
-    kd_unet = load_file(str(runs / "student-kd" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert shipped_unet.keys() == kd_unet.keys()
-    assert all(torch.equal(shipped_unet[k], kd_unet[k].half()) for k in kd_unet)
+    for source, folder in (("kd", "student-kd"), ("nokd", "student-nokd")):
+        ship = tmp_path / f"shipped-{source}"
+        proc = subprocess.run(["bash", str(RECIPE), "ship"], env={**env, "SHIP_FROM": source, "SHIP_GUIDANCE": "2.5",
+                                                                 "SHIP_DIR": str(ship)},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        defaults = json.loads((ship / "scheduler" / "scheduler_config.json").read_text())["_snapgen_defaults"]
+        assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (4, 2.5)
+        shipped_unet = load_file(str(ship / "unet" / "diffusion_pytorch_model.safetensors"))
+        student_unet = load_file(str(runs / folder / "unet" / "diffusion_pytorch_model.safetensors"))
+        assert shipped_unet.keys() == student_unet.keys()
+        assert all(torch.equal(shipped_unet[k], student_unet[k].half()) for k in student_unet)
+    bad = subprocess.run(["bash", str(RECIPE), "ship"], env={**env, "SHIP_FROM": "teacher",
+                                                            "SHIP_DIR": str(tmp_path / "shipped-bad")},
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "SHIP_FROM must be one of" in bad.stderr
+    assert not (tmp_path / "shipped-bad").exists()
 
 
 @pytest.mark.parametrize("preset, latent, vae_size, widths", [

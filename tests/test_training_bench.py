@@ -49,6 +49,9 @@ def test_bench_train_loop_runs_the_engine_in_each_mode(tmp_path):
     assert "error" not in resume, resume
     assert resume["resumed_at"] == 2 and resume["windows"] == 2 and resume["max_rel_loss_diff"] == 0.0
     assert set(resume["losses"]["resumed"]) == set(resume["losses"]["uninterrupted"])
+    # off CUDA both runs fall back to eager steps, and the result says why
+    assert resume["step_modes"] == {"uninterrupted": "eager", "resumed": "eager"}
+    assert len(resume["fallbacks"]) == 2 and all("not a CUDA GPU" in m for m in resume["fallbacks"])
     bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--configs", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--configs" in bad.stderr

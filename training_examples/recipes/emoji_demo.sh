@@ -47,7 +47,8 @@ case "$PRESET" in
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
   h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
-         # H200, side stages in parallel (benchmarks/results/emoji_h200.md)
+         # H200, side stages in parallel: 21.9 min of wall time in a run that compiled the KD step (KD_FAST="--compile
+         # --cuda_graphs": 35.4 steps/s after a 193 s cold compile, against 23.5 without; benchmarks/results/emoji_h200.md)
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-3000}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-4000}"
     GAN_START="${GAN_START:-2000}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-6000}"
@@ -58,7 +59,7 @@ case "$PRESET" in
     MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-8}"; REPORT_TO="${REPORT_TO:-none}"
     TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"; SETS="${SETS:-all}"
     FAST="${FAST---compile --cuda_graphs}"; TEACHER_FAST="${TEACHER_FAST---cuda_graphs}"
-    KD_FAST="${KD_FAST---compile --cuda_graphs}"; ASD_FAST="${ASD_FAST---cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
+    KD_FAST="${KD_FAST---cuda_graphs}"; ASD_FAST="${ASD_FAST---cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
     DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"; TEXT_TOKENS="${TEXT_TOKENS:-20}"  # fxemoji captions reach 18
     CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 40}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
@@ -81,7 +82,8 @@ SEED="${SEED:-0}"
 TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji caption has 10): stored in the base
                                   # pipeline's sampling defaults, so every model trains and samples with this length
 SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # at most 40 MB of weights in git
-SHIP_FROM="${SHIP_FROM:-asd}"               # asd: the ASD student; kd: the KD student, 4 steps with CFG $SHIP_GUIDANCE
+SHIP_FROM="${SHIP_FROM:-asd}"               # asd: the ASD student; kd / nokd: the KD / no-KD student, 4 steps with
+                                            # CFG $SHIP_GUIDANCE
 SHIP_GUIDANCE="${SHIP_GUIDANCE:-3}"
 ASD_TEACHER_GUIDANCE="${ASD_TEACHER_GUIDANCE:-3}"  # CFG of the teacher's ASD targets: the no-CFG 4-step student
                                                    # learns guided sampling (the eval samples the teachers at CFG 3)
@@ -281,7 +283,7 @@ step_asd() {  # adversarial step distillation of the KD student to 4 steps (the 
     --max_train_steps "$ASD_STEPS" "${ASD_SPEED[@]}" --output_dir "$RUNS/student-asd"
 }
 
-step_ship() {  # ASD student (SHIP_FROM=kd: the KD student at 4 steps, CFG $SHIP_GUIDANCE) + TinyDecoder, fp16, no
+step_ship() {  # ASD student (SHIP_FROM=kd or nokd: that student at 4 steps, CFG $SHIP_GUIDANCE) + TinyDecoder, fp16, no
               # text encoder (MiniLM comes from its wheel, named in the scheduler config so every entry point loads
               # it): the embedded model
   "$PYTHON" - "$RUNS" "$SHIP_DIR" "$SHIP_LIMIT_MB" "$SHIP_FROM" "$SHIP_GUIDANCE" <<'PY'
@@ -291,8 +293,11 @@ import torch
 from diffusers_snapgen import SnapGenPipeline, TinyDecoder
 runs, target, limit_mb = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 source, guidance = sys.argv[4], float(sys.argv[5])
-student = SnapGenPipeline.from_pretrained(runs / {"asd": "student-asd", "kd": "student-kd"}[source])
-if source == "kd":  # the KD student sampled in 4 steps, with CFG (ASD's pipeline already defaults to 4 steps, no CFG)
+folders = {"asd": "student-asd", "kd": "student-kd", "nokd": "student-nokd"}
+if source not in folders:
+    sys.exit(f"ship: SHIP_FROM must be one of {sorted(folders)}, got {source!r}")
+student = SnapGenPipeline.from_pretrained(runs / folders[source])
+if source != "asd":  # a flow-matching student sampled in 4 steps, with CFG (ASD's pipeline defaults to 4 steps, no CFG)
     student.set_sampling_defaults(num_inference_steps=4, guidance_scale=guidance)
 shipped = SnapGenPipeline(unet=student.unet, vae=TinyDecoder.from_pretrained(runs / "tiny_decoder"),
                           scheduler=student.scheduler).to(torch.float16)  # keeps the sampling defaults
