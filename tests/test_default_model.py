@@ -303,6 +303,8 @@ def test_train_snapgen_fine_tunes_the_default_model_on_a_cpu(tmp_path):
     tuned = SnapGenPipeline.from_pretrained(str(out))
     assert type(tuned.vae).__name__ == "TinyDecoder" and (out / "vae_encoder" / "config.json").is_file()
     shipped = SnapGenPipeline.from_pretrained(str(DEFAULT_MODEL_DIR), text_encoder=None)
+    # no --validation_* flags: the fine-tuned model samples like its base (4 steps, CFG 3, 20 tokens), not 28 steps
+    assert tuned.sampling_defaults == shipped.sampling_defaults
     moved = [name for name, p in tuned.unet.named_parameters()
              if not torch.equal(p.float(), dict(shipped.unet.named_parameters())[name].float())]
     assert moved  # the UNet was trained

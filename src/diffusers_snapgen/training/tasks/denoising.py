@@ -282,14 +282,15 @@ class FlowMatchingTask(TrainingTask):
         return images
 
     def save_final(self, model):
-        from ...pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
-
         args = self.args
         if model is not self.run.unwrapped_model:  # the gathered copy of an FSDP2-sharded model
             self.pipeline = build_pipeline(self.base.components, model)
+        # unless --validation_* say otherwise, the result samples like its base (a 4-step CFG-3 base stays 4-step;
+        # a base that stores no defaults gives the pipeline's 28 steps and CFG 3.5)
+        base = self.pipeline.sampling_defaults
         self.pipeline.set_sampling_defaults(
-            num_inference_steps=self.final_num_inference_steps() or DEFAULT_NUM_INFERENCE_STEPS,
-            guidance_scale=self.final_guidance_scale(DEFAULT_GUIDANCE_SCALE))
+            num_inference_steps=self.final_num_inference_steps() or base["num_inference_steps"],
+            guidance_scale=self.final_guidance_scale(base["guidance_scale"]))
         if self.save_subfolder is None:
             atomic_save_pipeline(self.pipeline, args.output_dir)
             self._save_image_encoder()
