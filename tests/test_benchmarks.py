@@ -2,6 +2,7 @@
 never for speed). ``--smoke`` runs tiny models on the CPU through every code path the GPU run takes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,3 +125,61 @@ def test_bench_lora_rejects_bad_arguments():
     with pytest.raises(subprocess.CalledProcessError) as error:
         _run("bench_lora.py", "--device", "cpu", "--rank", "0")
     assert "--rank" in error.value.stderr
+
+
+def _emoji_data(folder, subject="flamingo", trained=("red apple",)):
+    """A two-style rendered set in prepare_emoji.py's layout: ``trained`` concepts in train/, ``subject`` in test/."""
+    from PIL import Image, ImageDraw
+
+    for split, concepts in (("train", trained), ("test", (subject,))):
+        (folder / split).mkdir(parents=True)
+        rows = []
+        for concept in concepts:
+            for style, colour in (("noto", "hotpink"), ("twemoji", "deeppink")):
+                name = f"{style}-{concept.replace(' ', '-')}.png"
+                image = Image.new("RGB", (64, 64), "white")
+                ImageDraw.Draw(image).ellipse((12, 8, 44, 56), fill=colour)
+                image.save(folder / split / name)
+                rows.append({"file_name": name, "text": f"{concept}, {style} style", "concept": concept,
+                             "style": style, "kind": "seen" if split == "train" else "heldout_concept"})
+        (folder / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_bench_lora_default_model_smoke_on_cpu(tmp_path):
+    """The real code path on the shipped model (2 LoRA steps at 64x64, an untrained classifier), from a data folder."""
+    data = _emoji_data(tmp_path / "data")
+    _run("bench_lora_default_model.py", "--smoke", "--data-dir", str(data), "--work-dir", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "lora_default_model_cpu.json").read_text())
+    assert result["smoke"] and result["subject"] == "flamingo" and result["resolution"] == 64
+    assert result["sampling"]["num_inference_steps"] >= 1 and "held-out" in result["subject_heldout"]
+    (name, run), = result["runs"].items()  # --smoke: one run, with prior preservation, no ablation run
+    assert name == "attn density" and run["train_wall_s"] > 0 and run["prior_preservation"]
+    assert "--with_prior_preservation --class_data_dir WORK/class" in run["command"]
+    assert len(list((tmp_path / "work" / "class").glob("*.png"))) == result["prior_preservation"]["num_class_images"]
+    assert str(tmp_path) not in json.dumps(result)  # no machine paths in the record
+    for part in (result["before"], run):
+        assert 0 <= part["instance_classifier"]["top1"] <= part["instance_classifier"]["top5"] <= 1
+        assert part["instance_classifier"]["count"] == 2 and part["others_classifier"]["count"] == 16
+        assert 0 <= part["others_classifier"]["top1_is_subject"] <= 1
+        assert all(map(math.isfinite, part["instance_to_nearest"].values()))
+    assert math.isfinite(run["others_after_vs_before"]["mean_abs"]) and isinstance(run["criterion"]["met"], bool)
+    assert result["references"]["instance_images_classifier"]["count"] == 8
+    assert "SMOKE RUN" in (tmp_path / "out" / "lora_default_model_cpu.md").read_text()
+    assert (tmp_path / "out" / "lora_default_model_cpu.jpg").stat().st_size > 0
+
+
+def test_bench_lora_default_model_rejects_bad_arguments(tmp_path):
+    import pytest
+
+    data = _emoji_data(tmp_path / "data", trained=("red apple", "flamingo"))
+    for args, flag in ((["--smoke", "--steps", "0"], "--steps"), (["--smoke", "--styles", "noto"], "--styles"),
+                       (["--steps", "5"], "--classifier"), (["--smoke", "--other-seeds", "1"], "--other-seeds"),
+                       (["--smoke", "--data-dir", str(tmp_path)], "--data-dir"),
+                       (["--smoke", "--class-prompt", "sks emoji"], "--class-prompt"),
+                       (["--smoke", "--data-dir", str(data)], "--subject")):  # flamingo is trained in this set
+        with pytest.raises(subprocess.CalledProcessError) as error:
+            _run("bench_lora_default_model.py", *args, "--out", str(tmp_path / "out"))
+        assert flag in error.value.stderr, (args, error.value.stderr[-500:])
+    assert not (tmp_path / "out").exists()
