@@ -143,3 +143,123 @@ def test_cli_search_argument_errors(tmp_path, capsys):
     assert "--output is required" in capsys.readouterr().err
     assert main(["--model", "x", "--output", str(tmp_path / "o"), "--variants", "fp16,mixed"]) == 2
     assert "mixed:RECIPE.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- classifier top-1 and the benchmark
+
+
+def _fixed_classifier(favourite: str, classes=("red apple", "a cat", "blue car")):
+    """An emoji classifier that puts every image in class ``favourite`` (zero head weights, one-hot bias)."""
+    import torch
+
+    from diffusers_snapgen.evaluation import EmojiClassifier
+
+    model = EmojiClassifier(list(classes), image_size=16, widths=(4, 8)).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[model.class_index(favourite)] = 10.0
+    return model
+
+
+def test_end_to_end_classifier_top1_by_concept_and_group():
+    import torch
+
+    from diffusers_snapgen.coreml.components import pipeline_components
+    from diffusers_snapgen.coreml.quality import EndToEndQuality
+
+    pipe = _pipe()
+    specs = pipeline_components(pipe, 32, ["unet", "decoder", "text"])
+    prompts = ["red apple, noto style", "a cat", "blue car", "red apple"]
+    groups = ["seen", "seen", "heldout_pair", "heldout_pair"]
+    quality = EndToEndQuality(pipe, specs, 32, prompts, [0, 1, 2, 3], classifier=_fixed_classifier("red apple"),
+                              groups=groups)
+    settings = quality.settings()
+    # the styled caption counts for its concept, as in `snapgen eval`: 2 of 4 prompts are "red apple"
+    assert settings["classifier"] == {"classes": 3, "reference_top1": 0.5,
+                                      "reference_top1_by_group": {"seen": 0.5, "heldout_pair": 0.5}}
+    assert settings["groups"] == groups
+    unet = next(s for s in specs if s.name == "unet").module
+    noisy = {"unet": {k: v + 0.05 * torch.randn_like(v) for k, v in unet.named_parameters() if v.ndim >= 2}}
+    report = quality.report(noisy)
+    assert report["classifier_top1"] == 0.5 and report["classifier_same_class_as_reference"] == 1.0
+    assert set(report["by_group"]) == {"seen", "heldout_pair"}
+    assert all(g["images"] == 2 and g["classifier_top1"] == 0.5 for g in report["by_group"].values())
+    assert isinstance(report["image_psnr_db"], float) and report["image_psnr_db"] < 200
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) are not classes of the classifier.*'a dog'"):
+        EndToEndQuality(pipe, specs, 32, ["a dog", "a cat"], classifier=_fixed_classifier("a cat"))
+    with pytest.raises(ValueError, match="`groups` must be one non-empty string per prompt"):
+        EndToEndQuality(pipe, specs, 32, ["a cat"], groups=["seen", "seen"])
+
+
+def test_top1_vs_fp16_points():
+    from diffusers_snapgen.coreml.export import _top1_vs_fp16
+
+    variants = {"fp16": {"end_to_end": {"classifier_top1": 0.12}}, "mixed": {"end_to_end": {"classifier_top1": 0.105}},
+                "palettize4": {"end_to_end": {"image_psnr_db": 20.0}}}
+    _top1_vs_fp16(variants)
+    assert variants["fp16"]["end_to_end"]["classifier_top1_vs_fp16_points"] == 0.0
+    assert variants["mixed"]["end_to_end"]["classifier_top1_vs_fp16_points"] == -1.5
+    assert "classifier_top1_vs_fp16_points" not in variants["palettize4"]["end_to_end"]
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "coreml_mixed_bit.py"
+    spec = importlib.util.spec_from_file_location("coreml_mixed_bit_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_eval_prompts_both_formats(tmp_path):
+    bench = _benchmark()
+    data = tmp_path / "eval_prompts.json"
+    data.write_text(json.dumps({"seen": [f"s{i}, noto style" for i in range(6)],
+                                "heldout_pair": [f"h{i}, fluent style" for i in range(6)], "heldout_concept": ["x"]}))
+    search, report = bench.eval_pairs(2, 3, data)
+    assert report == [[f"s{i}, noto style", 0, "seen"] for i in range(3)] + \
+        [[f"h{i}, fluent style", 0, "heldout_pair"] for i in range(3)]
+    assert search == [["s3, noto style", 1, "seen"], ["s4, noto style", 1, "seen"],
+                      ["h3, fluent style", 1, "heldout_pair"], ["h4, fluent style", 1, "heldout_pair"]]
+    table = tmp_path / "eval_quality.json"  # the `snapgen eval` table: same prompts, other seeds
+    table.write_text(json.dumps({"prompts": [{"prompt": f"{g}{i // 2}", "group": g, "seed": i}
+                                             for g in ("seen", "heldout") for i in range(8)]}))
+    search, report = bench.eval_pairs(2, 3, table)
+    assert search == [["seen0", 0, "seen"], ["seen1", 2, "seen"], ["heldout0", 0, "heldout"],
+                      ["heldout1", 2, "heldout"]]
+    assert report[:3] == [["seen0", 1, "seen"], ["seen1", 3, "seen"], ["seen2", 4, "seen"]]
+    assert not {(p, s) for p, s, _ in search} & {(p, s) for p, s, _ in report}
+    default_search, default_report = bench.eval_pairs(4, 24)  # the committed default still reads
+    assert len(default_search) == 8 and len(default_report) == 48
+
+
+def test_benchmark_bad_arguments_name_the_flag(tmp_path, capsys):
+    from diffusers_snapgen.evaluation import save_classifier
+
+    bench = _benchmark()
+    data = tmp_path / "eval_prompts.json"
+    data.write_text(json.dumps({"seen": ["red apple, noto style", "a cat", "blue car"],
+                                "heldout_pair": ["a cat, fluent style", "blue car", "red apple"]}))
+    out = ["--out", str(tmp_path / "out")]
+    assert bench.main(["default", "--eval-prompts", str(tmp_path / "missing.json"), *out]) == 2
+    assert "--eval-prompts" in capsys.readouterr().err
+    assert bench.main(["default", "--eval-prompts", str(data), "--report-pairs", "3", "--search-pairs", "1", *out]) == 2
+    assert "fewer than --report-pairs 3 + --search-pairs 1" in capsys.readouterr().err
+    (tmp_path / "wrong.json").write_text(json.dumps({"train": ["a"]}))
+    assert bench.main(["default", "--eval-prompts", str(tmp_path / "wrong.json"), *out]) == 2
+    assert "no 'seen' and 'heldout_pair'" in capsys.readouterr().err
+    args = ["default", "--eval-prompts", str(data), "--report-pairs", "2", "--search-pairs", "1", *out]
+    assert bench.main([*args, "--classifier", str(tmp_path / "c.pt")]) == 2
+    assert "--classifier must be a .safetensors" in capsys.readouterr().err
+    assert bench.main([*args, "--classifier", str(tmp_path / "none.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--classifier: classifier" in err and "snapgen eval --train-classifier" in err
+    path = save_classifier(_fixed_classifier("a cat", classes=("a cat", "blue car")), tmp_path / "two.safetensors")
+    assert bench.main([*args, "--classifier", str(path)]) == 2
+    assert "has no class for 2 prompt(s) of --eval-prompts (e.g. 'red apple" in capsys.readouterr().err
+    assert bench.main(["paper", "--classifier", str(path), *out]) == 2
+    assert "apply to the default model only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

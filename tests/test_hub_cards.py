@@ -48,6 +48,23 @@ def test_coreml_card_metadata_and_swift_loop(tmp_path):
     assert render_coreml_card(_manifest(), model_id=str(tmp_path)).data.base_model is None
 
 
+def test_coreml_card_classifier_top1_column():
+    manifest = _manifest()
+    manifest["end_to_end_settings"] = {"prompts": ["a"] * 4, "seeds": [0, 1, 2, 3], "resolution": 1024,
+                                       "num_inference_steps": 4, "guidance_scale": 1.0,
+                                       "classifier": {"classes": 10, "reference_top1": 0.125,
+                                                      "reference_top1_by_group": {}}}
+    manifest["variants"]["fp16"]["end_to_end"] = {"image_psnr_db": 70.0, "nearest_reference_agreement": 1.0,
+                                                  "classifier_top1": 0.125, "classifier_top1_vs_fp16_points": 0.0}
+    manifest["variants"]["palettize4"]["end_to_end"] = {"image_psnr_db": 20.0, "nearest_reference_agreement": 0.75,
+                                                        "classifier_top1": 0.1, "classifier_top1_vs_fp16_points": -2.5}
+    text = render_coreml_card(manifest).text
+    assert "| nearest-reference agreement | classifier top-1 |" in text and "fp32 reference:\n12.5%" in text
+    assert "| 20.0 dB | 75% | 10.0% (-2.5) |" in text and "| 70.0 dB | 100% | 12.5% (+0.0) |" in text
+    del manifest["end_to_end_settings"]["classifier"]  # no classifier: no column
+    assert "classifier top-1" not in render_coreml_card(manifest).text
+
+
 def test_coreml_card_rejects_bad_arguments():
     with pytest.raises(ValueError, match="`manifest`"):
         render_coreml_card({"components": {}})

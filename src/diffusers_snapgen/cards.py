@@ -89,10 +89,13 @@ def render_coreml_card(manifest: dict, model_id: str | None = None, license: str
         bits = data.get("average_bits_per_weight")
         e2e = data.get("end_to_end") or {}
         agreement = e2e.get("nearest_reference_agreement")
+        top1, points = e2e.get("classifier_top1"), e2e.get("classifier_top1_vs_fp16_points")
         rows.append({"name": variant, "size": f"{data['size_bytes'] / 2**20:.1f} MiB", "cells": cells,
                      "bits": "—" if bits is None else f"{bits:.2f}",
                      "end_to_end": "—" if not e2e else f"{e2e['image_psnr_db']} dB",
-                     "agreement": "—" if agreement is None else f"{agreement * 100:.0f}%"})
+                     "agreement": "—" if agreement is None else f"{agreement * 100:.0f}%",
+                     "top1": "—" if top1 is None else f"{top1 * 100:.1f}%"
+                     + ("" if points is None else f" ({points:+.1f})")})
     io_rows = [{"package": c["package"], "inputs": _fmt_io(c["io"]["inputs"]), "outputs": _fmt_io(c["io"]["outputs"])}
                for c in components.values()]
     unet_inputs = {f["name"]: f["shape"] for f in components.get("unet", {}).get("io", {}).get("inputs", [])}

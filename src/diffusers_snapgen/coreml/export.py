@@ -273,7 +273,19 @@ def export_components(
             _log(progress, f"{key}: end-to-end image PSNR {data['end_to_end']['image_psnr_db']} dB vs fp32")
     if quality is not None and validate:
         report["end_to_end_settings"] = quality.settings()
+        _top1_vs_fp16(report["variants"])
     return report
+
+
+def _top1_vs_fp16(variants: dict) -> None:
+    """Each variant's classifier top-1 minus fp16's, in percentage points (when both were measured)."""
+    base = (variants.get("fp16", {}).get("end_to_end") or {}).get("classifier_top1")
+    if base is None:
+        return
+    for data in variants.values():
+        e2e = data.get("end_to_end") or {}
+        if e2e.get("classifier_top1") is not None:
+            e2e["classifier_top1_vs_fp16_points"] = round(100 * (e2e["classifier_top1"] - base), 2)
 
 
 def _load_mixed_recipe(variants, components):
@@ -369,6 +381,8 @@ def export_pipeline(
     end_to_end: bool = True,
     quality_prompts=None,
     quality_seeds=None,
+    quality_classifier=None,
+    quality_groups=None,
 ) -> dict:
     """Export ``pipe`` (a :class:`SnapGenPipeline`) to ``output_dir`` in the Hub layout; returns the manifest.
 
@@ -377,7 +391,10 @@ def export_pipeline(
     ``num_inference_steps`` defaults to the pipeline's sampling default. With ``validate`` and ``end_to_end``
     (and the UNet and, for a pipeline with text encoders, the text packages exported) each variant also gets the
     end-to-end image PSNR of the full sampling against fp32 on ``quality_prompts``/``quality_seeds``
-    (:class:`~.quality.EndToEndQuality`; default prompts :data:`~.quality.DEFAULT_QUALITY_PROMPTS`).
+    (:class:`~.quality.EndToEndQuality`; default prompts :data:`~.quality.DEFAULT_QUALITY_PROMPTS`);
+    ``quality_classifier`` (an emoji classifier, :func:`diffusers_snapgen.evaluation.load_classifier`) adds the
+    classifier top-1 of every variant and its difference to fp16 in points, ``quality_groups`` (one label per
+    prompt) the same per group.
     """
     from ..cards import render_coreml_card
 
@@ -399,7 +416,8 @@ def export_pipeline(
         from .quality import EndToEndQuality
 
         _log(progress, "sampling the fp32 reference images of the end-to-end check")
-        quality = EndToEndQuality(pipe, specs, resolution, quality_prompts, quality_seeds)
+        quality = EndToEndQuality(pipe, specs, resolution, quality_prompts, quality_seeds,
+                                  classifier=quality_classifier, groups=quality_groups)
     guidance = float(defaults.get("guidance_scale", 1.0))
     if batch_size == 1 and guidance > 1.0:
         _log(progress, f"note: the model's default guidance scale is {guidance}; a batch-1 UNet needs two calls per "

@@ -8,7 +8,11 @@ same prompts and initial noise:
   single image;
 - **nearest-reference agreement**: the share of variant images whose nearest fp32 image (pixel L2, over all prompts
   and seeds) is the fp32 image of the same prompt and seed -- a classifier-free check that compression did not turn
-  one prompt's picture into another's.
+  one prompt's picture into another's;
+- with an emoji classifier (:mod:`diffusers_snapgen.evaluation`, the one ``snapgen eval`` trains): **classifier
+  top-1**, the share of images whose prompt's concept is the classifier's top class (the prompt-to-concept mapping
+  of ``snapgen eval``), for the fp32 reference and every variant, and the share of variant images given the same
+  class as their fp32 image.
 
 The UNet runs in its Neural-Engine form (the module that was converted), the text encoders and decoder as wrapped
 for export; the fp32 reference uses the original modules.
@@ -25,6 +29,9 @@ import torch
 from .components import CoreMLComponent
 
 __all__ = ["DEFAULT_QUALITY_PROMPTS", "image_psnr", "nearest_reference_agreement", "EndToEndQuality"]
+
+#: Images per pipeline call of :meth:`EndToEndQuality.sample` (bounds memory for a few hundred images).
+SAMPLE_BATCH = 25
 
 #: Prompts of the end-to-end check when the caller gives none: captions the embedded default model was trained
 #: on (seen set of its evaluation, benchmarks/results/eval_quality.json), one seed each.
@@ -64,17 +71,37 @@ class EndToEndQuality:
         components: its :class:`CoreMLComponent` list (their ``module``\\ s receive the variant weights).
         resolution: image side in pixels.
         prompts, seeds: what to sample; default :data:`DEFAULT_QUALITY_PROMPTS` with seeds ``0..n-1``.
+        classifier: optional :class:`~diffusers_snapgen.evaluation.EmojiClassifier`: adds classifier top-1 (every
+            prompt must be one of its classes, or a caption ``"<class>, <style> style"``).
+        groups: optional label per prompt (``"seen"``, ``"heldout_pair"``): image PSNR and top-1 also per group.
     """
 
     def __init__(self, pipe, components: Sequence[CoreMLComponent], resolution: int,
-                 prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None):
+                 prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None, classifier=None,
+                 groups: Sequence[str] | None = None):
         prompts = list(DEFAULT_QUALITY_PROMPTS if prompts is None else prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("`prompts` must be a non-empty list of non-empty strings.")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ValueError(f"`seeds` must be one int per prompt ({len(prompts)}), got {seeds!r}.")
+        if groups is not None and (isinstance(groups, str) or len(groups) != len(prompts)
+                                   or not all(isinstance(g, str) and g for g in groups)):
+            raise ValueError(f"`groups` must be one non-empty string per prompt ({len(prompts)}), got {groups!r}.")
         self.prompts, self.seeds, self.resolution = prompts, seeds, resolution
+        self.groups = None if groups is None else list(groups)
+        self.classifier = classifier
+        if classifier is not None:
+            from ..evaluation.classifier import EmojiClassifier
+            from ..evaluation.harness import _is_class
+
+            if not isinstance(classifier, EmojiClassifier):
+                raise TypeError(f"`classifier` must be an EmojiClassifier (load_classifier), got "
+                                f"{type(classifier).__name__}.")
+            unknown = [p for p in dict.fromkeys(prompts) if not _is_class(classifier, p)]
+            if unknown:
+                raise ValueError(f"{len(unknown)} prompt(s) are not classes of the classifier (e.g. {unknown[0]!r}): "
+                                 "use captions of the dataset it was trained on (its eval_prompts.json).")
         self.components = {c.name: c for c in components}
         self.modules = {c.name: c.module for c in components}
         text = getattr(pipe, "text_encoder_mode", None) is not None
@@ -90,6 +117,7 @@ class EndToEndQuality:
         self.latents = torch.cat([torch.randn(1, channels, latent, latent, generator=torch.Generator().manual_seed(s))
                                   for s in seeds])
         self.reference = self.sample(self.reference_pipe)
+        self.reference_classes = None if classifier is None else self._classes(self.reference)
 
     def _assemble(self, pipe, use_reference: bool):
         """A pipeline over the export's fp32 modules: reference (original) forms or the converted forms."""
@@ -112,11 +140,37 @@ class EndToEndQuality:
 
     @torch.no_grad()
     def sample(self, pipe=None) -> torch.Tensor:
-        """Images ``(N, 3, H, W)`` in [0, 1] from ``pipe`` (default: the converted forms, current weights)."""
+        """Images ``(N, 3, H, W)`` in [0, 1] from ``pipe`` (default: the converted forms, current weights), in
+        calls of :data:`SAMPLE_BATCH` images."""
         pipe = self.pipe if pipe is None else pipe
-        return pipe(self.prompts, height=self.resolution, width=self.resolution, latents=self.latents.clone(),
-                    num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                    output_type="pt").images.float().clamp(0, 1)
+        out = []
+        for first in range(0, len(self.prompts), SAMPLE_BATCH):
+            part = slice(first, first + SAMPLE_BATCH)
+            out.append(pipe(self.prompts[part], height=self.resolution, width=self.resolution,
+                            latents=self.latents[part].clone(), num_inference_steps=self.num_inference_steps,
+                            guidance_scale=self.guidance_scale, output_type="pt").images.float().clamp(0, 1))
+        return torch.cat(out)
+
+    def _classes(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's top class of each image (8-bit images, as ``snapgen eval`` classifies them)."""
+        from ..evaluation.data import to_uint8
+
+        return self.classifier.logits(to_uint8(images), batch_size=128).argmax(dim=1)
+
+    def _subsets(self) -> dict[str, list[int]]:
+        if self.groups is None:
+            return {}
+        return {g: [i for i, x in enumerate(self.groups) if x == g] for g in dict.fromkeys(self.groups)}
+
+    def _top1(self, images: torch.Tensor, index=None) -> float:
+        """Classifier top-1 of ``images`` (or of ``images[index]``) against their prompts' concepts, measured as
+        ``snapgen eval`` does (8-bit images, :func:`~diffusers_snapgen.evaluation.prompt_accuracy`)."""
+        from ..evaluation.data import to_uint8
+        from ..evaluation.metrics import prompt_accuracy
+
+        index = list(range(len(images)) if index is None else index)
+        chosen = to_uint8(images[index])
+        return round(prompt_accuracy(chosen, [self.prompts[i] for i in index], self.classifier)["top1"], 4)
 
     def psnr(self, states: Mapping[str, Mapping] | None = None) -> float:
         """End-to-end image PSNR with ``states`` (``{component: {parameter: tensor}}``) swapped in."""
@@ -126,13 +180,15 @@ class EndToEndQuality:
             return image_psnr(self.reference, self.sample())
 
     def report(self, states: Mapping[str, Mapping] | None = None) -> dict:
-        """``{"image_psnr_db", "worst_image_psnr_db", "nearest_reference_agreement", "images"}`` of one variant."""
+        """``{"image_psnr_db", "worst_image_psnr_db", "nearest_reference_agreement", "images", ...}`` of one
+        variant; with a classifier also ``classifier_top1`` and ``classifier_same_class_as_reference`` (share of
+        images given the class of their fp32 image); with groups ``by_group`` (image PSNR and top-1 per group)."""
         from .mixed_bit import swapped_states
 
         with swapped_states(self.modules, states or {}):
             images = self.sample()
         worst = min(image_psnr(r[None], t[None]) for r, t in zip(self.reference, images))
-        return {
+        out = {
             "image_psnr_db": _db(image_psnr(self.reference, images)),
             "worst_image_psnr_db": _db(worst),
             "nearest_reference_agreement": round(nearest_reference_agreement(self.reference, images), 4),
@@ -140,10 +196,32 @@ class EndToEndQuality:
             "resolution": self.resolution,
             "num_inference_steps": self.num_inference_steps,
         }
+        classes = None if self.classifier is None else self._classes(images)
+        if classes is not None:
+            out["classifier_top1"] = self._top1(images)
+            out["classifier_same_class_as_reference"] = round(
+                float((classes == self.reference_classes).double().mean()), 4)
+        subsets = self._subsets()
+        if subsets:
+            out["by_group"] = {}
+            for group, index in subsets.items():
+                entry = {"images": len(index), "image_psnr_db": _db(image_psnr(self.reference[index], images[index]))}
+                if classes is not None:
+                    entry["classifier_top1"] = self._top1(images, index)
+                out["by_group"][group] = entry
+        return out
 
     def settings(self) -> dict:
-        return {"prompts": self.prompts, "seeds": self.seeds, "resolution": self.resolution,
-                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
+        out = {"prompts": self.prompts, "seeds": self.seeds, "resolution": self.resolution,
+               "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
+        if self.groups is not None:
+            out["groups"] = self.groups
+        if self.classifier is not None:
+            out["classifier"] = {"classes": len(self.classifier.classes),
+                                 "reference_top1": self._top1(self.reference),
+                                 "reference_top1_by_group": {g: self._top1(self.reference, i)
+                                                             for g, i in self._subsets().items()}}
+        return out
 
 
 def _db(value: float):
