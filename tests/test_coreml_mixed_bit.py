@@ -1,18 +1,21 @@
 """Mixed-bit palettization on a tiny pipeline: the search (widths between the offered ones, monotone in the bar), the
-recipe applied by the export (per-op widths in the package, average bits in the manifest) and bad recipe files."""
+recipe applied by the export (per-op widths in the package, average bits in the manifest, look-up tables counted)
+and bad recipe files."""
 
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("coremltools")
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
 
-from diffusers_snapgen.coreml.compress import parse_variants  # noqa: E402
+from diffusers_snapgen.coreml.compress import parse_variants, stored_bits  # noqa: E402
 from diffusers_snapgen.coreml.export import MANIFEST_NAME, export_pipeline  # noqa: E402
 from diffusers_snapgen.coreml.mixed_bit import (  # noqa: E402
     RECIPE_FORMAT,
+    MixedBitSearch,
     greedy_moves,
     load_recipe,
     package_lut_bits,
@@ -54,6 +57,8 @@ def test_search_recipe_bits_between_offered(searched):
     meta = recipe.metadata
     assert meta["meets_bar"] and meta["measured_psnr_db"] >= meta["bar_db"]
     assert min(BITS) <= meta["average_bits_per_weight"] <= max(BITS)
+    assert meta["average_bits_per_weight"] < meta["average_bits_per_weight_with_luts"]  # tables counted as well
+    assert meta["component_bits_with_luts"]["unet"] == meta["average_bits_per_weight_with_luts"]
     assert set(recipe.layers) == {"unet"} and set(recipe.layers["unet"].values()) <= set(BITS)
     assert len(recipe.layers["unet"]) > 20 and meta["units"] < len(recipe.layers["unet"])  # grouped search
     path = save_recipe(recipe, folder / "middle.json")
@@ -79,20 +84,56 @@ def test_greedy_moves_cheapest_error_per_bit_first():
     assert greedy_moves(sensitivity, sizes, (2, 6)) == [("c", 2), ("b", 2), ("a", 2)]
 
 
+def test_greedy_moves_count_look_up_tables_when_given_costs():
+    sensitivity = {"a": {4: 39.0, 8: 60.0}, "b": {4: 40.0, 8: 60.0}}
+    sizes = {"a": 100, "b": 100}
+    assert greedy_moves(sensitivity, sizes, (4, 8))[0] == ("b", 4)  # index bits only: b adds less error
+    # a's 8-bit tables cost 3000 bits: lowering a saves 3400 bits, b only 400 -> a first
+    costs = {"a": {8: 800 + 3000, 4: 400 + 200}, "b": {8: 800 + 16, 4: 400 + 16}}
+    assert greedy_moves(sensitivity, sizes, (4, 8), costs)[0] == ("a", 4)
+    with pytest.raises(ValueError, match="`costs` lacks"):
+        weight = torch.zeros(4, 4)
+        MixedBitSearch({"unet": {"w": {4: weight, 8: weight}}}, lambda s: 0.0, (4, 8), costs={"unet": {"w": {8: 1}}})
+
+
+def test_stored_bits_count_indices_and_tables():
+    from diffusers_snapgen.coreml.compress import palettizable_parameters, palettize
+    from diffusers_snapgen.coreml.components import unet_component
+    from diffusers_snapgen.coreml.convert import convert_module
+
+    spec = unet_component(_pipe().unet, 4)
+    mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target="iOS18")
+    eligible = palettizable_parameters(mlmodel, spec.module, 256)
+    dense = stored_bits(mlmodel, spec.module)
+    assert all(dense[p] == 16 * m["numel"] for p, m in eligible.items())  # fp16, no tables
+    model, info = palettize(mlmodel, spec.module, 3, "iOS18", group_size=8, weight_threshold=256)
+    packed = stored_bits(model, spec.module)
+    for p, m in eligible.items():
+        rows = m["shape"][0]
+        tables = rows // 8 if rows % 8 == 0 and rows > 8 else 1
+        assert packed[p] == 3 * m["numel"] + tables * 2**3 * 16  # uint3 indices + fp16 tables of 8 entries
+    assert info["average_bits_per_weight"] == 3.0 < info["average_bits_per_weight_with_luts"]
+
+
 def test_export_applies_recipe(searched, tmp_path):
     folder, _, search, widest, narrowest = searched
     recipe = search.recipe(_middle_bar(widest, narrowest))
+    recipe.layers["unet"][sorted(recipe.layers["unet"])[0]] = 3  # 3-bit tables (uint3 indices) are applied too
     path = save_recipe(recipe, folder / "applied.json")
     out = tmp_path / "export"
+    # the export's own group size (4) is for uniform variants: the mixed one keeps the recipe's (8)
     manifest = export_pipeline(_pipe(), out, variants=["fp16", f"mixed:{path}"], components="unet", validate=False,
-                               progress=None, **SETTINGS)
+                               progress=None, **{**SETTINGS, "group_size": 4})
     found = package_lut_bits(out / "packages" / "mixed" / "Unet.mlpackage")
     expected = {name.replace(".", "_") + "_to_fp16": bits for name, bits in recipe.layers["unet"].items()}
     assert found == expected
     assert package_lut_bits(out / "packages" / "fp16" / "Unet.mlpackage") == {}
     on_disk = json.loads((out / MANIFEST_NAME).read_text())
     mixed = on_disk["variants"]["mixed"]
-    assert mixed["unet_average_bits_per_weight"] == pytest.approx(recipe.metadata["component_bits"]["unet"])
+    assert mixed["components"]["unet"]["compression"]["group_size"] == SETTINGS["group_size"]
+    assert mixed["recipe"]["group_size"] == SETTINGS["group_size"]
+    assert mixed["unet_average_bits_per_weight"] < mixed["unet_average_bits_per_weight_with_luts"]
+    assert on_disk["variants"]["fp16"]["unet_average_bits_per_weight_with_luts"] == 16.0
     assert mixed["recipe"]["file"] == "applied.json" and mixed["recipe"]["bar_db"] == recipe.metadata["bar_db"]
     assert on_disk["variants"]["fp16"]["average_bits_per_weight"] == 16.0
     assert mixed["size_bytes"] < on_disk["variants"]["fp16"]["size_bytes"]
@@ -114,6 +155,10 @@ def test_bad_recipe_files_raise_naming_file_and_fix(tmp_path):
                                                     "components": {"unet": {"layers": {"unet.conv_in.weight": 5}}}})
     with pytest.raises(ValueError, match=r"five\.json.*5 bits.*\(1, 2, 3, 4, 6, 8\)"):
         load_recipe(bad_bits)
+    bad_groups = _recipe_file(tmp_path, "groups.json", {"format": RECIPE_FORMAT, "group_size": 0, "components": {
+        "unet": {"layers": {"unet.conv_in.weight": 4}}}})
+    with pytest.raises(ValueError, match=r"groups\.json.*'group_size' must be a positive int"):
+        load_recipe(bad_groups)
     no_format = _recipe_file(tmp_path, "other.json", {"components": {}})
     with pytest.raises(ValueError, match=r"other\.json.*'format'"):
         load_recipe(no_format)

@@ -40,7 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-unet", action="store_true", help="split the UNet into two packages (Apple's chunking)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="steps of the exported schedule (default: the model's)")
     parser.add_argument("--group-size", type=_positive_int, default=16,
-                        help="output channels per look-up table for iOS18 per-grouped-channel palettization")
+                        help="output channels per look-up table for iOS18 per-grouped-channel palettization "
+                             "(a mixed recipe keeps the group size it was searched with)")
     parser.add_argument("--weight-threshold", type=int, default=2048, help="palettize weights larger than this")
     parser.add_argument("--strict", action="store_true", help="fail when a compressed variant is below 35 dB PSNR")
     parser.add_argument("--skip-validation", action="store_true", help="skip the PSNR checks (structure is always checked)")

@@ -35,6 +35,8 @@ __all__ = [
     "program_constants",
     "palettize",
     "average_bits",
+    "stored_bits",
+    "average_stored_bits",
     "decompressed_state_dict",
     "swapped_parameters",
 ]
@@ -44,7 +46,8 @@ VARIANTS = ("fp16", "palettize8", "palettize6", "palettize4")
 MIXED_PREFIX = "mixed:"
 #: Bit widths of ``constexpr_lut_to_dense`` look-up tables.
 NBITS = (1, 2, 3, 4, 6, 8)
-_SUFFIXES = re.compile(r"(_to_fp16|_palettized|_to_fp32)+$")
+_SUFFIXES = re.compile(r"(_to_fp16|_palettized|_quantized|_to_fp32)+$")
+_DTYPE_BITS = re.compile(r"(\d+)$")
 
 
 def parse_variants(value) -> list[str]:
@@ -249,20 +252,72 @@ def palettize(
         "parameter_bits": dict(sorted(chosen.items())),
     }
     if not configs:
+        info["average_bits_per_weight_with_luts"] = info["average_bits_per_weight"]
         return mlmodel, info
     config = cto.OptimizationConfig(op_name_configs=configs)
     with quiet_progress():
         compressed = cto.palettize_weights(mlmodel, config)
+    stored = stored_bits(compressed, module)
+    info["average_bits_per_weight_with_luts"] = average_stored_bits({p: stored[p] for p in chosen}, sizes)
     return compressed, info
 
 
 def average_bits(bits: Mapping, sizes: Mapping) -> float | None:
     """Bits per weight over the weights in ``sizes`` (``{name: elements}``): ``bits[name]``, or 16 (fp16) for a
-    weight ``bits`` does not list. Look-up tables are not counted. ``None`` when ``sizes`` is empty."""
+    weight ``bits`` does not list. Look-up tables are not counted (:func:`average_stored_bits` counts them).
+    ``None`` when ``sizes`` is empty."""
     total = sum(sizes.values())
     if not total:
         return None
     return round(sum(n * bits.get(name, 16) for name, n in sizes.items()) / total, 4)
+
+
+def _dtype_bits(var) -> int:
+    from coremltools.converters.mil.mil import types
+
+    name = types.builtin_to_string(var.dtype)
+    found = _DTYPE_BITS.search(name)
+    if found is None:
+        raise ValueError(f"unexpected constant type {name} of {var.name}.")
+    return int(found.group(1))
+
+
+def stored_bits(mlmodel, module: torch.nn.Module) -> dict[str, int]:
+    """``{parameter name: bits the program stores for it}``: a compressed weight counts its indices *and* its
+    look-up tables (and any scales) at their stored widths (``uint4`` indices, fp16 tables); a dense weight counts
+    its elements at their type (16 for fp16). Read from the program of a model made in this process.
+
+    Per-grouped-channel tables cost ``2**nbits * 16`` bits per ``group_size`` output channels, i.e.
+    ``2**nbits * 16 / (group_size * fan_in)`` bits per weight: small groups and 8-bit tables are not free."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be the traced torch.nn.Module, got {type(module).__name__}.")
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None or "main" not in program.functions:
+        raise ValueError("`mlmodel` must be a model converted or compressed in this process (it has no MIL program).")
+    operations = list(program.functions["main"].operations)
+    producers = {op.outputs[0].name: op for op in operations}
+
+    def cost(op) -> int:
+        if op.op_type == "const":
+            var = op.outputs[0]
+            return int(np.prod(var.shape, dtype=np.int64)) * _dtype_bits(var)
+        return sum(cost(producers[v.name]) for v in op.inputs.values()
+                   if getattr(v, "name", None) in producers)
+
+    consumed = {v.name for op in operations if op.op_type.startswith("constexpr_")
+                for v in op.inputs.values() if getattr(v, "name", None) in producers}
+    shapes = {op.outputs[0].name: np.empty(tuple(op.outputs[0].shape), dtype=np.uint8) for op in operations
+              if (op.op_type == "const" or op.op_type.startswith("constexpr_")) and op.outputs[0].name not in consumed}
+    return {pname: cost(producers[const]) for const, pname in _map_parameters(shapes, module).items()}
+
+
+def average_stored_bits(stored: Mapping, sizes: Mapping) -> float | None:
+    """Bits per weight over ``sizes`` (``{name: elements}``) counting look-up tables: ``stored[name]`` (total bits
+    of a weight, :func:`stored_bits`), or 16 per element for a weight ``stored`` does not list."""
+    total = sum(sizes.values())
+    if not total:
+        return None
+    return round(sum(stored.get(name, 16 * n) for name, n in sizes.items()) / total, 4)
 
 
 def decompressed_state_dict(mlmodel, module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -171,7 +171,8 @@ def export_components(
     fails its structure check or the ANE form drifts from the original (PSNR < 60 dB); with ``strict`` also when a
     compressed variant falls below 35 dB. ``validate=False`` skips the PyTorch forward passes of the PSNR checks
     (the structure checks always run). ``mixed:RECIPE.json`` applies a mixed-bit recipe (:mod:`.mixed_bit`);
-    components the recipe does not list stay fp16 in that variant. ``quality`` (an
+    components the recipe does not list stay fp16 in that variant, and its tables have the recipe's ``group_size``
+    (the one its search measured) rather than ``group_size``. ``quality`` (an
     :class:`~.quality.EndToEndQuality` over the same components) adds each variant's end-to-end image PSNR.
     """
     if target not in TARGETS:
@@ -238,7 +239,10 @@ def export_components(
                 label = f"{nbits} bits" if isinstance(nbits, int) else f"recipe {Path(recipe.path).name}"
                 _log(progress, f"[{name}] palettizing to {label} ({key})")
                 start = time.perf_counter()
-                model, info = palettize(mlmodel, component.module, nbits, target, group_size, weight_threshold,
+                groups = group_size
+                if key == "mixed":  # the tables the recipe's search measured
+                    groups = recipe.metadata.get("group_size", group_size)
+                model, info = palettize(mlmodel, component.module, nbits, target, groups, weight_threshold,
                                         mode=palettize_mode)
                 keep = {"palettized_parameters"} | (set() if key == "mixed" else {"parameter_bits"})
                 compression = {"method": "palettization", **{k: v for k, v in info.items() if k not in keep},
@@ -267,7 +271,8 @@ def export_components(
         data.update(_variant_bits(data["components"], report["components"], components))
         if key == "mixed":
             data["recipe"] = {"file": Path(recipe.path).name, **{k: recipe.metadata.get(k) for k in (
-                "bar_db", "measured_psnr_db", "average_bits_per_weight", "bits_offered")}}
+                "bar_db", "measured_psnr_db", "average_bits_per_weight", "average_bits_per_weight_with_luts",
+                "bits_offered", "group_size")}}
         if quality is not None and validate:
             data["end_to_end"] = quality.report(states[key])
             _log(progress, f"{key}: end-to-end image PSNR {data['end_to_end']['image_psnr_db']} dB vs fp32")
@@ -310,18 +315,22 @@ def _load_mixed_recipe(variants, components):
 
 def _variant_bits(entries: dict, components: dict, specs) -> dict:
     """Average bits per palettizable weight (see ``palettizable_parameters``) of the UNet and of all compressible
-    packages together; fp16 weights count 16 bits, look-up tables are not counted."""
-    sizes, bits = {}, {}
+    packages together; fp16 weights count 16 bits; ``*_with_luts`` also counts the look-up tables."""
+    sizes, bits, with_luts = {}, {}, {}
     for spec in specs:
         if not spec.compressible or spec.name not in entries:
             continue
         weights = components[spec.name]["palettizable_weights"]
         if weights:
+            compression = entries[spec.name]["compression"]
             sizes[spec.name] = weights
-            bits[spec.name] = entries[spec.name]["compression"].get("average_bits_per_weight") or 16.0
-    out = {"average_bits_per_weight": average_bits({n: bits[n] for n in sizes}, sizes)}
+            bits[spec.name] = compression.get("average_bits_per_weight") or 16.0
+            with_luts[spec.name] = compression.get("average_bits_per_weight_with_luts") or 16.0
+    out = {"average_bits_per_weight": average_bits({n: bits[n] for n in sizes}, sizes),
+           "average_bits_per_weight_with_luts": average_bits({n: with_luts[n] for n in sizes}, sizes)}
     if "unet" in bits:
         out["unet_average_bits_per_weight"] = bits["unet"]
+        out["unet_average_bits_per_weight_with_luts"] = with_luts["unet"]
     return out
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .compress import NBITS, average_bits, decompressed_state_dict, palettizable_parameters, palettize, \
-    swapped_parameters
+from .compress import NBITS, average_bits, average_stored_bits, decompressed_state_dict, palettizable_parameters, \
+    palettize, stored_bits, swapped_parameters
 
 __all__ = [
     "RECIPE_FORMAT",
@@ -141,6 +141,10 @@ def load_recipe(path) -> MixedBitRecipe:
             raise _recipe_error(path, f"layer {key!r} of {name!r} has {bad[key]!r} bits; allowed widths are {NBITS}")
         layers[name] = {str(k): int(v) for k, v in table.items()}
     metadata = {k: v for k, v in data.items() if k not in ("format", "components")}
+    group_size = metadata.get("group_size")  # the tables the search measured; the export applies the same
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise _recipe_error(path, "'group_size' must be a positive int (output channels per table), got "
+                                  f"{group_size!r}")
     return MixedBitRecipe(layers, metadata, str(path))
 
 
@@ -166,12 +170,14 @@ def _error(db: float) -> float:
     return 0.0 if math.isinf(db) else 10.0 ** (-db / 10.0)
 
 
-def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int]) -> list[tuple[str, int]]:
+def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int],
+                 costs: Mapping | None = None) -> list[tuple[str, int]]:
     """The order in which the greedy search lowers units: ``[(unit, new_bits), ...]`` down to all-narrowest.
 
     ``sensitivity[unit][b]``: PSNR (dB) with only ``unit`` at ``b`` bits; ``sizes[unit]``: its weights. Each step
     takes the unit whose next narrower width adds the least error per bit saved (ties: larger unit first, then
-    name), so the order does not depend on the bar.
+    name), so the order does not depend on the bar. Bits saved are ``sizes[unit] * (old - new)``, or with
+    ``costs[unit][b]`` (the unit's stored bits at ``b``, look-up tables included) ``costs[old] - costs[new]``.
     """
     widths = sorted(bits, reverse=True)
     level = {unit: 0 for unit in sizes}
@@ -183,7 +189,8 @@ def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int]) -> l
                 continue
             old, new = widths[index], widths[index + 1]
             added = max(0.0, _error(sensitivity[unit][new]) - _error(sensitivity[unit][old]))
-            key = (added / (sizes[unit] * (old - new)), -sizes[unit], unit)
+            saved = sizes[unit] * (old - new) if costs is None else costs[unit][old] - costs[unit][new]
+            key = (added / max(saved, 1e-9), -sizes[unit], unit)
             if best is None or key < best[0]:
                 best = (key, unit, new)
         if best is None:
@@ -193,22 +200,29 @@ def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int]) -> l
 
 
 def palettized_candidates(mlmodel, module, bits, target, group_size, weight_threshold, mode="kmeans", progress=None,
-                          name: str = ""):
+                          name: str = "", costs: dict | None = None):
     """``({parameter: {b: fp16 tensor}}, {parameter: elements})``: every palettizable weight of ``mlmodel`` at each
-    width in ``bits``, decompressed from the palettized program (one ``palettize_weights`` call per width)."""
+    width in ``bits``, decompressed from the palettized program (one ``palettize_weights`` call per width).
+    A ``costs`` dict is filled with ``{parameter: {b: stored bits}}`` (indices and look-up tables,
+    :func:`~.compress.stored_bits`)."""
     eligible = palettizable_parameters(mlmodel, module, weight_threshold)
     candidates = {p: {} for p in eligible}
+    stored = {p: {} for p in eligible}
     for b in bits:
         start = time.perf_counter()
         model, _ = palettize(mlmodel, module, b, target, group_size, weight_threshold, mode=mode)
         state = decompressed_state_dict(model, module)
+        program_bits = stored_bits(model, module)
         for p in eligible:
             if eligible[p]["numel"] > 2**b:
                 candidates[p][b] = state[p].half()
+                stored[p][b] = program_bits[p]
         if progress is not None:
             progress(f"[{name}] {b}-bit {mode} palettization of {len(eligible)} weights read back in "
                      f"{time.perf_counter() - start:.1f}s")
     candidates = {p: c for p, c in candidates.items() if len(c) == len(bits)}  # too small for some width: fp16
+    if costs is not None:
+        costs.update({p: stored[p] for p in candidates})
     return candidates, {p: eligible[p]["numel"] for p in candidates}
 
 
@@ -222,10 +236,13 @@ class MixedBitSearch:
         bits: the offered widths.
         groups: optional ``{unit name: [(component, parameter), ...]}``: layers that share one width (cheaper
             search for large models); default one unit per layer.
+        costs: optional ``{component: {parameter: {nbits: stored bits}}}`` (look-up tables included,
+            :func:`~.compress.stored_bits`): the greedy order then weighs bits saved with the tables counted, and
+            the recipe also reports ``average_bits_per_weight_with_luts``.
     """
 
     def __init__(self, candidates: Mapping, evaluate: Callable, bits=DEFAULT_SEARCH_BITS, groups: Mapping | None = None,
-                 progress=None, metadata: Mapping | None = None):
+                 progress=None, metadata: Mapping | None = None, costs: Mapping | None = None):
         self.bits = parse_bits(bits)
         if not candidates or not all(isinstance(v, Mapping) for v in candidates.values()):
             raise ValueError("`candidates` must map component names to {parameter: {nbits: tensor}}.")
@@ -242,6 +259,15 @@ class MixedBitSearch:
         self.groups = {unit: list(members) for unit, members in groups.items() if members}
         self.sizes = {unit: sum(int(candidates[c][p][self.bits[0]].numel()) for c, p in members)
                       for unit, members in self.groups.items()}
+        if costs is not None:
+            lacking = [(c, p) for members in self.groups.values() for c, p in members
+                       if not all(b in costs.get(c, {}).get(p, {}) for b in self.bits)]
+            if lacking:
+                raise ValueError(f"`costs` lacks stored bits for {lacking[:3]} at some of the widths {self.bits}.")
+        self.costs = costs
+        self.unit_costs = None if costs is None else {
+            unit: {b: sum(int(costs[c][p][b]) for c, p in members) for b in self.bits}
+            for unit, members in self.groups.items()}
         self.sensitivity: dict[str, dict[int, float]] = {}
         self._measured: dict[int, float] = {}
         self.evaluations = 0
@@ -283,7 +309,7 @@ class MixedBitSearch:
         if not self.sensitivity:
             self.measure()
         if getattr(self, "_moves", None) is None:
-            self._moves = greedy_moves(self.sensitivity, self.sizes, self.bits)
+            self._moves = greedy_moves(self.sensitivity, self.sizes, self.bits, self.unit_costs)
         return self._moves
 
     def measured_psnr(self, moves: int) -> float:
@@ -337,9 +363,17 @@ class MixedBitSearch:
             "evaluations": self.evaluations,
             "sensitivity_db": {u: {str(b): round(v, 2) for b, v in s.items()} for u, s in self.sensitivity.items()},
         }
+        if self.costs is not None:
+            stored = {c: {p: int(self.costs[c][p][b]) for p, b in params.items()} for c, params in layers.items()}
+            all_stored = {f"{c}/{p}": v for c, params in stored.items() for p, v in params.items()}
+            metadata["average_bits_per_weight_with_luts"] = average_stored_bits(all_stored, all_sizes)
+            metadata["component_bits_with_luts"] = {c: average_stored_bits(stored.get(c, {}), sizes[c])
+                                                    for c in self.candidates}
         if any(len(m) > 1 for m in self.groups.values()):
             metadata["groups"] = {u: [f"{c}/{p}" for c, p in m] for u, m in self.groups.items()}
-        self._log(f"bar {bar_db} dB: {metadata['average_bits_per_weight']} bits/weight, measured {value:.2f} dB "
+        luts = metadata.get("average_bits_per_weight_with_luts")
+        self._log(f"bar {bar_db} dB: {metadata['average_bits_per_weight']} bits/weight"
+                  + ("" if luts is None else f" ({luts} with look-up tables)") + f", measured {value:.2f} dB "
                   f"({moves} of {len(order)} moves)")
         return MixedBitRecipe(layers, metadata)
 
@@ -437,7 +471,7 @@ def search_mixed_bit(
     quality = EndToEndQuality(pipe, specs, resolution, prompts, seeds)
     # fp16 packages hold the parameters cast to fp16: the baseline of every evaluation
     base = {spec.name: {k: v.detach().half() for k, v in spec.module.named_parameters()} for spec in specs}
-    candidates = {}
+    candidates, costs = {}, {}
     for spec in specs:
         if not (spec.compressible and spec.group in groups):
             continue
@@ -445,8 +479,10 @@ def search_mixed_bit(
         mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target=target)
         if progress is not None:
             progress(f"[{spec.name}] converted in {time.perf_counter() - start:.1f}s")
+        costs[spec.name] = {}
         candidates[spec.name], _ = palettized_candidates(
-            mlmodel, spec.module, bits, target, group_size, weight_threshold, palettize_mode, progress, spec.name)
+            mlmodel, spec.module, bits, target, group_size, weight_threshold, palettize_mode, progress, spec.name,
+            costs=costs[spec.name])
         del mlmodel
     if not any(candidates.values()):
         raise ValueError(f"`components` {groups} hold no weight above `weight_threshold`={weight_threshold}: "
@@ -471,7 +507,8 @@ def search_mixed_bit(
         for name, params in candidates.items():
             for param in params:
                 units.setdefault(f"{name}/{'.'.join(param.split('.')[:group_depth])}", []).append((name, param))
-    search = MixedBitSearch(candidates, evaluate, bits, groups=units, progress=progress, metadata=metadata)
+    search = MixedBitSearch(candidates, evaluate, bits, groups=units, progress=progress, metadata=metadata,
+                            costs=costs)
     search.measure()
     recipe = search.recipe(bar_db)
     if output is not None:
