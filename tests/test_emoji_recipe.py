@@ -15,7 +15,7 @@ from test_emoji_data import write_iconify_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "training_examples" / "recipes" / "emoji_demo.sh"
-MODELS = ["teacher", "nokd", "kd", "kd4", "asd4", "shipped"]
+MODELS = ["teacher", "nokd", "kd", "kd4", "nokd4", "asd4", "shipped"]
 
 
 def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
@@ -113,6 +113,16 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "SHIP_FROM must be one of" in bad.stderr
     assert not (tmp_path / "shipped-bad").exists()
+
+    # The eval samples the shipped folder with its own CFG (here the KD student's 2.5), the 4-step students with
+    # SHIP_GUIDANCE.
+    proc = subprocess.run(["bash", str(RECIPE), "eval"], env={**env, "SHIP_DIR": str(tmp_path / "shipped-kd"),
+                                                             "SHIP_GUIDANCE": "2.5"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {row["model"]: row for row in json.loads((results / "eval_quality.json").read_text())["rows"]}
+    assert {name: (rows[name]["steps"], rows[name]["guidance"]) for name in ("shipped", "kd4", "nokd4", "asd4")} == {
+        "shipped": (4, 2.5), "kd4": (4, 2.5), "nokd4": (4, 2.5), "asd4": (4, 1.0)}
 
 
 @pytest.mark.parametrize("preset, latent, vae_size, widths", [

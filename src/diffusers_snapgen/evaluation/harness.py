@@ -257,6 +257,8 @@ def evaluate_models(
         _sync(loaded)
         seconds = (time.perf_counter() - start) / len(images)
         all_images[name] = images
+        if guidance is None:  # the row names the CFG the model sampled with (its own default)
+            guidance = (getattr(loaded, "sampling_defaults", None) or {}).get("guidance_scale")
         rows.append(measure(name, images, steps, guidance, seconds, getattr(loaded, "vae", None)))
         if loaded is not pipe:
             del loaded
