@@ -135,19 +135,21 @@ def program_constants(mlmodel, decompress: bool = True) -> dict[str, np.ndarray]
     return {name: np.asarray(meta.val) for name, meta in _weights_metadata(mlmodel).items()}
 
 
-def _map_parameters(values: dict, module: torch.nn.Module) -> dict[str, str]:
+def _map_parameters(sizes: dict[str, int], module: torch.nn.Module) -> dict[str, str]:
+    """``{constant name: parameter name}`` for the constants in ``sizes`` (``{constant name: elements}``) whose name
+    and size match one parameter of ``module``."""
     params = dict(module.named_parameters())
     by_key: dict[str, str | None] = {}
     for name in params:
         key = name.replace(".", "_")
         by_key[key] = None if key in by_key else name  # None marks an ambiguous name: never mapped
     mapping = {}
-    for const_name, value in values.items():
+    for const_name, size in sizes.items():
         key = _SUFFIXES.sub("", const_name)
         pname = by_key.get(key)
         if pname is None and key.startswith("p_"):  # torch.export route: parameters are lifted as ``p_<path>``
             pname = by_key.get(key[2:])
-        if pname is not None and value.size == params[pname].numel():
+        if pname is not None and size == params[pname].numel():
             mapping[const_name] = pname
     return mapping
 
@@ -159,7 +161,7 @@ def parameter_constants(mlmodel, module: torch.nn.Module) -> dict[str, str]:
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"`module` must be the traced torch.nn.Module, got {type(module).__name__}.")
-    return _map_parameters(program_constants(mlmodel), module)
+    return _map_parameters({k: v.size for k, v in program_constants(mlmodel).items()}, module)
 
 
 def palettizable_parameters(mlmodel, module: torch.nn.Module, weight_threshold: int = 2048,
@@ -171,7 +173,7 @@ def palettizable_parameters(mlmodel, module: torch.nn.Module, weight_threshold: 
         raise TypeError(f"`module` must be the traced torch.nn.Module, got {type(module).__name__}.")
     values = program_constants(mlmodel, decompress=False) if values is None else values
     found = {}
-    for const_name, pname in _map_parameters(values, module).items():
+    for const_name, pname in _map_parameters({k: v.size for k, v in values.items()}, module).items():
         val = values[const_name]
         if val.ndim >= 2 and val.size > weight_threshold:
             found[pname] = {"const": const_name, "shape": list(val.shape), "numel": int(val.size)}
@@ -306,9 +308,9 @@ def stored_bits(mlmodel, module: torch.nn.Module) -> dict[str, int]:
 
     consumed = {v.name for op in operations if op.op_type.startswith("constexpr_")
                 for v in op.inputs.values() if getattr(v, "name", None) in producers}
-    shapes = {op.outputs[0].name: np.empty(tuple(op.outputs[0].shape), dtype=np.uint8) for op in operations
-              if (op.op_type == "const" or op.op_type.startswith("constexpr_")) and op.outputs[0].name not in consumed}
-    return {pname: cost(producers[const]) for const, pname in _map_parameters(shapes, module).items()}
+    sizes = {op.outputs[0].name: int(np.prod(op.outputs[0].shape, dtype=np.int64)) for op in operations
+             if (op.op_type == "const" or op.op_type.startswith("constexpr_")) and op.outputs[0].name not in consumed}
+    return {pname: cost(producers[const]) for const, pname in _map_parameters(sizes, module).items()}
 
 
 def average_stored_bits(stored: Mapping, sizes: Mapping) -> float | None:
@@ -329,7 +331,7 @@ def decompressed_state_dict(mlmodel, module: torch.nn.Module) -> dict[str, torch
     params = dict(module.named_parameters())
     return {
         pname: torch.from_numpy(values[const_name].astype(np.float32)).reshape(params[pname].shape)
-        for const_name, pname in _map_parameters(values, module).items()
+        for const_name, pname in _map_parameters({k: v.size for k, v in values.items()}, module).items()
     }
 
 
