@@ -13,7 +13,8 @@ autoencoder128 (128-pixel patches; the decoder's patch GAN on), paper1024 (the p
 in its own process; every mode builds a fresh run (prepare_run + train), warms up for --warmup steps (compilation and
 capture happen there) and is then timed over --steps steps (metrics windows of the engine: the host waits for the
 device once per window). GPU busy time: torch.profiler over the timed steps of one mode (union of kernel intervals /
-wall time).
+wall time); with --profile_tables also the profiler's per-op GPU time table
+(profile_<config>_<mode>.txt).
 
     python benchmarks/bench_train_loop.py --out benchmarks/results                    # CUDA
     python benchmarks/bench_train_loop.py --smoke --out /tmp/bench                    # CPU, tiny models, ~1 min
@@ -206,8 +207,9 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
     return run, model
 
 
-def _gpu_busy(run, steps: int) -> float | None:
-    """Union of CUDA kernel intervals over the wall time of ``steps`` further steps (torch.profiler)."""
+def _gpu_busy(run, steps: int, table_path: Path | None = None) -> float | None:
+    """Union of CUDA kernel intervals over the wall time of ``steps`` further steps (torch.profiler); with
+    ``table_path``, the profiler's table of the ops with the most GPU time is written there."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -222,6 +224,9 @@ def _gpu_busy(run, steps: int) -> float | None:
             run.program(start_step + k, [next(batches) for _ in range(run.args.gradient_accumulation_steps)])
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
+    if table_path is not None:
+        table_path.write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by="self_device_time_total",
+                                                                           row_limit=40, max_name_column_width=70))
     intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
     if not intervals:
@@ -238,7 +243,8 @@ def _gpu_busy(run, steps: int) -> float | None:
     return round(min(1.0, busy / max(span, wall_us * 0.5)), 3)
 
 
-def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mode: str | None) -> list[dict]:
+def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mode: str | None,
+               table_dir: Path | None = None) -> list[dict]:
     import torch
 
     from diffusers_snapgen.training import setup_accelerator, train
@@ -271,7 +277,8 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
                 if torch.cuda.is_available():
                     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 if mode == profile_mode:
-                    row["gpu_busy"] = _gpu_busy(run, min(steps, 20))
+                    table = None if table_dir is None else table_dir / f"profile_{name}_{mode}.txt"
+                    row["gpu_busy"] = _gpu_busy(run, min(steps, 20), table)
                 del run, model
             except Exception as e:  # noqa: BLE001 - a failed mode is a row, not a failed benchmark
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -387,7 +394,10 @@ def main(argv=None):
     p.add_argument("--modes", type=str, default=",".join(MODES), help=f"Comma-separated, of {list(MODES)}.")
     p.add_argument("--warmup", type=int, default=10, help="Warm-up steps per mode (also the timing window).")
     p.add_argument("--steps", type=int, default=50, help="Timed steps per mode (a multiple of --warmup).")
-    p.add_argument("--profile_config", type=str, default="student16", help="Config whose GPU busy time is profiled.")
+    p.add_argument("--profile_config", type=str, default="student16",
+                   help="Comma-separated configs whose GPU busy time is profiled.")
+    p.add_argument("--profile_tables", action="store_true",
+                   help="Also write the profiler's per-op GPU time table of each profiled config to --out.")
     p.add_argument("--profile_mode", type=str, default="graph")
     p.add_argument("--smoke", action="store_true", help="Tiny models on the CPU (graph modes step eagerly).")
     p.add_argument("--tag", type=str, default=None, help="File stem suffix (default: the device, e.g. h200).")
@@ -413,8 +423,9 @@ def main(argv=None):
         if args._one.startswith("resume:"):
             rows = [resume_check(args._one[7:], args.resume_steps, args.warmup, args.smoke, args.resume_mode)]
         else:
+            profiled = args._one in args.profile_config.split(",")
             rows = run_config(args._one, modes, args.warmup, args.steps, args.smoke,
-                              args.profile_mode if args._one == args.profile_config else None)
+                              args.profile_mode if profiled else None, args.out if args.profile_tables else None)
         print("ROWS " + json.dumps(rows), flush=True)
         return
     import torch
@@ -431,7 +442,7 @@ def main(argv=None):
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile_config", args.profile_config,
                "--profile_mode", args.profile_mode, "--resume_steps", str(args.resume_steps),
                "--resume_mode", args.resume_mode] + \
-            (["--smoke"] if args.smoke else [])
+            (["--smoke"] if args.smoke else []) + (["--profile_tables"] if args.profile_tables else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         timeout = None if args.deadline is None else args.deadline - time.time()
         if timeout is not None and timeout < 5:

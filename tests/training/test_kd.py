@@ -16,7 +16,7 @@ from diffusers_snapgen.training import (
     select_feature,
     tokens_to_map,
 )
-from diffusers_snapgen.training.kd import probe_inputs
+from diffusers_snapgen.training.kd import bilinear_resize, probe_inputs
 
 
 def test_tokens_to_map_is_row_major_and_checks_the_grid():
@@ -100,6 +100,18 @@ def test_linear_projector_resize_order_does_not_matter(shape):
     assert FeatureProjector(6, 3, "mlp")(x, shape).shape == (2, 3, *shape)
     with pytest.raises(ValueError, match="kind"):
         FeatureProjector(6, 3, "conv3")
+
+
+@pytest.mark.parametrize("shape,size", [((4, 4), (8, 8)), ((3, 5), (7, 6)), ((1, 2), (4, 4)), ((4, 4), (4, 9))])
+def test_bilinear_resize_matches_interpolate(shape, size):
+    x = torch.randn(3, 5, *shape, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    out = bilinear_resize(x, size)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6)
+    grad = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    (g_out,) = torch.autograd.grad(out, x, grad)
+    assert torch.allclose(g_out, g_ref, atol=1e-6)
 
 
 def test_output_kd_loss():
