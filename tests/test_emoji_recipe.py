@@ -15,7 +15,7 @@ from test_emoji_data import write_iconify_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "training_examples" / "recipes" / "emoji_demo.sh"
-MODELS = ["teacher", "nokd", "kd", "kd4", "nokd4", "asd4", "shipped"]
+MODELS = ["teacher", "nokd", "kd", "kd4", "nokd4", "nokd-long4", "asd4", "shipped"]
 
 
 def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
@@ -36,8 +36,8 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = tmp_path / "runs"
-    all_steps = ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "asd", "ship",
-                 "eval")
+    all_steps = ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "nokd_long", "asd",
+                 "ship", "eval")
     done = [line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.endswith(" s ===")]
     assert sorted(done) == sorted(all_steps) and "emoji_demo.sh: all steps in" in proc.stderr
     assert done[:1] == ["data"] and done[-2:] == ["ship", "eval"]
@@ -49,8 +49,15 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     vae_config = json.loads((runs / "vae" / "config.json").read_text())
     assert vae_config["latent_channels"] == 16 and vae_config["scaling_factor"] != 1.0  # measured, not the default
     assert (runs / "teacher" / "transformer" / "config.json").is_file()
-    for student in ("student-kd", "student-nokd", "student-asd"):
+    assert done.index("nokd") < done.index("nokd_long")
+    for student in ("student-kd", "student-nokd", "student-nokd-long", "student-asd"):
         assert (runs / student / "model_index.json").is_file()
+    # the longer no-KD student continues the equal-steps one (STUDENT_STEPS=2, NOKD_EXTRA_STEPS=2) in its own folder
+    assert f"Resuming from checkpoint {runs / 'student-nokd' / 'checkpoint-2'}" in (runs / "logs" / "nokd_long.log").read_text()
+    long_steps = [json.loads(line)["step"] for line in
+                  (runs / "student-nokd-long" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert long_steps and min(long_steps) > 2 and max(long_steps) == 4
+    assert not (runs / "student-nokd" / "checkpoint-4").exists()
     asd_scheduler = json.loads((runs / "student-asd" / "scheduler" / "scheduler_config.json").read_text())
     # the base pipeline's text length (TEXT_TOKENS) travels with every model trained from it
     assert asd_scheduler["_snapgen_defaults"] == {"num_inference_steps": 4, "guidance_scale": 1.0,

@@ -9,7 +9,7 @@
 #   bash training_examples/recipes/emoji_demo.sh teacher kd      # chosen steps (each one resumes where it stopped)
 #   PRESET=smoke bash training_examples/recipes/emoji_demo.sh    # the same wiring with tiny models, CPU, minutes
 #
-# Steps: data classifier vae decoder encoder base teacher kd nokd asd ship eval; on request: configs (write the model configs
+# Steps: data classifier vae decoder encoder base teacher kd nokd nokd_long asd ship eval; on request: configs (write the model configs
 # and print their folder) and kd_output (an ablation: the KD student with output KD only, added to the eval table)
 # Step counts of the full preset are first guesses for one H100/H200 (every training step writes resumable
 # checkpoints; measure a few hundred steps first and scale *_STEPS). Override any variable from the environment,
@@ -32,7 +32,8 @@ case "$PRESET" in
   smoke)
     RESOLUTION="${RESOLUTION:-64}"; BATCH="${BATCH:-4}"; VAE_BATCH="${VAE_BATCH:-4}"
     VAE_STEPS="${VAE_STEPS:-4}"; DECODER_STEPS="${DECODER_STEPS:-2}"; TEACHER_STEPS="${TEACHER_STEPS:-2}"
-    STUDENT_STEPS="${STUDENT_STEPS:-2}"; ASD_STEPS="${ASD_STEPS:-2}"; CKPT_STEPS="${CKPT_STEPS:-1000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-2}"; NOKD_EXTRA_STEPS="${NOKD_EXTRA_STEPS:-2}"; ASD_STEPS="${ASD_STEPS:-2}"
+    CKPT_STEPS="${CKPT_STEPS:-2}"
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-2}"; EVAL_IMAGES="${EVAL_IMAGES:-1}"
     EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-2}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-fp32}" ;;
@@ -54,7 +55,8 @@ case "$PRESET" in
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
     GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-9000}"
-    STUDENT_STEPS="${STUDENT_STEPS:-12000}"; ASD_STEPS="${ASD_STEPS:-400}"; CKPT_STEPS="${CKPT_STEPS:-3000}"
+    STUDENT_STEPS="${STUDENT_STEPS:-12000}"; NOKD_EXTRA_STEPS="${NOKD_EXTRA_STEPS:-12000}"; ASD_STEPS="${ASD_STEPS:-400}"
+    CKPT_STEPS="${CKPT_STEPS:-3000}"; SHIP_FROM="${SHIP_FROM:-nokd_long}"
     PARALLEL="${PARALLEL:-1}"; NUM_SCALE_IMAGES="${NUM_SCALE_IMAGES:-4096}"
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"
     EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
@@ -84,8 +86,9 @@ SEED="${SEED:-0}"
 TEXT_TOKENS="${TEXT_TOKENS:-16}"  # MiniLM tokens per caption (the longest emoji caption has 10): stored in the base
                                   # pipeline's sampling defaults, so every model trains and samples with this length
 SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # at most 40 MB of weights in git
-SHIP_FROM="${SHIP_FROM:-asd}"               # asd: the ASD student; kd / nokd: the KD / no-KD student, 4 steps with
-                                            # CFG $SHIP_GUIDANCE
+SHIP_FROM="${SHIP_FROM:-asd}"               # asd: the ASD student; kd / nokd / nokd_long: the KD / no-KD / longer
+                                            # no-KD student, 4 steps with CFG $SHIP_GUIDANCE
+NOKD_EXTRA_STEPS="${NOKD_EXTRA_STEPS:-0}"   # nokd_long: the no-KD student trained this many steps further (0: skip)
 SHIP_GUIDANCE="${SHIP_GUIDANCE:-3}"
 ASD_TEACHER_GUIDANCE="${ASD_TEACHER_GUIDANCE:-3}"  # CFG of the teacher's ASD targets: the no-CFG 4-step student
                                                    # learns guided sampling (the eval samples the teachers at CFG 3)
@@ -273,6 +276,20 @@ step_nokd() {  # the same student, same data/steps/seed, flow matching only
     --max_train_steps "$STUDENT_STEPS" "${SPEED[@]}" --validation_num_inference_steps 28 --output_dir "$RUNS/student-nokd"
 }
 
+step_nokd_long() {  # the no-KD student continued past the equal-steps comparison (a ship candidate); resumes the
+                    # no-KD run's last checkpoint into its own folder, so student-nokd stays the equal-steps model
+  (( NOKD_EXTRA_STEPS > 0 )) || { echo "nokd_long: NOKD_EXTRA_STEPS=0, skipped"; return; }
+  local start="$RUNS/student-nokd/checkpoint-$STUDENT_STEPS" resume=()
+  if ! ls -d "$RUNS/student-nokd-long"/checkpoint-* >/dev/null 2>&1; then  # else: resume its own latest checkpoint
+    [[ -d "$start" ]] || { echo "nokd_long: no $start (STUDENT_STEPS must be a multiple of CKPT_STEPS)" >&2; return 1; }
+    resume=(--resume_from_checkpoint "$start")
+  fi
+  $LAUNCH "$ROOT/training_examples/train_snapgen.py" --pretrained_model_name_or_path "$RUNS/base" \
+    --unet_config "$CONFIGS/student_unet.json" --from_scratch "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" "${resume[@]}" \
+    --max_train_steps "$((STUDENT_STEPS + NOKD_EXTRA_STEPS))" "${SPEED[@]}" --validation_num_inference_steps 28 \
+    --output_dir "$RUNS/student-nokd-long"
+}
+
 step_asd() {  # adversarial step distillation of the KD student to 4 steps (the teacher is not a few-step model:
               # one teacher forward per target, discriminator heads on its blocks)
   $LAUNCH "$ROOT/training_examples/train_snapgen_asd.py" --pretrained_model_name_or_path "$RUNS/base" \
@@ -295,7 +312,7 @@ import torch
 from diffusers_snapgen import SnapGenPipeline, TinyDecoder
 runs, target, limit_mb = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 source, guidance = sys.argv[4], float(sys.argv[5])
-folders = {"asd": "student-asd", "kd": "student-kd", "nokd": "student-nokd"}
+folders = {"asd": "student-asd", "kd": "student-kd", "nokd": "student-nokd", "nokd_long": "student-nokd-long"}
 if source not in folders:
     sys.exit(f"ship: SHIP_FROM must be one of {sorted(folders)}, got {source!r}")
 student = SnapGenPipeline.from_pretrained(runs / folders[source])
@@ -330,6 +347,7 @@ step_eval() {  # one table + grid, same prompts and seeds; writes $RESULTS/eval_
   [[ -n "$EVAL_MAX_PROMPTS" ]] && extra+=(--max-prompts "$EVAL_MAX_PROMPTS")
   local optional=()  # the output-KD-only ablation, when step kd_output ran
   [[ -d "$RUNS/student-kd-output/unet" ]] && optional+=("kd-output=$RUNS/student-kd-output:28:3")
+  [[ -d "$RUNS/student-nokd-long/unet" ]] && optional+=("nokd-long4=$RUNS/student-nokd-long:4:$SHIP_GUIDANCE")
   [[ -n "$DEVICE" ]] && extra+=(--device "$DEVICE")
   [[ "$DEVICE" == cuda* ]] && extra+=(--autocast bf16)
   "$PYTHON" -m diffusers_snapgen eval --data "$DATA" --classifier "$RUNS/emoji_classifier.safetensors" \
@@ -340,7 +358,7 @@ step_eval() {  # one table + grid, same prompts and seeds; writes $RESULTS/eval_
              "nokd4=$RUNS/student-nokd:4:$SHIP_GUIDANCE" "asd4=$RUNS/student-asd:4:1" "shipped=$SHIP_DIR:4"  # its own CFG
 }
 
-ALL=(data classifier vae decoder encoder base teacher kd nokd asd ship eval)
+ALL=(data classifier vae decoder encoder base teacher kd nokd nokd_long asd ship eval)
 OPTIONAL=(configs kd_output)
 STEPS=("$@")
 [[ ${#STEPS[@]} -eq 0 ]] && STEPS=("${ALL[@]}")
@@ -371,7 +389,7 @@ run_parallel() {  # the whole recipe. The teacher trains alone (it runs 3x slowe
   run_logged vae && run_logged base && run_logged teacher || { wait; exit 1; }
   run_logged decoder & side+=($!)
   run_logged encoder & side+=($!)
-  run_logged nokd & side+=($!)
+  { run_logged nokd && run_logged nokd_long; } & side+=($!)
   run_logged kd && run_logged asd || { wait; exit 1; }
   for pid in "${side[@]}"; do wait "$pid" || exit 1; done
   run_logged ship
