@@ -275,19 +275,25 @@ class FeatureCapture:
         self.remove()
 
 
+def _linear_weights(n_in: int, n_out: int, device) -> torch.Tensor:
+    """``(n_in, n_out)``: row ``i`` is ``F.interpolate``'s linear resize (``align_corners=False``) of indicator ``i``."""
+    eye = torch.eye(n_in, device=device, dtype=torch.float32).unsqueeze(0)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0]
+
+
 def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` as one matrix product over the pixels.
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` as two small matrix products (rows, columns).
 
     Feature maps here are small (a 4x4 student map onto an 8x8 teacher grid) with many channels, where CUDA's
     channels-first bilinear kernel runs one thread per output pixel and loops over batch x channels: 9 ms a call at
-    batch 128 x 384 channels on an H200, more than the rest of the KD step's feature terms together. The same linear
-    map as a ``(h*w, H*W)`` matrix (the interpolation of each input pixel's indicator) is a GEMM forward and backward.
+    batch 128 x 384 channels on an H200, more than the teacher's forward and the KD losses together
+    (benchmarks/results/bench_train_loop_h200_profile.md). Bilinear resizing is separable, so the same linear map is
+    ``rows.T @ x @ cols`` with the 1-D interpolation matrices: batched GEMMs forward and backward.
     """
     h, w = x.shape[-2:]
-    basis = torch.eye(h * w, device=x.device, dtype=torch.float32).reshape(h * w, 1, h, w)
-    weights = F.interpolate(basis, size=size, mode="bilinear", align_corners=False).reshape(h * w, -1)
-    out = x.flatten(2) @ weights.to(x.dtype)
-    return out.reshape(*x.shape[:2], *size)
+    rows = _linear_weights(h, size[0], x.device).to(x.dtype)
+    cols = _linear_weights(w, size[1], x.device).to(x.dtype)
+    return rows.t() @ x @ cols
 
 
 class FeatureProjector(nn.Module):
