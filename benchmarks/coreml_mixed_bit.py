@@ -91,6 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--search-components", default="unet,text", help="default: packages the search covers")
     parser.add_argument("--group-size", type=_positive, default=16,
                         help="default: output channels per look-up table (iOS18 per-grouped-channel; 16)")
+    parser.add_argument("--eight-bit", choices=("palette", "linear"), default="palette",
+                        help="default: 8-bit layers as 8-bit tables or as int8 with per-channel scales")
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (benchmarks/results)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
@@ -217,7 +219,7 @@ def run_default(args, search_set, report_set, classifier=None) -> dict:
     recipe, search = search_mixed_bit(pipe, recipe_path, bar_db=args.bar, bits=args.bits, resolution=resolution,
                                       prompts=[p for p, _, _ in search_set], seeds=[s for _, s, _ in search_set],
                                       components=args.search_components.split(","), group_depth=args.group_depth,
-                                      group_size=args.group_size, progress=say)
+                                      group_size=args.group_size, eight_bit=args.eight_bit, progress=say)
     search_seconds = time.perf_counter() - start
     curve = []
     for bar in sorted({30.0, 33.0, args.bar, 38.0, 40.0}):
@@ -396,6 +398,7 @@ def markdown_default(r: dict) -> str:
         "",
         f"Search: k-means tables of {', '.join(map(str, r['bits_offered']))} bits per layer"
         + (f" ({r['search']['group_size']} output channels per table)" if r["search"].get("group_size") else "")
+        + (" (8 bits: int8 with per-channel scales)" if r["search"].get("eight_bit") == "linear" else "")
         + ", bar "
         f"{r['bar_db']} dB end-to-end image PSNR on {len(r['search_pairs'])} prompt/seed pairs of "
         f"`{r.get('eval_prompts', 'eval_quality.json')}`, over the {', '.join(r['search_components'])} "

@@ -115,6 +115,37 @@ def test_stored_bits_count_indices_and_tables():
     assert info["average_bits_per_weight"] == 3.0 < info["average_bits_per_weight_with_luts"]
 
 
+def test_eight_bit_linear_stores_int8_with_one_scale_per_channel():
+    from diffusers_snapgen.coreml.compress import decompressed_state_dict, palettizable_parameters, palettize
+    from diffusers_snapgen.coreml.components import unet_component
+    from diffusers_snapgen.coreml.convert import convert_module
+
+    spec = unet_component(_pipe().unet, 4)
+    mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target="iOS18")
+    eligible = palettizable_parameters(mlmodel, spec.module, 256)
+    widths = {p: (8 if i % 2 == 0 else 4) for i, p in enumerate(sorted(eligible))}
+    model, info = palettize(mlmodel, spec.module, widths, "iOS18", group_size=8, weight_threshold=256,
+                            eight_bit="linear")
+    assert info["eight_bit"] == "linear"
+    assert info["linear_quantized_tensors"] == sum(b == 8 for b in widths.values())
+    assert info["palettized_tensors"] == sum(b == 4 for b in widths.values())
+    packed = stored_bits(model, spec.module)
+    state = decompressed_state_dict(model, spec.module)
+    params = dict(spec.module.named_parameters())
+    for p, bits in widths.items():
+        meta, weight = eligible[p], params[p].detach()
+        error = float((state[p] - weight).abs().max() / weight.abs().max())
+        if bits == 8:  # int8 indices + one fp16 scale per output channel, at most half a step off
+            assert packed[p] == 8 * meta["numel"] + meta["shape"][0] * 16
+            assert error <= 0.5 / 127 + 1e-3
+        else:
+            assert packed[p] == 4 * meta["numel"] + (meta["shape"][0] // 8 if meta["shape"][0] > 8 else 1) * 16 * 16
+    ops = {op.op_type for op in model._mil_program.functions["main"].operations}
+    assert {"constexpr_blockwise_shift_scale", "constexpr_lut_to_dense"} <= ops
+    with pytest.raises(ValueError, match="eight_bit"):
+        palettize(mlmodel, spec.module, 8, "iOS18", eight_bit="int8")
+
+
 def test_export_applies_recipe(searched, tmp_path):
     folder, _, search, widest, narrowest = searched
     recipe = search.recipe(_middle_bar(widest, narrowest))
@@ -140,6 +171,19 @@ def test_export_applies_recipe(searched, tmp_path):
     assert mixed["components"]["unet"]["compression"]["parameter_bits"] == recipe.layers["unet"]
     assert manifest["variants"]["mixed"]["average_bits_per_weight"] == mixed["average_bits_per_weight"]
 
+    # a recipe searched with 8-bit layers as int8 (eight_bit="linear") is exported the same way
+    recipe.layers["unet"] = {name: 8 for name in recipe.layers["unet"]}
+    recipe.metadata["eight_bit"] = "linear"
+    path = save_recipe(recipe, folder / "linear.json")
+    out = tmp_path / "export-linear"
+    export_pipeline(_pipe(), out, variants=[f"mixed:{path}"], components="unet", validate=False, progress=None,
+                    **SETTINGS)
+    assert package_lut_bits(out / "packages" / "mixed" / "Unet.mlpackage") == {}  # no 8-bit tables
+    linear = json.loads((out / MANIFEST_NAME).read_text())["variants"]["mixed"]
+    assert linear["recipe"]["eight_bit"] == "linear"
+    assert linear["components"]["unet"]["compression"]["linear_quantized_tensors"] == len(recipe.layers["unet"])
+    assert 8.0 < linear["unet_average_bits_per_weight_with_luts"] < 9.0  # scales counted
+
 
 def _recipe_file(folder, name, content):
     path = folder / name
@@ -159,6 +203,10 @@ def test_bad_recipe_files_raise_naming_file_and_fix(tmp_path):
         "unet": {"layers": {"unet.conv_in.weight": 4}}}})
     with pytest.raises(ValueError, match=r"groups\.json.*'group_size' must be a positive int"):
         load_recipe(bad_groups)
+    bad_kind = _recipe_file(tmp_path, "kind.json", {"format": RECIPE_FORMAT, "eight_bit": "int8", "components": {
+        "unet": {"layers": {"unet.conv_in.weight": 8}}}})
+    with pytest.raises(ValueError, match=r"kind\.json.*'eight_bit' must be one of \('palette', 'linear'\)"):
+        load_recipe(bad_kind)
     no_format = _recipe_file(tmp_path, "other.json", {"components": {}})
     with pytest.raises(ValueError, match=r"other\.json.*'format'"):
         load_recipe(no_format)

@@ -53,6 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="search per-layer widths that keep the end-to-end image PSNR >= --bar and write the recipe")
     parser.add_argument("--bar", type=float, default=35.0, help="end-to-end PSNR bar of the mixed-bit search in dB (35)")
     parser.add_argument("--search-bits", default="2,4,6", help="widths the mixed-bit search offers (2,4,6)")
+    parser.add_argument("--eight-bit", choices=("palette", "linear"), default="palette",
+                        help="mixed-bit search: store 8-bit layers as 8-bit tables (palette) or as int8 with one scale "
+                             "per output channel (linear: fewer bits, closer to fp16)")
     parser.add_argument("--group-depth", type=_positive_int, default=None,
                         help="mixed-bit search: layers sharing the first N name parts get one width (faster)")
     parser.add_argument("--dry-run", action="store_true",
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         search_mixed_bit(pipe, search, bar_db=args.bar, bits=args.search_bits, resolution=args.resolution,
                          target=args.target, group_size=args.group_size, weight_threshold=args.weight_threshold,
                          components=[g for g in components if g != "decoder"], group_depth=args.group_depth,
-                         progress=say)
+                         eight_bit=args.eight_bit, progress=say)
         if "mixed" in [v.strip() for v in args.variants.split(",")]:
             variants.append(f"mixed:{search}")
         if args.output is None:

@@ -27,6 +27,7 @@ __all__ = [
     "VARIANTS",
     "MIXED_PREFIX",
     "NBITS",
+    "EIGHT_BIT_KINDS",
     "parse_variants",
     "variant_key",
     "variant_nbits",
@@ -46,6 +47,9 @@ VARIANTS = ("fp16", "palettize8", "palettize6", "palettize4")
 MIXED_PREFIX = "mixed:"
 #: Bit widths of ``constexpr_lut_to_dense`` look-up tables.
 NBITS = (1, 2, 3, 4, 6, 8)
+#: How :func:`palettize` stores 8-bit weights: ``palette`` (8-bit look-up tables) or ``linear`` (int8, per-channel
+#: scales).
+EIGHT_BIT_KINDS = ("palette", "linear")
 _SUFFIXES = re.compile(r"(_to_fp16|_palettized|_quantized|_to_fp32)+$")
 _DTYPE_BITS = re.compile(r"(\d+)$")
 
@@ -188,6 +192,7 @@ def palettize(
     group_size: int = 16,
     weight_threshold: int = 2048,
     mode: str = "kmeans",
+    eight_bit: str = "palette",
 ):
     """k-means palettize the parameter weights of ``mlmodel`` to ``nbits``; returns ``(model, info)``.
 
@@ -199,6 +204,10 @@ def palettize(
     ``mode="uniform"`` (evenly spaced tables, no clustering) gives packages of exactly the same size much faster.
     coremltools clusters each weight on its own (scikit-learn k-means, ``random_state=0``), so a weight's table
     does not depend on which other weights are palettized in the same call.
+
+    ``eight_bit="linear"`` stores the weights given 8 bits as int8 with one fp16 scale per output channel
+    (``OpLinearQuantizerConfig``, symmetric) instead of 8-bit tables: 8 + 16/fan_in bits per weight against
+    8 + 256/fan_in for 16-channel tables, and closer to fp16 (docs/coreml_mixed_bit.md).
     """
     ct = require_coremltools()
     require_sklearn()
@@ -211,6 +220,8 @@ def palettize(
         raise ValueError(f"`target` must be 'iOS17' or 'iOS18', got {target!r}.")
     if mode not in ("kmeans", "uniform"):
         raise ValueError(f"`mode` must be 'kmeans' or 'uniform', got {mode!r}.")
+    if eight_bit not in EIGHT_BIT_KINDS:
+        raise ValueError(f"`eight_bit` must be one of {EIGHT_BIT_KINDS}, got {eight_bit!r}.")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"`group_size` must be a positive int, got {group_size!r}.")
     if not isinstance(weight_threshold, int) or weight_threshold < 0:
@@ -225,13 +236,18 @@ def palettize(
         if unknown:
             raise ValueError(f"`nbits` names weights that are not palettizable parameters of this model: "
                              f"{unknown[:5]}; use names from palettizable_parameters().")
-    configs, chosen, grouped = {}, {}, 0
+    configs, linear, chosen, grouped = {}, {}, {}, 0
     for pname, meta in eligible.items():
         bits = nbits.get(pname) if per_layer else nbits
         if bits is None or meta["numel"] <= 2**bits:
             continue
         shape = meta["shape"]
         common = dict(mode=mode, nbits=bits, weight_threshold=max(weight_threshold, 2**bits))
+        if bits == 8 and eight_bit == "linear":
+            linear[meta["const"]] = cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=weight_threshold)
+            chosen[pname] = bits
+            continue
         if target == "iOS18" and shape[0] % group_size == 0 and shape[0] > group_size:
             cfg = cto.OpPalettizerConfig(granularity="per_grouped_channel", group_size=group_size, channel_axis=0,
                                          **common)
@@ -244,21 +260,26 @@ def palettize(
     info = {
         "nbits": "mixed" if per_layer else nbits,
         "mode": mode,
+        "eight_bit": eight_bit,
         "granularity": "per_grouped_channel" if target == "iOS18" else "per_tensor",
         "group_size": group_size if target == "iOS18" else None,
         "weight_threshold": weight_threshold if per_layer else max(weight_threshold, 2**nbits),
-        "palettized_tensors": len(chosen),
+        "palettized_tensors": len(chosen) - len(linear),
+        "linear_quantized_tensors": len(linear),
         "per_grouped_channel_tensors": grouped,
         "average_bits_per_weight": average_bits(chosen, sizes),
         "palettized_parameters": sorted(chosen),
         "parameter_bits": dict(sorted(chosen.items())),
     }
-    if not configs:
+    if not chosen:
         info["average_bits_per_weight_with_luts"] = info["average_bits_per_weight"]
         return mlmodel, info
-    config = cto.OptimizationConfig(op_name_configs=configs)
+    compressed = mlmodel
     with quiet_progress():
-        compressed = cto.palettize_weights(mlmodel, config)
+        if configs:
+            compressed = cto.palettize_weights(compressed, cto.OptimizationConfig(op_name_configs=configs))
+        if linear:  # after the tables: linear_quantize_weights only touches the remaining dense constants
+            compressed = cto.linear_quantize_weights(compressed, cto.OptimizationConfig(op_name_configs=linear))
     stored = stored_bits(compressed, module)
     info["average_bits_per_weight_with_luts"] = average_stored_bits({p: stored[p] for p in chosen}, sizes)
     return compressed, info

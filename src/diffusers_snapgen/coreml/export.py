@@ -239,11 +239,12 @@ def export_components(
                 label = f"{nbits} bits" if isinstance(nbits, int) else f"recipe {Path(recipe.path).name}"
                 _log(progress, f"[{name}] palettizing to {label} ({key})")
                 start = time.perf_counter()
-                groups = group_size
-                if key == "mixed":  # the tables the recipe's search measured
+                groups, eight_bit = group_size, "palette"
+                if key == "mixed":  # the tables (and 8-bit kind) the recipe's search measured
                     groups = recipe.metadata.get("group_size", group_size)
+                    eight_bit = recipe.metadata.get("eight_bit", "palette")
                 model, info = palettize(mlmodel, component.module, nbits, target, groups, weight_threshold,
-                                        mode=palettize_mode)
+                                        mode=palettize_mode, eight_bit=eight_bit)
                 keep = {"palettized_parameters"} | (set() if key == "mixed" else {"parameter_bits"})
                 compression = {"method": "palettization", **{k: v for k, v in info.items() if k not in keep},
                                "seconds": round(time.perf_counter() - start, 2)}
@@ -272,7 +273,7 @@ def export_components(
         if key == "mixed":
             data["recipe"] = {"file": Path(recipe.path).name, **{k: recipe.metadata.get(k) for k in (
                 "bar_db", "measured_psnr_db", "average_bits_per_weight", "average_bits_per_weight_with_luts",
-                "bits_offered", "group_size")}}
+                "bits_offered", "group_size", "eight_bit")}}
         if quality is not None and validate:
             data["end_to_end"] = quality.report(states[key])
             _log(progress, f"{key}: end-to-end image PSNR {data['end_to_end']['image_psnr_db']} dB vs fp32")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .compress import NBITS, average_bits, average_stored_bits, decompressed_state_dict, palettizable_parameters, \
+from .compress import EIGHT_BIT_KINDS, NBITS, average_bits, average_stored_bits, decompressed_state_dict, palettizable_parameters, \
     palettize, stored_bits, swapped_parameters
 
 __all__ = [
@@ -145,6 +145,8 @@ def load_recipe(path) -> MixedBitRecipe:
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise _recipe_error(path, "'group_size' must be a positive int (output channels per table), got "
                                   f"{group_size!r}")
+    if metadata.get("eight_bit", "palette") not in EIGHT_BIT_KINDS:  # how its 8-bit layers are stored
+        raise _recipe_error(path, f"'eight_bit' must be one of {EIGHT_BIT_KINDS}, got {metadata['eight_bit']!r}")
     return MixedBitRecipe(layers, metadata, str(path))
 
 
@@ -200,17 +202,17 @@ def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int],
 
 
 def palettized_candidates(mlmodel, module, bits, target, group_size, weight_threshold, mode="kmeans", progress=None,
-                          name: str = "", costs: dict | None = None):
+                          name: str = "", costs: dict | None = None, eight_bit: str = "palette"):
     """``({parameter: {b: fp16 tensor}}, {parameter: elements})``: every palettizable weight of ``mlmodel`` at each
     width in ``bits``, decompressed from the palettized program (one ``palettize_weights`` call per width).
     A ``costs`` dict is filled with ``{parameter: {b: stored bits}}`` (indices and look-up tables,
-    :func:`~.compress.stored_bits`)."""
+    :func:`~.compress.stored_bits`). ``eight_bit="linear"``: the 8-bit candidates are int8 with per-channel scales."""
     eligible = palettizable_parameters(mlmodel, module, weight_threshold)
     candidates = {p: {} for p in eligible}
     stored = {p: {} for p in eligible}
     for b in bits:
         start = time.perf_counter()
-        model, _ = palettize(mlmodel, module, b, target, group_size, weight_threshold, mode=mode)
+        model, _ = palettize(mlmodel, module, b, target, group_size, weight_threshold, mode=mode, eight_bit=eight_bit)
         state = decompressed_state_dict(model, module)
         program_bits = stored_bits(model, module)
         for p in eligible:
@@ -218,7 +220,8 @@ def palettized_candidates(mlmodel, module, bits, target, group_size, weight_thre
                 candidates[p][b] = state[p].half()
                 stored[p][b] = program_bits[p]
         if progress is not None:
-            progress(f"[{name}] {b}-bit {mode} palettization of {len(eligible)} weights read back in "
+            kind = "int8 linear quantization" if b == 8 and eight_bit == "linear" else f"{b}-bit {mode} palettization"
+            progress(f"[{name}] {kind} of {len(eligible)} weights read back in "
                      f"{time.perf_counter() - start:.1f}s")
     candidates = {p: c for p, c in candidates.items() if len(c) == len(bits)}  # too small for some width: fp16
     if costs is not None:
@@ -438,6 +441,7 @@ def search_mixed_bit(
     components: Sequence[str] = ("unet", "text"),
     palettize_mode: str = "kmeans",
     group_depth: int | None = None,
+    eight_bit: str = "palette",
     progress=print,
 ):
     """Search a mixed-bit recipe for ``pipe`` that keeps the end-to-end image PSNR >= ``bar_db``; returns
@@ -448,6 +452,8 @@ def search_mixed_bit(
     width in ``bits`` and measures the full sampling at ``resolution`` (default: the model's native size) on
     ``prompts``/``seeds`` (default :data:`~.quality.DEFAULT_QUALITY_PROMPTS`). ``group_depth=k`` makes layers that
     share the first ``k`` parts of their name (``unet.down_blocks.0``) one unit with one width (fewer evaluations).
+    ``eight_bit="linear"`` offers 8 bits as int8 with per-channel scales instead of 8-bit tables (recorded in the
+    recipe, which the export then applies the same way).
     """
     from .components import parse_components, pipeline_components
     from .convert import TARGETS, convert_module
@@ -456,6 +462,8 @@ def search_mixed_bit(
     bits = parse_bits(bits)
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
+    if eight_bit not in EIGHT_BIT_KINDS:
+        raise ValueError(f"`eight_bit` must be one of {EIGHT_BIT_KINDS}, got {eight_bit!r}.")
     if output is not None and (not isinstance(output, (str, os.PathLike)) or Path(output).suffix != ".json"):
         raise ValueError(f"`output` must be a .json file path for the recipe, got {output!r}.")
     groups = parse_components(components)
@@ -482,7 +490,7 @@ def search_mixed_bit(
         costs[spec.name] = {}
         candidates[spec.name], _ = palettized_candidates(
             mlmodel, spec.module, bits, target, group_size, weight_threshold, palettize_mode, progress, spec.name,
-            costs=costs[spec.name])
+            costs=costs[spec.name], eight_bit=eight_bit)
         del mlmodel
     if not any(candidates.values()):
         raise ValueError(f"`components` {groups} hold no weight above `weight_threshold`={weight_threshold}: "
@@ -496,6 +504,7 @@ def search_mixed_bit(
         "group_size": group_size,
         "weight_threshold": weight_threshold,
         "palettize_mode": palettize_mode,
+        "eight_bit": eight_bit,
         "quality": quality.settings(),
         "baseline": "fp32 pipeline; weights outside the evaluated layers hold their fp16 package values",
     }
