@@ -44,7 +44,8 @@ def table_parametrisation(weights: dict, bits: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="Rendered emoji set: eval_prompts.json, train/metadata.jsonl.")
+    p.add_argument("--data", type=Path, required=True,
+                   help="Rendered emoji set (eval_prompts.json, train/metadata.jsonl).")
     p.add_argument("--bits", type=int, default=4, choices=(3, 4, 6))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--learning-rate", type=float, default=2e-5)

@@ -53,7 +53,8 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     for student in ("student-kd", "student-nokd", "student-nokd-long", "student-asd"):
         assert (runs / student / "model_index.json").is_file()
     # the longer no-KD student continues the equal-steps one (STUDENT_STEPS=2, NOKD_EXTRA_STEPS=2) in its own folder
-    assert f"Resuming from checkpoint {runs / 'student-nokd' / 'checkpoint-2'}" in (runs / "logs" / "nokd_long.log").read_text()
+    long_log = (runs / "logs" / "nokd_long.log").read_text()
+    assert f"Resuming from checkpoint {runs / 'student-nokd' / 'checkpoint-2'}" in long_log
     long_steps = [json.loads(line)["step"] for line in
                   (runs / "student-nokd-long" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert long_steps and min(long_steps) > 2 and max(long_steps) == 4

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .compress import EIGHT_BIT_KINDS, NBITS, average_bits, average_stored_bits, decompressed_state_dict, palettizable_parameters, \
-    palettize, stored_bits, swapped_parameters
+from .compress import EIGHT_BIT_KINDS, NBITS, average_bits, average_stored_bits, decompressed_state_dict, \
+    palettizable_parameters, palettize, stored_bits, swapped_parameters
 
 __all__ = [
     "RECIPE_FORMAT",

@@ -276,7 +276,8 @@ class FeatureCapture:
 
 
 def _linear_weights(n_in: int, n_out: int, device) -> torch.Tensor:
-    """``(n_in, n_out)``: row ``i`` is ``F.interpolate``'s linear resize (``align_corners=False``) of indicator ``i``."""
+    """``(n_in, n_out)``: row ``i`` is ``F.interpolate``'s linear resize (``align_corners=False``) of indicator
+    ``i``."""
     eye = torch.eye(n_in, device=device, dtype=torch.float32).unsqueeze(0)
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0]
 
