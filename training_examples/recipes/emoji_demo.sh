@@ -270,10 +270,16 @@ step_kd_output() {  # ablation: the KD student with output KD only (no feature p
     --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd-output"
 }
 
-step_nokd() {  # the same student, same data/steps/seed, flow matching only
+train_nokd() {  # the student, flow matching only, into folder $1 up to step $2; further arguments go last (they win)
+  local output=$1 steps=$2
+  shift 2
   $LAUNCH "$ROOT/training_examples/train_snapgen.py" --pretrained_model_name_or_path "$RUNS/base" \
     --unet_config "$CONFIGS/student_unet.json" --from_scratch "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" \
-    --max_train_steps "$STUDENT_STEPS" "${SPEED[@]}" --validation_num_inference_steps 28 --output_dir "$RUNS/student-nokd"
+    --max_train_steps "$steps" "${SPEED[@]}" --validation_num_inference_steps 28 --output_dir "$output" "$@"
+}
+
+step_nokd() {  # the same student, same data/steps/seed, flow matching only
+  train_nokd "$RUNS/student-nokd" "$STUDENT_STEPS"
 }
 
 step_nokd_long() {  # the no-KD student continued past the equal-steps comparison (a ship candidate); resumes the
@@ -282,12 +288,9 @@ step_nokd_long() {  # the no-KD student continued past the equal-steps compariso
   local start="$RUNS/student-nokd/checkpoint-$STUDENT_STEPS" resume=()
   if ! ls -d "$RUNS/student-nokd-long"/checkpoint-* >/dev/null 2>&1; then  # else: resume its own latest checkpoint
     [[ -d "$start" ]] || { echo "nokd_long: no $start (STUDENT_STEPS must be a multiple of CKPT_STEPS)" >&2; return 1; }
-    resume=(--resume_from_checkpoint "$start")
+    resume=(--resume_from_checkpoint "$start")  # after COMMON_OPT's "latest"
   fi
-  $LAUNCH "$ROOT/training_examples/train_snapgen.py" --pretrained_model_name_or_path "$RUNS/base" \
-    --unet_config "$CONFIGS/student_unet.json" --from_scratch "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" "${resume[@]}" \
-    --max_train_steps "$((STUDENT_STEPS + NOKD_EXTRA_STEPS))" "${SPEED[@]}" --validation_num_inference_steps 28 \
-    --output_dir "$RUNS/student-nokd-long"
+  train_nokd "$RUNS/student-nokd-long" "$((STUDENT_STEPS + NOKD_EXTRA_STEPS))" "${resume[@]}"
 }
 
 step_asd() {  # adversarial step distillation of the KD student to 4 steps (the teacher is not a few-step model:

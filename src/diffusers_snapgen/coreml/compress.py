@@ -246,15 +246,12 @@ def palettize(
         if bits == 8 and eight_bit == "linear":
             linear[meta["const"]] = cto.OpLinearQuantizerConfig(
                 mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=weight_threshold)
-            chosen[pname] = bits
-            continue
-        if target == "iOS18" and shape[0] % group_size == 0 and shape[0] > group_size:
-            cfg = cto.OpPalettizerConfig(granularity="per_grouped_channel", group_size=group_size, channel_axis=0,
-                                         **common)
+        elif target == "iOS18" and shape[0] % group_size == 0 and shape[0] > group_size:
+            configs[meta["const"]] = cto.OpPalettizerConfig(granularity="per_grouped_channel", group_size=group_size,
+                                                            channel_axis=0, **common)
             grouped += 1
         else:
-            cfg = cto.OpPalettizerConfig(granularity="per_tensor", **common)
-        configs[meta["const"]] = cfg
+            configs[meta["const"]] = cto.OpPalettizerConfig(granularity="per_tensor", **common)
         chosen[pname] = bits
     sizes = {p: eligible[p]["numel"] for p in eligible}
     info = {
