@@ -10,8 +10,9 @@ Measured in this order (most important first; optional parts are skipped when ``
 4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph.
 5. Anchors, eager: SANA-1.6B and SDXL steps at batch 1, SANA-Sprint (2 steps) and SDXL (4 steps) end to end.
 6. The UNet compiled (``unet.compile(fullgraph=True)``, default inductor mode) + CUDA graph at batch 1.
-7. The fast sampler (``pipe.fast_sampler``: the compiled UNet, compiled decoder, steps + decoder in one CUDA graph),
-   text excluded/included, and its largest pixel difference from the eager pipeline.
+7. The fast sampler (``pipe.fast_sampler``: the compiled UNet, compiled decoder, steps + decoder in one CUDA graph,
+   text encoders in a second graph), text excluded/included, and its largest pixel difference from the eager
+   pipeline.
 8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
    says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
 9. Optional: variants (e)/(f) with regional compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
@@ -19,7 +20,7 @@ Measured in this order (most important first; optional parts are skipped when ``
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
 
-    python benchmarks/run_inference_suite.py --out benchmarks/results           # one H200: about 3-4 minutes
+    python benchmarks/run_inference_suite.py --out benchmarks/results           # one H200: about 7 minutes
     python benchmarks/run_inference_suite.py --smoke --out smoke_out           # CPU, tiny models, every code path
 """
 
@@ -363,12 +364,12 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU (every code path, no GPU)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip optional parts past this many seconds (default 215; smoke: none)")
+                        help="skip optional parts past this many seconds (default 600; smoke: none)")
     parser.add_argument("--fp8", action="store_true", help="also time a float8 (torchao) UNet at the largest batch")
     parser.add_argument("--skip-anchors", action="store_true", help="no SANA/SDXL (saves ~30 s)")
     args = parser.parse_args(argv)
     if args.budget_s is None and not args.smoke:
-        args.budget_s = 215.0
+        args.budget_s = 600.0
     if args.budget_s is not None and args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
     if args.smoke and args.device not in (None, "cpu"):

@@ -98,3 +98,24 @@ def test_regional_compilation_compiles_once_per_block_shape():
         second = unet(**_inputs(unet)).sample
     assert _graphs() - before == 3
     torch.testing.assert_close(first, second)
+
+
+
+def test_compiled_graph_reads_rope_tables_through_the_cached_table_op():
+    """Compiled (not exported), each stage's RoPE table comes from the cached-table op, not recomputed in the graph.
+    torch < 2.13 folds ``torch.compiler.is_exporting()`` to True under ``torch.compile``; this test fails there
+    unless the model reads torch's export flag itself."""
+    unet = _small_unet()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(unet, fullgraph=True, backend=backend)(**_inputs(unet))
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("rope_2d" in t for t in targets) == 2  # one table per stage grid
+    assert not any(t.endswith(".cos") or "cos.default" in t for t in targets)

