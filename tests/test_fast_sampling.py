@@ -64,6 +64,44 @@ def test_cuda_graph_request_falls_back_off_cuda_with_one_log_line(pipe):
     assert captured.out.count("CUDA graphs need a CUDA device") == 1
 
 
+def test_each_part_is_captured_once_per_shape_and_falls_back_alone(pipe, monkeypatch):
+    """The loop+decoder and the text encoders are separate graphs: a text encoder that cannot be captured runs
+    eagerly (one log line, named in ``cuda_graph_errors``) while the loop still replays; same shapes reuse a graph,
+    new ones capture again. (A stand-in replaces CUDA graph capture so the logic runs on the CPU.)"""
+    from diffusers_snapgen.pipelines import fast_sampling
+
+    captures = []
+
+    class StandInCapture:
+        def __init__(self, fn, inputs):
+            if fn.__name__ == "encode":
+                raise RuntimeError("operation not permitted when stream is capturing")
+            captures.append(tuple(t.shape for t in inputs))
+            self.fn, self.shapes = fn, captures[-1]
+
+        def matches(self, inputs):
+            return self.shapes == tuple(t.shape for t in inputs)
+
+        def __call__(self, *inputs):
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(fast_sampling, "CapturedCall", StandInCapture)
+    fast = pipe.fast_sampler(height=H, width=W)
+    fast.use_cuda_graph = True
+    logger = logging.get_logger("diffusers_snapgen.pipelines.fast_sampling")
+    with CaptureLogger(logger) as captured:
+        images = fast("a red apple", generator=gen(), output_type="pt").images
+        fast("a green pear", generator=gen(1), output_type="pt")
+    expected = pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
+    torch.testing.assert_close(images, expected)
+    assert len(captures) == 1 and list(fast.cuda_graph_errors) == ["text"]
+    assert captured.out.count("CUDA graph capture of the text failed") == 1
+    assert "text: RuntimeError" in fast.cuda_graph_error
+    embeds = pipe.encode_prompt("a red apple", do_classifier_free_guidance=False, max_sequence_length=8)
+    fast(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[2], generator=gen(), output_type="pt")
+    assert len(captures) == 2  # a shorter text sequence: the loop is captured again
+
+
 def test_bad_arguments_name_the_argument(pipe):
     with pytest.raises(ValueError, match="compile"):
         pipe.fast_sampler(compile="everything")
