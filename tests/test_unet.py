@@ -261,3 +261,20 @@ def test_lora_adapter_through_peft():
         disabled = unet(**inputs).sample
     assert not torch.allclose(base, adapted, atol=1e-5)
     torch.testing.assert_close(base, disabled)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotation_matches_diffusers_apply_rotary_emb(dtype):
+    """The fused rotation is diffusers' interleaved-pair RoPE (which computes in float32; ours in x's dtype)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from diffusers_snapgen.models.embeddings import apply_rotary_emb_interleaved, rope_2d_tables
+
+    cos, sin = rope_2d_tables(4, 6, 16, 10000.0)
+    x = torch.randn(2, 24, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(apply_rotary_emb_interleaved(x, (cos, sin)), expected, **tolerance)
+    rotated_back = apply_rotary_emb_interleaved(expected.float(), (cos, -sin))  # rotation by -angle undoes it
+    torch.testing.assert_close(rotated_back, x.float(), **tolerance)
