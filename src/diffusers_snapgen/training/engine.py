@@ -11,6 +11,7 @@ log -> checkpoint -> validate), atomic checkpoints with exact resume, and the fa
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import time
@@ -337,6 +338,8 @@ def train(run: TrainingRun) -> TrainingState:
                 "steps, step: %s%s *****", task.name, "a stream" if getattr(run.batches, "epochless", False) else
                 f"{per_epoch} micro-batches an epoch", args.train_batch_size, samples, max_steps, run.program.mode,
                 ", compiled" if getattr(args, "compile", False) else "")
+    if getattr(args, "start_after", None):
+        _prepare_and_wait(run, accumulation)
     log = MetricsLog(acc, args.output_dir, args.logging_dir)
     progress = tqdm(range(max_steps), initial=state.global_step, desc="Steps", disable=not acc.is_local_main_process)
     clock = _WindowClock()
@@ -379,6 +382,25 @@ def train(run: TrainingRun) -> TrainingState:
     progress.close()
     acc.wait_for_everyone()
     return state
+
+
+def _prepare_and_wait(run: TrainingRun, accumulation: int):
+    """``--start_after``: compile and capture the first step (with ``--cuda_graphs``) while an earlier stage still
+    uses the GPU, then wait until the file exists before training."""
+    state = run.state
+    epoch, start = state.epoch, state.batches_in_epoch
+    if start + accumulation > run.batches.batches_per_epoch:  # where the loop's first step reads, as the loop does
+        epoch, start = epoch + 1, 0
+    if run.program.use_graphs:
+        group = list(itertools.islice(run.batches.epoch(epoch, start), accumulation))
+        run.program.prepare(state.global_step, group)
+    path = Path(run.args.start_after)
+    if not path.exists():
+        logger.info("Step prepared; waiting for %s before training", path)
+        waited = time.perf_counter()
+        while not path.exists():
+            time.sleep(0.5)
+        logger.info("%s appeared after %.0f s: training", path, time.perf_counter() - waited)
 
 
 def _relayout(run: TrainingRun, saved_num_processes: int | None):

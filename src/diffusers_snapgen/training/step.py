@@ -209,9 +209,21 @@ class StepProgram:
             ema.optimization_step += 1
             ema.cur_decay_value = ema.get_decay(ema.optimization_step)
             self.ema_weight.fill_(1.0 - ema.cur_decay_value)
-        if not self.use_graphs:
+        captured = self._graph_for(step, micro_batches, variant) if self.use_graphs else None
+        if captured is None:
+            self.random.reseed(step, len(micro_batches))
             self.body(micro_batches, variant)
             return
+        captured.replay(micro_batches)
+
+    def prepare(self, step: int, micro_batches: list[dict]):
+        """Compile and capture step ``step``'s graph now, on these micro-batches, without training (the capture leaves
+        no trace in weights, optimizer states, EMA or metrics). Nothing to do without CUDA graphs."""
+        if self.use_graphs:
+            self._graph_for(step, micro_batches, self.run.task.step_variant(step))
+
+    def _graph_for(self, step: int, micro_batches: list[dict], variant):
+        """The captured graph of ``variant``, captured now if needed; ``None`` once capture failed (eager from then)."""
         captured = self.graphs.get(variant)
         if captured is None:
             try:
@@ -220,10 +232,7 @@ class StepProgram:
                 logger.warning("--cuda_graphs is off: capturing the step failed (%s: %s). Training steps run eagerly.",
                                type(e).__name__, e)
                 self.use_graphs, self.mode = False, "eager"
-                self.random.reseed(step, len(micro_batches))
-                self.body(micro_batches, variant)
-                return
-        captured.replay(micro_batches)
+        return captured
 
     def _capture(self, micro_batches, variant, step) -> _CapturedStep:
         run = self.run
