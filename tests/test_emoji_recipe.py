@@ -32,7 +32,7 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
         "OMP_NUM_THREADS": "1",
     }
     # PARALLEL=1 (the h200 preset's schedule): side stages run beside the autoencoder -> teacher -> KD -> ASD chain;
-    # EARLY_START=1: the tiny decoder, encoder and no-KD student start before the teacher and wait for it
+    # EARLY_START=1: the tiny decoder, encoder, no-KD and KD students start before the teacher and wait for it
     proc = subprocess.run(["bash", str(RECIPE)], env={**env, "PARALLEL": "1", "EARLY_START": "1"},
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -44,9 +44,10 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     assert done[:1] == ["data"] and done[-2:] == ["ship", "eval"]
     assert done.index("vae") < done.index("teacher") < done.index("kd") < done.index("asd")
     marker = runs / "logs" / "teacher.done"
-    for side in ("decoder", "encoder", "nokd"):  # prepared, then waited for the teacher before training
+    for side in ("decoder", "encoder", "nokd", "kd"):  # prepared, then waited for the teacher before training
         assert f"waiting for {marker}" in (runs / "logs" / f"{side}.log").read_text(), side
         assert done.index("teacher") < done.index(side)
+    assert f"teacher weights loaded from {runs / 'teacher'}" in (runs / "logs" / "kd.log").read_text()
     assert sorted(p.stem for p in (runs / "logs").glob("*.log")) == sorted(all_steps)  # one log per stage
     kd_log = (runs / "logs" / "kd.log").read_text()
     assert "feature KD pairs (student_to_teacher projectors)" in kd_log  # the recipe's KD_PROJECTOR_DIRECTION

@@ -33,7 +33,7 @@ from diffusers_snapgen.training import (
     setup_accelerator,
     train,
 )
-from diffusers_snapgen.training.components import DTYPES
+from diffusers_snapgen.training.components import DTYPES, teacher_from_config
 from diffusers_snapgen.training.tasks import KDTask, kd_scaling_from_args, load_denoiser_base
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,17 @@ def main(args):
     accelerator = setup_accelerator(args)
     base = load_denoiser_base(args, accelerator)
 
-    # Frozen teacher, kept out of the optimizer and of accelerator.prepare.
-    teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_subfolder, DTYPES[args.teacher_dtype],
-                           args.teacher_revision, args.teacher_variant, args.cache_dir)
+    # Frozen teacher, kept out of the optimizer and of accelerator.prepare. With --teacher_config its weights load
+    # only once --start_after's file exists (the step compiles and captures on placeholder weights meanwhile).
+    weights_later = args.teacher_config is not None
+    if weights_later:
+        teacher = teacher_from_config(args.teacher_config, base.latent_channels, base.text_dims,
+                                      DTYPES[args.teacher_dtype])
+        logger.info("teacher: placeholder weights from --teacher_config; the weights load from %s once %s exists",
+                    args.teacher_model_name_or_path, args.start_after)
+    else:
+        teacher = load_teacher(args.teacher_model_name_or_path, args.teacher_subfolder, DTYPES[args.teacher_dtype],
+                               args.teacher_revision, args.teacher_variant, args.cache_dir)
     # A fresh student takes the teacher's conditioning widths, so one text encoding feeds both models.
     student = load_student(
         args.pretrained_model_name_or_path, args.unet_model_name_or_path, args.unet_config, args.from_scratch,
@@ -62,7 +70,8 @@ def main(args):
     if kd is not None:
         logger.info("feature KD pairs (%s projectors): %s", kd.projector_direction, kd.pairs)
 
-    task = KDTask(args, accelerator, base, student, teacher, kd, kd_scaling_from_args(args))
+    task = KDTask(args, accelerator, base, student, teacher, kd, kd_scaling_from_args(args),
+                  teacher_weights_later=weights_later)
     batches, dataloader = task.build_data()
 
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]

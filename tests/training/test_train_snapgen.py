@@ -193,6 +193,37 @@ def test_kd_script_distils_the_teacher(shared, kd_run, evaluator):
     assert vel_kd < 0.8 * vel_plain and vel_kd < vel_init, (vel_init, vel_plain, vel_kd)
 
 
+def test_kd_with_the_teacher_written_later_gives_the_same_run(shared, kd_run, tmp_path):
+    """--teacher_config + --start_after: KD sets up on a placeholder teacher built from its config, waits, then loads
+    the teacher's weights in place; the run equals the one whose teacher existed from the start."""
+    import shutil
+    import threading
+
+    late, marker = tmp_path / "teacher-late", tmp_path / "teacher.done"
+    config = shared / "teacher" / "transformer" / "config.json"
+
+    def teacher_finishes():
+        shutil.copytree(shared / "teacher", late)
+        marker.touch()
+
+    timer = threading.Timer(2.0, teacher_finishes)  # the script may be waiting by then, or not yet: same run
+    timer.start()
+    args = _kd_args(shared, tmp_path / "kd", STEPS // 2, "--teacher_config", str(config), "--start_after",
+                    str(marker))
+    args[args.index(str(shared / "teacher"))] = str(late)
+    proc = run_script(KD, args, shared / "hf")
+    timer.join()
+    log = proc.stdout + proc.stderr
+    assert "teacher: placeholder weights from --teacher_config" in log
+    assert f"teacher weights loaded from {late}" in log
+    assert_same_weights(kd_run / "unet", tmp_path / "kd" / "unet", "unet")
+    assert_same_weights(kd_run / "checkpoint-10" / "model.safetensors",
+                        tmp_path / "kd" / "checkpoint-10" / "model.safetensors", "projectors")
+    bad = run_script(KD, _kd_args(shared, tmp_path / "bad", 1, "--teacher_config", str(config)), shared / "hf",
+                     expect_success=False)
+    assert bad.returncode == 2 and "--teacher_config" in bad.stderr and "--start_after" in bad.stderr
+
+
 def test_kd_stop_halfway_and_resume_gives_identical_weights_and_projectors(shared, kd_run):
     out = shared / "kd-resume"
     run_script(KD, _kd_args(shared, out, STEPS // 4), shared / "hf")  # run N/2 and stop

@@ -50,7 +50,7 @@ case "$PRESET" in
   h200)  # the default model's recipe: 128² multi-style emoji, the fast step (device caches, CUDA-graph steps) on one
          # H200: 21.9 min from data to eval with these counts (benchmarks/results/emoji_h200.md); the teacher trains
          # alone, then KD compiles while the tiny decoder, encoder and no-KD student use the GPU. EARLY_START=1 (not
-         # yet timed on a GPU) compiles those three while the teacher trains, so KD compiles alone
+         # yet timed on a GPU) compiles all four while the teacher trains, so they start at full speed after it
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
     GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-9000}"
@@ -92,10 +92,11 @@ SHIP_GUIDANCE="${SHIP_GUIDANCE:-3}"
 ASD_TEACHER_GUIDANCE="${ASD_TEACHER_GUIDANCE:-3}"  # CFG of the teacher's ASD targets: the no-CFG 4-step student
                                                    # learns guided sampling (the eval samples the teachers at CFG 3)
 PARALLEL="${PARALLEL:-0}"                   # 1: stages that do not wait on each other share the GPU (whole recipe)
-EARLY_START="${EARLY_START:-0}"             # 1 (with PARALLEL=1): the tiny decoder, encoder and no-KD student set up,
-                                            # compile and capture their steps while the teacher trains, then wait for
-                                            # it (--start_after), so only KD compiles once the teacher is done
+EARLY_START="${EARLY_START:-0}"             # 1 (with PARALLEL=1): the tiny decoder, encoder, no-KD and KD students set
+                                            # up, compile and capture their steps while the teacher trains, then wait
+                                            # for it (--start_after; KD loads the teacher's weights then)
 START_AFTER=()                              # set by run_parallel when EARLY_START=1
+KD_START_AFTER=()                           # the same for KD, whose teacher is built from its config until then
 CONFIGS="$RUNS/configs"
 CKPT_LIMIT="${CKPT_LIMIT:-2}"               # checkpoints kept per run
 MIXED_PRECISION="${MIXED_PRECISION:-}"     # passed as --mixed_precision when set (with LAUNCH=python)
@@ -264,7 +265,7 @@ step_kd() {  # multi-level KD student (output + feature KD, timestep-aware scali
     --unet_config "$CONFIGS/student_unet.json" --from_scratch --kd_feature_layers "$KD_LAYERS" \
     --kd_projector_direction "$KD_PROJECTOR_DIRECTION" \
     "${COMMON_DATA[@]}" "${COMMON_OPT[@]}" --max_train_steps "$STUDENT_STEPS" "${KD_SPEED[@]}" \
-    --validation_num_inference_steps 28 --output_dir "$RUNS/student-kd"
+    --validation_num_inference_steps 28 "${KD_START_AFTER[@]}" --output_dir "$RUNS/student-kd"
 }
 
 step_kd_output() {  # ablation: the KD student with output KD only (no feature pairs), same data/steps/seed
@@ -403,7 +404,7 @@ stop_side_stages() {  # the training processes of the background stages (childre
 
 run_parallel() {  # the whole recipe. The teacher trains alone (it runs 3x slower sharing the GPU); the tiny decoder
                   # and encoder and the no-KD student fill the GPU while the KD step compiles, then share it with KD.
-                  # EARLY_START=1: they compile while the teacher trains and start training when it is done.
+                  # EARLY_START=1: they and KD compile while the teacher trains and start when it is done.
   mkdir -p "$RUNS/logs"
   RECIPE_START=$SECONDS
   run_logged data
@@ -414,15 +415,17 @@ run_parallel() {  # the whole recipe. The teacher trains alone (it runs 3x slowe
     local marker="$RUNS/logs/teacher.done"
     rm -f "$marker"
     START_AFTER=(--start_after "$marker")
+    KD_START_AFTER=(--teacher_config "$CONFIGS/teacher_transformer.json" --start_after "$marker")
     start_side_stages
-    START_AFTER=()
+    { run_logged kd && run_logged asd; } & side+=($!)
+    START_AFTER=(); KD_START_AFTER=()
     run_logged teacher || { stop_side_stages; wait; exit 1; }  # else they would wait for the teacher forever
     touch "$marker"
   else
     run_logged teacher || { wait; exit 1; }
     start_side_stages
+    run_logged kd && run_logged asd || { wait; exit 1; }
   fi
-  run_logged kd && run_logged asd || { wait; exit 1; }
   for pid in "${side[@]}"; do wait "$pid" || exit 1; done
   run_logged ship
   run_logged eval

@@ -287,7 +287,12 @@ def build_parser(kd: bool = False, description: str | None = None) -> argparse.A
     add_validation_args(p)
     add_output_args(p)
     if kd:
-        add_kd_args(p)
+        add_kd_args(p).add_argument(
+            "--teacher_config", type=str, default=None, metavar="JSON",
+            help="With --start_after: build the teacher now from the --transformer_config it is trained with (a JSON "
+                 "file or string; a saved config.json works too), with placeholder weights so the step compiles and "
+                 "captures, and load its weights from --teacher_model_name_or_path once --start_after's file exists "
+                 "(KD starts while the teacher still trains: the emoji recipe's EARLY_START=1).")
     return p
 
 
@@ -448,6 +453,15 @@ def validate_kd(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--projector_learning_rate must be > 0, got {args.projector_learning_rate}.")
     if args.teacher_subfolder == "":
         args.teacher_subfolder = None
+    config = getattr(args, "teacher_config", None)
+    if config is not None:
+        args.teacher_config = load_json_arg(config, "--teacher_config")
+        if not getattr(args, "start_after", None):
+            raise ValueError("--teacher_config builds a placeholder teacher whose weights load when --start_after's "
+                             "file appears: pass --start_after too, or drop --teacher_config.")
+        if args.teacher_sharding == "shard":
+            raise ValueError("--teacher_config loads the teacher's weights after setup, which a sharded teacher "
+                             "cannot take: use --teacher_sharding replicate.")
     return args
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "load_base_components",
     "load_student",
     "load_teacher",
+    "teacher_from_config",
     "check_teacher_student",
     "build_pipeline",
     "encode_captions",
@@ -260,6 +261,16 @@ def load_teacher(teacher_model_name_or_path, subfolder="transformer", dtype=torc
         variant=variant, cache_dir=cache_dir,
     )
     return teacher.requires_grad_(False).eval()
+
+
+def teacher_from_config(config: dict, latent_channels: int, text_dims=None, dtype=torch.bfloat16):
+    """A frozen ``SD3Transformer2DModel`` with placeholder weights, the architecture :func:`load_sd3_transformer`
+    builds from the same ``config`` (``train_sd3_teacher.py --transformer_config``; a saved config.json works too)
+    for a run that loads the trained weights later (``--teacher_config`` with ``--start_after``)."""
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.random.fork_rng(devices=[]):  # neither its seed nor its init may shift what the run draws next
+        teacher = load_sd3_transformer(None, config, latent_channels, text_dims)
+    return teacher.to(dtype).requires_grad_(False).eval()
 
 
 def check_teacher_student(teacher, student):

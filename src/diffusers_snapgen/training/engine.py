@@ -69,6 +69,10 @@ class TrainingTask:
     def on_train_start(self, resumed: bool):
         """Called by :func:`train` after resuming, before the first step (e.g. an initial evaluation)."""
 
+    def on_start_after(self):
+        """Called by :func:`train` with ``--start_after`` once the file exists, before the first step (e.g. to load
+        weights an earlier stage has just written)."""
+
     def compute_loss(self, batch: dict, generator: torch.Generator) -> StepOutput:
         """The loss of one micro-batch. Must not synchronise with the device (no ``.item()``, no data-dependent
         Python branches): the same code is captured in a CUDA graph."""
@@ -401,6 +405,7 @@ def _prepare_and_wait(run: TrainingRun, accumulation: int):
         while not path.exists():
             time.sleep(0.5)
         logger.info("%s appeared after %.0f s: training", path, time.perf_counter() - waited)
+    run.task.on_start_after()
 
 
 def _relayout(run: TrainingRun, saved_num_processes: int | None):

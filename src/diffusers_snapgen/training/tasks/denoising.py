@@ -23,6 +23,7 @@ from ..components import (
     encode_captions,
     encode_latents,
     load_base_components,
+    load_teacher,
     load_vae_encoder,
     scale_latents,
     text_widths,
@@ -358,12 +359,26 @@ class KDTask(FlowMatchingTask):
 
     name = "kd"
 
-    def __init__(self, args, accelerator, base: DenoiserBase, student, teacher, feature_kd, scaling):
+    def __init__(self, args, accelerator, base: DenoiserBase, student, teacher, feature_kd, scaling,
+                 teacher_weights_later: bool = False):
         super().__init__(args, accelerator, base, student)
         self.teacher = teacher.to(accelerator.device)
         self.step_teacher = teacher
         self.feature_kd, self.scaling = feature_kd, scaling
         self.output_kd = not args.disable_output_kd
+        self.teacher_weights_later = teacher_weights_later
+
+    def on_start_after(self):
+        """``--teacher_config``: the trained teacher's weights replace the placeholders in place, so the captured
+        step, the compiled teacher and the feature hooks keep reading the same tensors."""
+        if not self.teacher_weights_later:
+            return
+        a = self.args
+        trained = load_teacher(a.teacher_model_name_or_path, a.teacher_subfolder, self.teacher.dtype,
+                               a.teacher_revision, a.teacher_variant, a.cache_dir)
+        self.teacher.load_state_dict(trained.state_dict())
+        self.teacher_weights_later = False
+        logger.info("teacher weights loaded from %s", a.teacher_model_name_or_path)
 
     def on_prepare(self, run):
         super().on_prepare(run)
