@@ -350,8 +350,7 @@ def train(run: TrainingRun) -> TrainingState:
     for module in run.trainable:
         module.train()
     while state.global_step < max_steps:
-        if state.batches_in_epoch + accumulation > per_epoch:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        _roll_epoch(state, accumulation, per_epoch)
         group = []
         for batch in run.batches.epoch(state.epoch, state.batches_in_epoch):
             group.append(batch)
@@ -388,15 +387,19 @@ def train(run: TrainingRun) -> TrainingState:
     return state
 
 
+def _roll_epoch(state: TrainingState, accumulation: int, per_epoch: int):
+    """Start the next epoch when the current one has too few micro-batches left for a whole step."""
+    if state.batches_in_epoch + accumulation > per_epoch:
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
 def _prepare_and_wait(run: TrainingRun, accumulation: int):
     """``--start_after``: compile and capture the first step (with ``--cuda_graphs``) while an earlier stage still
     uses the GPU, then wait until the file exists before training."""
     state = run.state
-    epoch, start = state.epoch, state.batches_in_epoch
-    if start + accumulation > run.batches.batches_per_epoch:  # where the loop's first step reads, as the loop does
-        epoch, start = epoch + 1, 0
     if run.program.use_graphs:
-        group = list(itertools.islice(run.batches.epoch(epoch, start), accumulation))
+        _roll_epoch(state, accumulation, run.batches.batches_per_epoch)  # where the loop's first step reads
+        group = list(itertools.islice(run.batches.epoch(state.epoch, state.batches_in_epoch), accumulation))
         run.program.prepare(state.global_step, group)
     path = Path(run.args.start_after)
     if not path.exists():

@@ -211,7 +211,6 @@ class StepProgram:
             self.ema_weight.fill_(1.0 - ema.cur_decay_value)
         captured = self._graph_for(step, micro_batches, variant) if self.use_graphs else None
         if captured is None:
-            self.random.reseed(step, len(micro_batches))
             self.body(micro_batches, variant)
             return
         captured.replay(micro_batches)
@@ -232,6 +231,7 @@ class StepProgram:
                 logger.warning("--cuda_graphs is off: capturing the step failed (%s: %s). Training steps run eagerly.",
                                type(e).__name__, e)
                 self.use_graphs, self.mode = False, "eager"
+                self.random.reseed(step, len(micro_batches))  # the failed capture drew from the step's generators
         return captured
 
     def _capture(self, micro_batches, variant, step) -> _CapturedStep:
