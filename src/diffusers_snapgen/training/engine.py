@@ -408,6 +408,8 @@ def _prepare_and_wait(run: TrainingRun, accumulation: int):
         while not path.exists():
             time.sleep(0.5)
         logger.info("%s appeared after %.0f s: training", path, time.perf_counter() - waited)
+    else:
+        logger.info("Step prepared; %s exists: training", path)
     run.task.on_start_after()
 
 
