@@ -178,15 +178,9 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, warmup: int = 2) 
 
     Returns ``(replay, output)``: ``replay()`` re-runs every captured kernel and refreshes ``output`` in place.
     """
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn()
+    from diffusers_snapgen.pipelines.cuda_graphs import capture_graph
+
+    graph, output = capture_graph(fn, device, warmup)
     return graph.replay, output
 
 

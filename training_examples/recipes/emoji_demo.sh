@@ -393,6 +393,11 @@ run_logged() {  # one stage, its output in $RUNS/logs/STAGE.log; its wall time o
   echo "=== $1 done: $((SECONDS - start)) s ===" >&2
 }
 
+run_chain() {  # stages one after another, stopping at the first that fails
+  local stage
+  for stage in "$@"; do run_logged "$stage" || return 1; done
+}
+
 nice_side() {  # a background stage's subshell (and the processes it starts) at CPU niceness SIDE_NICE, where renice works
   (( ${SIDE_NICE:-0} > 0 )) && renice -n "$SIDE_NICE" -p "$BASHPID" >/dev/null 2>&1
   return 0
@@ -400,10 +405,10 @@ nice_side() {  # a background stage's subshell (and the processes it starts) at 
 
 start_side_stages() {  # the tiny decoder and encoder, the no-KD chain and the KD chain, in the background (pids in
                        # `side`); SIDE_NICE=10 while the teacher trains: their compilation yields the CPU to its loop
-  { nice_side; run_logged decoder; } & side+=($!)
-  { nice_side; run_logged encoder; } & side+=($!)
-  { nice_side; run_logged nokd && run_logged nokd_long; } & side+=($!)
-  { nice_side; run_logged kd && run_logged asd; } & side+=($!)
+  local chain
+  for chain in decoder encoder "nokd nokd_long" "kd asd"; do
+    { nice_side; run_chain $chain; } & side+=($!)  # unquoted: a chain is its stage names
+  done
 }
 
 stop_side_stages() {  # the training processes of the background stages (children of their subshells), then those
