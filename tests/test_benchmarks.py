@@ -183,3 +183,18 @@ def test_bench_lora_default_model_rejects_bad_arguments(tmp_path):
             _run("bench_lora_default_model.py", *args, "--out", str(tmp_path / "out"))
         assert flag in error.value.stderr, (args, error.value.stderr[-500:])
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
+    _run("bench_host_overhead.py", "--iters", "2", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "bench_host_overhead.json").read_text())
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"snapgen_unet", "snapgen_unet_variant_e", "sana_1600m_transformer"}
+    for row in rows.values():
+        assert row["ops"] == row["compute_ops"] + row["view_or_noop_ops"] and row["module_calls"] > 0
+        assert row["cpu_ms"] > 0
+    # Variant (f) adds QK-norm and RoPE to (e): more compute ops, the difference reported in the summary.
+    extra = rows["snapgen_unet"]["compute_ops"] - rows["snapgen_unet_variant_e"]["compute_ops"]
+    assert extra > 0 and result["summary"]["variant_f_extra_compute_ops"] == extra
+    assert rows["snapgen_unet"]["top_ops"]["rms_norm"] > 0 and "rms_norm" not in rows["snapgen_unet_variant_e"]["top_ops"]
+    assert "| snapgen_unet |" in (tmp_path / "bench_host_overhead.md").read_text()

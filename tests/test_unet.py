@@ -269,7 +269,11 @@ def test_rope_rotation_matches_diffusers_apply_rotary_emb(dtype):
     """The fused rotation is diffusers' interleaved-pair RoPE (which computes in float32; ours in x's dtype)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from diffusers_snapgen.models.embeddings import apply_rotary_emb_interleaved, rope_2d_tables
+    from diffusers_snapgen.models.embeddings import (
+        apply_rotary_emb_interleaved,
+        rope_2d_tables,
+        rotary_tables_for_attention,
+    )
 
     cos, sin = rope_2d_tables(4, 6, 16, 10000.0)
     x = torch.randn(2, 24, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -278,3 +282,49 @@ def test_rope_rotation_matches_diffusers_apply_rotary_emb(dtype):
     torch.testing.assert_close(apply_rotary_emb_interleaved(x, (cos, sin)), expected, **tolerance)
     rotated_back = apply_rotary_emb_interleaved(expected.float(), (cos, -sin))  # rotation by -angle undoes it
     torch.testing.assert_close(rotated_back, x.float(), **tolerance)
+    prepared = rotary_tables_for_attention(cos, sin, dtype)  # what the UNet passes its attentions
+    assert all(t.shape == (1, 24, 1, 16) and t.dtype == dtype for t in prepared)
+    torch.testing.assert_close(apply_rotary_emb_interleaved(x, prepared), expected, **tolerance)
+
+
+def test_eager_inference_dispatches_no_no_op_calls():
+    """Batch-1 eager inference is host-bound: in eval mode a forward dispatches no dropout and no no-op cast, and
+    each rotation is 5 ops (flip, multiply, addcmul and two views) with no negation (docs/performance.md)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.no_op_casts = collections.Counter(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops[func.overloadpacket.__name__] += 1
+            self.no_op_casts += func.overloadpacket.__name__ == "to" and out is args[0]
+            return out
+
+    unet = tiny_unet(dropout=0.1).eval()
+    # Our own dropouts (attention output, resnets); diffusers' FeedForward keeps calling its own.
+    ours = [m.to_out[1] for m in unet.modules() if isinstance(m, SnapGenAttention)]
+    ours += [m.dropout for name, m in unet.named_modules() if "resnets" in name and hasattr(m, "time_emb_proj")]
+    called = []
+    for dropout in ours:
+        dropout.register_forward_pre_hook(lambda module, args: called.append(module))
+    sample = torch.randn(1, unet.config.in_channels, 8, 8)
+    text = torch.randn(1, 5, unet.config.joint_attention_dim)
+    with torch.no_grad():
+        unet(sample, 500, text)  # fills the RoPE cache
+        called.clear()
+        with Ops() as counted:
+            unet(sample, 500, text)
+    attentions = len([m for m in unet.modules() if isinstance(m, SnapGenAttention)])
+    rotations = counted.ops["addcmul"]
+    assert rotations >= attentions > 0 and counted.ops["flip"] == rotations
+    assert counted.ops["neg"] == 0 and counted.no_op_casts == 0 and called == []
+
+    unet.train()  # dropout still applies in training
+    with torch.no_grad():
+        unet(sample, 500, text)
+    assert len(called) == len(ours) > 0

@@ -48,6 +48,12 @@ def test_rope_tables_are_cached_per_grid_and_never_saved(monkeypatch):
     expected = rope_2d_tables(4, 6, 8, 10000.0)
     torch.testing.assert_close(cos, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(sin, expected[1], rtol=0, atol=0)
+    # The attention form is prepared once per grid and dtype too: a forward pass reuses the same tensors.
+    pos_embed = SnapGenRotaryPosEmbed2D(8)
+    prepared = pos_embed.attention_tables(4, 6, dtype=torch.bfloat16)
+    assert all(a is b for a, b in zip(prepared, pos_embed.attention_tables(4, 6, dtype=torch.bfloat16)))
+    assert prepared[0].dtype == torch.bfloat16 and pos_embed.attention_tables(4, 6)[0].dtype == torch.float32
+    assert len(calls) == 6  # built from the cached (S, D) tables, nothing recomputed
 
 
 def test_tables_cached_under_inference_mode_serve_training():

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.embeddings import rotary_tables_for_attention
+
 __all__ = [
     "FP16SafeRMSNorm",
     "ANESnapGenAttention",
@@ -115,10 +117,9 @@ class ANESnapGenAttention(nn.Module):
                 return FP16SafeRMSNorm(self.head_dim, eps=norm.eps)
         return FP16SafeRMSNorm(self.head_dim, eps=norm.eps, weight=weight.detach()[perm] * factor)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = self.head_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        half = self.head_dim // 2  # channels in half-split order: the sign sits in the table's first half
+        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         is_cross = encoder_hidden_states is not None
@@ -133,7 +134,8 @@ class ANESnapGenAttention(nn.Module):
         if self.norm_k is not None:
             key = self.norm_k(key)
         if image_rotary_emb is not None:
-            cos, sin = (t.to(query.dtype)[:, self._perm][None, :, None, :] for t in image_rotary_emb)
+            cos, sin = image_rotary_emb  # the UNet's prepared (1, S, 1, D) tables, interleaved layout
+            cos, sin = (t.to(query.dtype)[..., self._perm] for t in (cos, sin))
             query = self._rope(query, cos, sin)
             if not is_cross:
                 key = self._rope(key, cos, sin)
@@ -165,6 +167,10 @@ class ANERotaryPosEmbed(nn.Module):
             with torch.no_grad():
                 self._tables[key] = tuple(t.detach().float() for t in self.pos_embed(*key, device=device))
         return self._tables[key]
+
+    def attention_tables(self, height: int, width: int, device=None, dtype=torch.float32):
+        """The cached tables in the form :class:`ANESnapGenAttention` applies them (constants once traced)."""
+        return rotary_tables_for_attention(*self(height, width, device=device), dtype)
 
 
 def to_ane_unet(unet: nn.Module) -> nn.Module:

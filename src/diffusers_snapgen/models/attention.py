@@ -67,8 +67,14 @@ class SnapGenAttnProcessor:
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        hidden_states = hidden_states.reshape(batch, seq, attn.inner_dim).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = hidden_states.reshape(batch, seq, attn.inner_dim)
+        if hidden_states.dtype != query.dtype:
+            hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        dropout = attn.to_out[1]
+        if dropout.training:  # inference skips the no-op call
+            hidden_states = dropout(hidden_states)
+        return hidden_states
 
 
 class SnapGenAttention(nn.Module, AttentionModuleMixin):

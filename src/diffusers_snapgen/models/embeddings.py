@@ -72,6 +72,18 @@ def _cached_tables(height: int, width: int, head_dim: int, theta: float, device:
     return tables
 
 
+def _cached_attention_tables(height: int, width: int, head_dim: int, theta: float, device: torch.device, dtype):
+    key = (int(height), int(width), int(head_dim), float(theta), torch.device(device), dtype)
+    tables = _TABLES.get(key)
+    if tables is None:
+        with torch.inference_mode(False), torch.no_grad():
+            tables = rotary_tables_for_attention(*_cached_tables(*key[:5]), dtype)
+        capturing = key[4].type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and all(type(t) is torch.Tensor for t in tables):
+            _TABLES[key] = tables
+    return tables
+
+
 @torch.library.custom_op("diffusers_snapgen::rope_2d", mutates_args=())
 def _rope_2d_op(
     height: int, width: int, head_dim: int, theta: float, device: torch.device
@@ -118,14 +130,40 @@ class SnapGenRotaryPosEmbed2D(nn.Module):
             return torch.ops.diffusers_snapgen.rope_2d(height, width, self.head_dim, self.theta, device)
         return _cached_tables(height, width, self.head_dim, self.theta, device)
 
+    def attention_tables(
+        self, height: int, width: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid's tables in the form attention applies them (:func:`rotary_tables_for_attention`), in
+        ``dtype``. Cached per grid, device and dtype in eager mode, so a forward pass prepares nothing."""
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if torch.compiler.is_compiling():
+            return rotary_tables_for_attention(*self(height, width, device=device), dtype)
+        return _cached_attention_tables(height, width, self.head_dim, self.theta, device, dtype)
+
+
+def rotary_tables_for_attention(
+    cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, D)`` ``(cos, sin)`` tables -> ``(1, S, 1, D)`` tables in ``dtype`` that broadcast over ``(B, S, heads,
+    D)``, the sine with the rotation's sign folded in (``-sin`` on even channels, ``+sin`` on odd ones), so
+    :func:`apply_rotary_emb_interleaved` needs no negation."""
+    signed_sin = torch.stack((-sin[:, 0::2], sin[:, 1::2]), dim=-1).flatten(-2)
+    return cos.to(dtype)[None, :, None, :], signed_sin.to(dtype)[None, :, None, :]
+
 
 def apply_rotary_emb_interleaved(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate ``x`` ``(B, S, heads, D)`` by ``(cos, sin)`` tables ``(S, D)`` in the interleaved-pair layout.
+    """Rotate ``x`` ``(B, S, heads, D)`` by 2D RoPE tables in the interleaved-pair layout.
 
-    Same result as ``diffusers.models.embeddings.apply_rotary_emb(x, freqs, sequence_dim=1)``, in fewer kernels:
-    computed in ``x``'s dtype (tables are cast when they differ), ``x * cos + rotate(x) * sin`` as one ``addcmul``.
+    ``freqs`` is either ``(cos, sin)``, each ``(S, D)`` (:func:`rope_2d_tables`, diffusers' layout), or the
+    prepared ``(1, S, 1, D)`` tables of :func:`rotary_tables_for_attention` (what the UNet passes: nothing is
+    prepared per call). Same result as ``diffusers.models.embeddings.apply_rotary_emb(x, freqs, sequence_dim=1)``
+    computed in ``x``'s dtype, in three kernels: ``x * cos + swap_pairs(x) * signed_sin`` as a flip and an
+    ``addcmul``.
     """
-    cos, sin = (t.to(x.dtype)[None, :, None, :] for t in freqs)
-    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((-x_imag, x_real), dim=-1).flatten(-2)
-    return torch.addcmul(x * cos, rotated, sin)
+    cos, sin = freqs
+    if cos.ndim == 2:
+        cos, sin = rotary_tables_for_attention(cos, sin, x.dtype)
+    elif cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)

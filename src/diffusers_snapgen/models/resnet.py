@@ -85,7 +85,10 @@ class SnapGenResnetBlock2D(nn.Module):
         residual = hidden_states
         hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
         hidden_states = hidden_states + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        hidden_states = self.conv2(self.dropout(F.silu(self.norm2(hidden_states))))
+        hidden_states = F.silu(self.norm2(hidden_states))
+        if self.dropout.training:  # inference skips the no-op call
+            hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
         if self.conv_shortcut is not None:
             residual = self.conv_shortcut(residual)
         return hidden_states + residual

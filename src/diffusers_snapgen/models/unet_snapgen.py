@@ -294,7 +294,7 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
             height, width = int(sample.shape[-2]), int(sample.shape[-1])
             grids = [(height >> stage, width >> stage) for stage in range(len(self.config.block_out_channels))]
             rotary_embs = {
-                grid: tuple(t.to(sample.dtype) for t in self.pos_embed(*grid, device=sample.device)) for grid in grids
+                grid: self.pos_embed.attention_tables(*grid, device=sample.device, dtype=sample.dtype) for grid in grids
             }
 
         hidden_states = self.conv_in(sample)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Host work of one eager forward, measured on any CPU: the dispatcher ops and module calls per forward.
+
+At batch 1 the eager paper-size UNet on an H200 is bound by the host, which pays for every op it dispatches
+(docs/performance.md): the GPU kernels are short, so fewer ops per forward is a faster eager step. This script
+builds each model with its full structure (every block, layer and op of the paper-size config) at narrow widths and
+a tiny latent, counts the ops of one forward (``TorchDispatchMode``), splits them into *compute* ops (a kernel
+each on a GPU) and views / no-op casts (host work only), counts module calls, and times the forward on this CPU
+(median, one thread, batch 1). SANA-1.6B's transformer, built the same way, is the anchor of the same run; ablation
+variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add. Counts depend only on the code, not on the
+machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
+
+    python benchmarks/bench_host_overhead.py [--out benchmarks/results] [--iters 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_results  # noqa: E402  (also puts src/ on the path)
+
+#: Ops that only make views, check shapes or return their input: no kernel on a GPU.
+VIEW_OPS = {"unsqueeze", "squeeze", "permute", "unflatten", "reshape", "flatten", "unbind", "chunk", "expand", "slice",
+            "view", "split", "transpose", "t", "select", "alias", "detach", "dropout", "_unsafe_view", "as_strided"}
+#: Narrow widths with the paper config's heads per stage (256/64, 512/64, 896/64 -> 4, 8, 14).
+SNAPGEN_NARROW = dict(block_out_channels=[32, 64, 112], attention_head_dim=8, norm_num_groups=16,
+                      cross_attention_dim=64, joint_attention_dim=64, pooled_projection_dim=64)
+#: SANA-1.6B with its 70 / 20 heads kept and every head 2 / 7 channels wide.
+SANA_NARROW = dict(attention_head_dim=2, cross_attention_head_dim=7, cross_attention_dim=140, caption_channels=64)
+TEXT_TOKENS = 16
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched inside it; a ``.to`` that returns its input counts as a no-op."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("to", "_to_copy") and out is args[0]:
+            name = "to(no-op)"
+        self.ops[name] += 1
+        return out
+
+
+def snapgen(variant: str | None = None):
+    from diffusers_snapgen import SnapGenUNet2DModel
+    from diffusers_snapgen.models.unet_variants import ablation_variants
+
+    config = {**(ablation_variants()[variant]["config"] if variant else {}), **SNAPGEN_NARROW}
+    model = SnapGenUNet2DModel(**config).eval()
+    inputs = dict(sample=torch.randn(1, 16, 4, 4), timestep=torch.full((), 500.0).expand(1),
+                  encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 64), pooled_projections=torch.randn(1, 64),
+                  return_dict=False)
+    return model, inputs
+
+
+def sana():
+    import diffusers
+
+    model = diffusers.SanaTransformer2DModel(**SANA_NARROW).eval()
+    return model, dict(hidden_states=torch.randn(1, 32, 2, 2), timestep=torch.full((1,), 500.0),
+                       encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 64), return_dict=False)
+
+
+MODELS = {
+    "snapgen_unet": ("SnapGen UNet (paper config, variant f)", lambda: snapgen()),
+    "snapgen_unet_variant_e": ("SnapGen UNet, variant (e): no QK-norm, no RoPE", lambda: snapgen("e")),
+    "sana_1600m_transformer": ("SANA-1.6B transformer (anchor)", sana),
+}
+
+
+def measure(build, iters: int) -> dict:
+    model, inputs = build()
+    calls = [0]
+
+    def count_call(module, args):
+        calls[0] += 1
+
+    with torch.inference_mode():
+        model(**inputs)
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(count_call)
+        try:
+            with OpCounter() as counter:
+                model(**inputs)
+        finally:
+            handle.remove()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - start)
+    ops = counter.ops
+    host_only = sum(n for name, n in ops.items() if name in VIEW_OPS or name == "to(no-op)")
+    return dict(ops=sum(ops.values()), compute_ops=sum(ops.values()) - host_only, view_or_noop_ops=host_only,
+                module_calls=calls[0], cpu_ms=round(sorted(times)[len(times) // 2] * 1e3, 2),
+                top_ops=dict(ops.most_common(12)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="Write bench_host_overhead.{json,md} here.")
+    parser.add_argument("--iters", type=int, default=30, help="Timed forwards per model (median reported).")
+    args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error(f"--iters must be >= 1, got {args.iters}")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    rows = []
+    for name, (description, build) in MODELS.items():
+        rows.append({"model": name, "description": description, **measure(build, args.iters)})
+    by_name = {row["model"]: row for row in rows}
+    anchor, final, variant_e = by_name["sana_1600m_transformer"], by_name["snapgen_unet"], by_name[
+        "snapgen_unet_variant_e"]
+    summary = {
+        "compute_ops_vs_sana": round(final["compute_ops"] / anchor["compute_ops"], 3),
+        "cpu_ms_vs_sana": round(final["cpu_ms"] / anchor["cpu_ms"], 3),
+        "variant_f_extra_compute_ops": final["compute_ops"] - variant_e["compute_ops"],
+        "variant_f_extra_ops": final["ops"] - variant_e["ops"],
+    }
+    meta = dict(torch=torch.__version__, machine=platform.platform(), processor=platform.machine(), threads=1,
+                text_tokens=TEXT_TOKENS, snapgen_widths=SNAPGEN_NARROW, sana_widths=SANA_NARROW)
+    columns = ["model", "ops", "compute_ops", "view_or_noop_ops", "module_calls", "cpu_ms"]
+    table = "\n".join([
+        f"# Host work of one eager forward (batch 1), CPU, torch {torch.__version__}",
+        "",
+        "`python benchmarks/bench_host_overhead.py`: every model at its full structure, narrow widths, tiny latent. "
+        "Counts depend only on the code; CPU ms is this machine's (one thread), a proxy for host time only.",
+        "",
+        markdown_table(rows, columns),
+        "",
+        " · ".join(f"{key}: {value}" for key, value in summary.items()),
+    ])
+    print(table)
+    if args.out is not None:
+        write_results(args.out, "bench_host_overhead", {"meta": meta, "summary": summary, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()
