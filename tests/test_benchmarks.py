@@ -186,7 +186,7 @@ def test_bench_lora_default_model_rejects_bad_arguments(tmp_path):
 
 
 def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
-    _run("bench_host_overhead.py", "--iters", "2", "--out", str(tmp_path))
+    _run("bench_host_overhead.py", "--iters", "2", "--rounds", "2", "--out", str(tmp_path))
     result = json.loads((tmp_path / "bench_host_overhead.json").read_text())
     rows = {row["model"]: row for row in result["rows"]}
     assert set(rows) == {"snapgen_unet", "snapgen_unet_variant_e", "sana_1600m_transformer"}
