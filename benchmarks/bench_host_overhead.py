@@ -4,11 +4,11 @@
 At batch 1 the eager paper-size UNet on an H200 is bound by the host, which pays for every op it dispatches
 (docs/performance.md): the GPU kernels are short, so fewer ops per forward is a faster eager step. This script
 builds each model with its full structure (every block, layer and op of the paper-size config) at narrow widths and
-a tiny latent, counts the ops of one forward (``TorchDispatchMode``), splits them into *compute* ops (a kernel
-each on a GPU) and views / no-op casts (host work only), counts module calls, and times the forward on this CPU
-(best of several interleaved rounds' medians, one thread, batch 1). SANA-1.6B's transformer, built the same way, is the anchor of the same run; ablation
-variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add. Counts depend only on the code, not on the
-machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
+a tiny latent, counts the ops of one forward (``TorchDispatchMode``), splits them into *compute* ops (a kernel each on
+a GPU) and views / no-op casts (host work only), counts module calls, and times the forward on this CPU (best of
+several interleaved rounds' medians, one thread, batch 1). SANA-1.6B's transformer, built the same way, is the anchor
+of the same run; ablation variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add. Counts depend only on
+the code, not on the machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
 
     python benchmarks/bench_host_overhead.py [--out benchmarks/results] [--iters 30] [--rounds 5]
 """

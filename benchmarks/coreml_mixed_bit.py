@@ -93,6 +93,12 @@ def parse_args(argv=None):
                         help="default: output channels per look-up table (iOS18 per-grouped-channel; 16)")
     parser.add_argument("--eight-bit", choices=("palette", "linear"), default="palette",
                         help="default: 8-bit layers as 8-bit tables or as int8 with per-channel scales")
+    parser.add_argument("--target-bits", type=_bar, default=None,
+                        help="default: the mixed variant is the best recipe of at most this many bits per weight "
+                             "(tables included), not the cheapest that keeps --bar; results get a _<B>bit_<widths> "
+                             "suffix")
+    parser.add_argument("--sensitivities-from", type=Path, default=None,
+                        help="default: reuse the sensitivities of a recipe searched with the same settings and pairs")
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (benchmarks/results)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
@@ -214,12 +220,13 @@ def run_default(args, search_set, report_set, classifier=None) -> dict:
     # which default model this is (read now: the package's folder may be replaced while the run goes on)
     unet_digest = _file_digest(default_model_path() / "unet" / "diffusion_pytorch_model.safetensors")
     resolution = pipe.default_sample_size * pipe.vae_scale_factor
-    recipe_path = args.out / "coreml_mixed_bit_default_recipe.json"
+    recipe_path = args.out / f"{_stem(args)}_recipe.json"
     start = time.perf_counter()
     recipe, search = search_mixed_bit(pipe, recipe_path, bar_db=args.bar, bits=args.bits, resolution=resolution,
                                       prompts=[p for p, _, _ in search_set], seeds=[s for _, s, _ in search_set],
                                       components=args.search_components.split(","), group_depth=args.group_depth,
-                                      group_size=args.group_size, eight_bit=args.eight_bit, progress=say)
+                                      group_size=args.group_size, eight_bit=args.eight_bit, progress=say,
+                                      max_bits=args.target_bits, sensitivities_from=args.sensitivities_from)
     search_seconds = time.perf_counter() - start
     curve = []
     for bar in sorted({30.0, 33.0, args.bar, 38.0, 40.0}):
@@ -267,6 +274,8 @@ def run_default(args, search_set, report_set, classifier=None) -> dict:
         "machine": _machine(),
         "versions": _versions(),
         "bar_db": args.bar,
+        "target_bits": args.target_bits,
+        "sensitivities_from": None if args.sensitivities_from is None else args.sensitivities_from.name,
         "bits_offered": list(args.bits),
         "search_components": args.search_components.split(","),
         "group_depth": args.group_depth,
@@ -342,6 +351,8 @@ def run_paper(args) -> dict:
         "machine": _machine(),
         "versions": _versions(),
         "bar_db": args.bar,
+        "target_bits": args.target_bits,
+        "sensitivities_from": None if args.sensitivities_from is None else args.sensitivities_from.name,
         "bits_offered": list(args.bits),
         "group_depth": args.group_depth,
         "units": len(units),
@@ -403,8 +414,13 @@ def markdown_default(r: dict) -> str:
         f"{r['bar_db']} dB end-to-end image PSNR on {len(r['search_pairs'])} prompt/seed pairs of "
         f"`{r.get('eval_prompts', 'eval_quality.json')}`, over the {', '.join(r['search_components'])} "
         f"package(s) ({_units(r)}); {r['search']['evaluations']} pipeline runs, "
-        f"{r['search_seconds'] / 60:.1f} min. Packages the search does not cover stay fp16 in `mixed`. Recipe: "
-        f"`{r['recipe_file']}` (measured {r['search']['measured_psnr_db']} dB on the search pairs). The variants "
+        f"{r['search_seconds'] / 60:.1f} min"
+        + (f" (sensitivities reused from `{r['sensitivities_from']}`)" if r.get("sensitivities_from") else "")
+        + ". Packages the search does not cover stay fp16 in `mixed`. "
+        + (f"`mixed` is the best recipe of at most {r['target_bits']:g} bits per weight (tables included) in the "
+           "search's greedy order, whatever its PSNR. " if r.get("target_bits") is not None else "")
+        + f"Recipe: `{r['recipe_file']}` (measured {r['search']['measured_psnr_db']} dB on the search pairs). "
+        "The variants "
         f"below are measured on {len(r['report_pairs'])} *other* pairs"
         + (f" ({counts}; other prompts and seeds than the search)" if counts else " (other seeds)") + ".",
         "",
@@ -514,6 +530,13 @@ def markdown_paper(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stem(args) -> str:
+    stem = f"coreml_mixed_bit_{args.model}"
+    if getattr(args, "target_bits", None) is None:
+        return stem
+    return f"{stem}_{args.target_bits:g}bit_{''.join(map(str, args.bits))}"  # e.g. ..._4.5bit_3468: size, widths
+
+
 def check_default_inputs(args):
     """``(search_set, report_set, classifier)`` of the ``default`` run; ValueError naming the flag at fault."""
     search_set, report_set = eval_pairs(args.search_pairs, args.report_pairs, args.eval_prompts)
@@ -528,7 +551,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.model == "paper" and args.group_depth is None:
         args.group_depth = 4
-    name = f"coreml_mixed_bit_{args.model}"
+    if args.model == "paper" and (args.target_bits is not None or args.sensitivities_from is not None):
+        print("coreml_mixed_bit.py: error: --target-bits and --sensitivities-from apply to the default model only.",
+              file=sys.stderr)
+        return 2
+    name = _stem(args)
     if args.render_only:
         result = json.loads((args.out / f"{name}.json").read_text())
     elif args.model == "default":

@@ -78,6 +78,63 @@ def test_stricter_bar_never_yields_fewer_bits(searched):
     assert all(r.metadata["meets_bar"] for r in recipes[:-1])
 
 
+def test_recipe_of_at_most_max_bits_is_the_first_that_fits(searched):
+    _, _, search, widest, narrowest = searched
+    high, low = (search.recipe(bar, max_bits=None).metadata for bar in (widest + 1.0, narrowest - 1.0))
+    span = high["average_bits_per_weight_with_luts"] - low["average_bits_per_weight_with_luts"]
+    previous = None
+    for fraction in (0.8, 0.5, 0.2):
+        target = low["average_bits_per_weight_with_luts"] + fraction * span
+        meta = search.recipe(35.0, max_bits=target).metadata
+        assert meta["meets_max_bits"] and meta["average_bits_per_weight_with_luts"] <= target
+        assert meta["max_bits"] == target
+        assert meta["measured_psnr_db"] == pytest.approx(search.measured_psnr(meta["moves_applied"]), abs=1e-3)
+        # one move fewer would not fit: the recipe is the largest (best) one of that size in the greedy order
+        before = search.assignment(meta["moves_applied"] - 1)
+        stored = sum(search._stored_bits(unit, b) for unit, b in before.items())
+        assert stored > target * sum(search.sizes.values())
+        assert previous is None or meta["moves_applied"] > previous
+        previous = meta["moves_applied"]
+    tiny = search.recipe(35.0, max_bits=1.0).metadata  # smaller than all-narrowest: every move, flagged
+    assert not tiny["meets_max_bits"] and tiny["moves_applied"] == len(search.order)
+    with pytest.raises(ValueError, match="`max_bits`"):
+        search.recipe(35.0, max_bits=0.5)
+
+
+def test_saved_sensitivities_give_the_same_recipe_without_measuring(searched, tmp_path):
+    folder, first, search, widest, narrowest = searched
+    bar = _middle_bar(widest, narrowest)
+    kwargs = dict(bits=BITS, components=("unet",), palettize_mode="uniform", group_depth=3,
+                  prompts=["red apple", "a cat"], progress=None, **SETTINGS)
+    counted = []
+    original = MixedBitSearch.measure
+    try:
+        MixedBitSearch.measure = lambda self: counted.append(1) or original(self)
+        again, reused = search_mixed_bit(_pipe(), tmp_path / "again.json", bar_db=bar,
+                                         sensitivities_from=folder / "first.json", **kwargs)
+    finally:
+        MixedBitSearch.measure = original
+    assert counted == [] and reused.evaluations <= 4  # fp16, then a few assignments: no sensitivity pass
+    assert again.layers == search.recipe(bar).layers
+    with pytest.raises(ValueError, match="other settings .*group_depth|units"):
+        search_mixed_bit(_pipe(), None, sensitivities_from=folder / "first.json", **{**kwargs, "group_depth": 2})
+    with pytest.raises(ValueError, match="other settings .*quality"):
+        search_mixed_bit(_pipe(), None, sensitivities_from=folder / "first.json", **{**kwargs, "prompts": ["a cat"]})
+    with pytest.raises(ValueError, match="other settings .*bits_offered"):  # refused before any conversion
+        search_mixed_bit(_pipe(), None, sensitivities_from=folder / "first.json", **{**kwargs, "bits": (2, 4, 6)})
+
+
+def test_saved_sensitivities_may_offer_more_widths_than_the_search():
+    weight = torch.zeros(16, 16)
+    search = MixedBitSearch({"unet": {"w": {4: weight, 8: weight}}}, lambda states: 0.0, (4, 8))
+    search.use_sensitivities({"unet/w": {"3": 20.0, "4": 30.0, "6": 40.0, "8": 50.0}})
+    assert search.sensitivity == {"unet/w": {4: 30.0, 8: 50.0}} and search.order == [("unet/w", 4)]
+    with pytest.raises(ValueError, match="do not cover"):
+        search.use_sensitivities({"unet/w": {"3": 20.0, "4": 30.0}})  # no 8-bit value
+    with pytest.raises(ValueError, match="do not cover"):
+        search.use_sensitivities({"unet/other": {"4": 30.0, "8": 50.0}})
+
+
 def test_greedy_moves_cheapest_error_per_bit_first():
     sensitivity = {"a": {2: 20.0, 6: 60.0}, "b": {2: 40.0, 6: 60.0}, "c": {2: 40.0, 6: 60.0}}
     sizes = {"a": 10, "b": 10, "c": 1000}
@@ -236,6 +293,13 @@ def test_cli_search_argument_errors(tmp_path, capsys):
     assert "--output is required" in capsys.readouterr().err
     assert main(["--model", "x", "--output", str(tmp_path / "o"), "--variants", "fp16,mixed"]) == 2
     assert "mixed:RECIPE.json" in capsys.readouterr().err
+    assert main(["--model", "x", "--search-mixed-bit", str(tmp_path / "r.json"), "--target-bits", "0.5"]) == 2
+    assert "--target-bits must be" in capsys.readouterr().err
+    assert main(["--model", "x", "--search-mixed-bit", str(tmp_path / "r.json"), "--sensitivities-from",
+                 str(tmp_path / "missing.json")]) == 2
+    assert "--sensitivities-from" in capsys.readouterr().err
+    assert main(["--model", "x", "--output", str(tmp_path / "o"), "--target-bits", "4.5"]) == 2
+    assert "apply to --search-mixed-bit" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- classifier top-1 and the benchmark

@@ -7,6 +7,7 @@ Importing this module registers the subcommand with :mod:`diffusers_snapgen.cli`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..cli import _positive_int
@@ -53,6 +54,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="search per-layer widths that keep the end-to-end image PSNR >= --bar and write the recipe")
     parser.add_argument("--bar", type=float, default=35.0, help="end-to-end PSNR bar of the mixed-bit search in dB (35)")
     parser.add_argument("--search-bits", default="2,4,6", help="widths the mixed-bit search offers (2,4,6)")
+    parser.add_argument("--target-bits", type=float, default=None,
+                        help="mixed-bit search: instead of the cheapest recipe that keeps --bar, the best recipe of at "
+                             "most this many bits per weight, look-up tables included (e.g. 4.5); its PSNR is reported")
+    parser.add_argument("--sensitivities-from", metavar="RECIPE.json", default=None,
+                        help="mixed-bit search: reuse the per-layer sensitivities of a recipe searched with the same "
+                             "settings (another --bar or --target-bits without measuring again)")
     parser.add_argument("--eight-bit", choices=("palette", "linear"), default="palette",
                         help="mixed-bit search: store 8-bit layers as 8-bit tables (palette) or as int8 with one scale "
                              "per output channel (linear: fewer bits, closer to fp16)")
@@ -97,8 +104,16 @@ def run(args: argparse.Namespace) -> int:
         parse_bits(args.search_bits, "--search-bits")
         if not (args.bar == args.bar and 0 < args.bar < 200):
             raise ValueError(f"--bar must be a PSNR in dB between 0 and 200 (e.g. 35), got {args.bar}.")
+        if args.target_bits is not None and not 1 <= args.target_bits <= 16:
+            raise ValueError(f"--target-bits must be a number of bits per weight in [1, 16] (e.g. 4.5), got "
+                             f"{args.target_bits}.")
+        if args.sensitivities_from is not None and not os.path.isfile(args.sensitivities_from):
+            raise ValueError(f"--sensitivities-from {args.sensitivities_from!r} is not a file: pass a recipe written "
+                             "by --search-mixed-bit.")
         if args.dry_run:
             raise ValueError("--dry-run lists an export; drop it to run --search-mixed-bit.")
+    elif args.target_bits is not None or args.sensitivities_from is not None:
+        raise ValueError("--target-bits and --sensitivities-from apply to --search-mixed-bit RECIPE.json only.")
     elif args.output is None:
         raise ValueError("--output is required (the export folder), unless --search-mixed-bit RECIPE.json is given.")
     tokens = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -120,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         search_mixed_bit(pipe, search, bar_db=args.bar, bits=args.search_bits, resolution=args.resolution,
                          target=args.target, group_size=args.group_size, weight_threshold=args.weight_threshold,
                          components=[g for g in components if g != "decoder"], group_depth=args.group_depth,
-                         eight_bit=args.eight_bit, progress=say)
+                         eight_bit=args.eight_bit, progress=say, max_bits=args.target_bits,
+                         sensitivities_from=args.sensitivities_from)
         if "mixed" in [v.strip() for v in args.variants.split(",")]:
             variants.append(f"mixed:{search}")
         if args.output is None:

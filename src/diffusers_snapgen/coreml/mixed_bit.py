@@ -299,6 +299,18 @@ class MixedBitSearch:
                 self._log(f"sensitivity: {index + 1}/{len(self.groups)} units ({time.perf_counter() - start:.0f}s)")
         return self.sensitivity
 
+    def use_sensitivities(self, sensitivity_db: Mapping) -> None:
+        """Take sensitivities measured before (a recipe's ``sensitivity_db``: ``{unit: {"bits": dB}}``) instead of
+        measuring them; they must cover exactly this search's units, at (at least) its widths."""
+        widths = {str(b) for b in self.bits}
+        if not isinstance(sensitivity_db, Mapping) or set(sensitivity_db) != set(self.groups) or any(
+                not isinstance(v, Mapping) or not widths <= set(map(str, v)) for v in sensitivity_db.values()):
+            raise ValueError(f"the saved sensitivities do not cover this search's {len(self.groups)} units at "
+                             f"{sorted(self.bits)} bits; search with the settings the recipe was searched with.")
+        self.sensitivity = {unit: {b: float(values[str(b)]) for b in self.bits}
+                            for unit, values in sensitivity_db.items()}
+        self._moves = None
+
     def assignment(self, moves: int) -> dict[str, int]:
         widest = self.bits[-1]
         assignment = {unit: widest for unit in self.groups}
@@ -320,29 +332,57 @@ class MixedBitSearch:
             self._measured[moves] = self._run(self.assignment(moves))
         return self._measured[moves]
 
-    def recipe(self, bar_db: float = DEFAULT_BAR_DB) -> MixedBitRecipe:
+    def _stored_bits(self, unit: str, b: int) -> int:
+        return self.unit_costs[unit][b] if self.unit_costs is not None else self.sizes[unit] * b
+
+    def _moves_within_bits(self, max_bits: float) -> int:
+        """The fewest greedy moves after which the average stored bits per weight is <= ``max_bits`` (all of them
+        when even the narrowest assignment is larger)."""
+        total = sum(self.sizes.values())
+        level = {unit: self.bits[-1] for unit in self.groups}
+        stored = sum(self._stored_bits(unit, b) for unit, b in level.items())
+        moves = 0
+        for unit, b in self.order:
+            if stored <= max_bits * total:
+                break
+            stored += self._stored_bits(unit, b) - self._stored_bits(unit, level[unit])
+            level[unit] = b
+            moves += 1
+        return moves
+
+    def recipe(self, bar_db: float = DEFAULT_BAR_DB, max_bits: float | None = None) -> MixedBitRecipe:
         """The cheapest assignment found that keeps the end-to-end PSNR >= ``bar_db`` (measured, not predicted).
 
         When even every unit at the widest width misses the bar, that assignment is returned with
-        ``meets_bar: false`` in the metadata.
+        ``meets_bar: false`` in the metadata. With ``max_bits`` the recipe is instead the best one of that size:
+        the first assignment of the greedy order whose average bits per weight (look-up tables included when the
+        search knows them) is <= ``max_bits``, measured and reported against ``bar_db`` (``meets_bar``) and
+        ``max_bits`` (``meets_max_bits``).
         """
         if isinstance(bar_db, bool) or not isinstance(bar_db, (int, float)) or not math.isfinite(bar_db):
             raise ValueError(f"`bar_db` must be a finite number of dB (e.g. {DEFAULT_BAR_DB}), got {bar_db!r}.")
+        if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, (int, float))
+                                     or not 1 <= max_bits <= 16):
+            raise ValueError(f"`max_bits` must be None or a number of bits per weight in [1, 16] (e.g. 4.5), got "
+                             f"{max_bits!r}.")
         order = self.order
-        allowed = _error(bar_db)
         widest = self.bits[-1]
-        # additive model around the measured all-widest assignment: each move adds its unit's own error increase
-        predicted = _error(self.measured_psnr(0))
-        moves = 0
-        for unit, b in order:
-            old = self.assignment(moves)[unit]
-            step = max(0.0, _error(self.sensitivity[unit][b]) - _error(self.sensitivity[unit][old]))
-            if predicted + step > allowed:
-                break
-            predicted += step
-            moves += 1
-        while moves > 0 and self.measured_psnr(moves) < bar_db:
-            moves -= 1
+        if max_bits is not None:
+            moves = self._moves_within_bits(max_bits)
+        else:
+            allowed = _error(bar_db)
+            # additive model around the measured all-widest assignment: each move adds its unit's own error increase
+            predicted = _error(self.measured_psnr(0))
+            moves = 0
+            for unit, b in order:
+                old = self.assignment(moves)[unit]
+                step = max(0.0, _error(self.sensitivity[unit][b]) - _error(self.sensitivity[unit][old]))
+                if predicted + step > allowed:
+                    break
+                predicted += step
+                moves += 1
+            while moves > 0 and self.measured_psnr(moves) < bar_db:
+                moves -= 1
         value = self.measured_psnr(moves)
         assignment = self.assignment(moves)
         layers: dict[str, dict[str, int]] = {}
@@ -372,10 +412,14 @@ class MixedBitSearch:
             metadata["average_bits_per_weight_with_luts"] = average_stored_bits(all_stored, all_sizes)
             metadata["component_bits_with_luts"] = {c: average_stored_bits(stored.get(c, {}), sizes[c])
                                                     for c in self.candidates}
+        if max_bits is not None:
+            average = metadata.get("average_bits_per_weight_with_luts", metadata["average_bits_per_weight"])
+            metadata.update(max_bits=float(max_bits), meets_max_bits=bool(average <= max_bits))
         if any(len(m) > 1 for m in self.groups.values()):
             metadata["groups"] = {u: [f"{c}/{p}" for c, p in m] for u, m in self.groups.items()}
         luts = metadata.get("average_bits_per_weight_with_luts")
-        self._log(f"bar {bar_db} dB: {metadata['average_bits_per_weight']} bits/weight"
+        self._log(("" if max_bits is None else f"at most {max_bits} bits/weight, ")
+                  + f"bar {bar_db} dB: {metadata['average_bits_per_weight']} bits/weight"
                   + ("" if luts is None else f" ({luts} with look-up tables)") + f", measured {value:.2f} dB "
                   f"({moves} of {len(order)} moves)")
         return MixedBitRecipe(layers, metadata)
@@ -443,10 +487,18 @@ def search_mixed_bit(
     group_depth: int | None = None,
     eight_bit: str = "palette",
     progress=print,
+    max_bits: float | None = None,
+    sensitivities_from=None,
 ):
     """Search a mixed-bit recipe for ``pipe`` that keeps the end-to-end image PSNR >= ``bar_db``; returns
     ``(recipe, search)`` (``search.recipe(other_bar)`` reuses the measurements) and writes ``output`` (.json) if
-    given.
+    given. With ``max_bits`` the recipe is the best one of at most that many bits per weight (look-up tables
+    included), its PSNR reported against ``bar_db`` (:meth:`MixedBitSearch.recipe`).
+
+    ``sensitivities_from`` (a recipe file this function wrote, with the same settings, prompts and seeds, and offering at
+    least ``bits``) reuses its per-layer sensitivities instead of measuring them again: a recipe at another bar, size
+    or subset of widths then costs one conversion, the palettization and a few pipeline runs. The saved values are
+    rounded to 0.01 dB, so near-ties may order differently than in the original search.
 
     Converts the compressible packages in ``components`` (``"unet"``, ``"text"``), palettizes each weight at every
     width in ``bits`` and measures the full sampling at ``resolution`` (default: the model's native size) on
@@ -472,6 +524,15 @@ def search_mixed_bit(
         raise ValueError(f"`group_depth` must be None (one unit per layer) or an int >= 1, got {group_depth!r}.")
     if "decoder" in groups:
         raise ValueError("`components`: the decoder is never palettized; search 'unet' and/or 'text'.")
+    saved = None
+    if sensitivities_from is not None:
+        saved = load_recipe(sensitivities_from)
+        if "sensitivity_db" not in saved.metadata:
+            raise ValueError(f"`sensitivities_from` {str(sensitivities_from)!r} holds no 'sensitivity_db': pass a "
+                             "recipe written by search_mixed_bit.")
+        if not set(bits) <= set(saved.metadata.get("bits_offered", ())):
+            raise ValueError(f"`sensitivities_from` {str(sensitivities_from)!r} was searched with other settings "
+                             f"(bits_offered {saved.metadata.get('bits_offered')} lacks some of {list(bits)}).")
     if resolution is None:
         resolution = pipe.default_sample_size * pipe.vae_scale_factor
     has_text = getattr(pipe, "text_encoder_mode", None) is not None
@@ -518,8 +579,23 @@ def search_mixed_bit(
                 units.setdefault(f"{name}/{'.'.join(param.split('.')[:group_depth])}", []).append((name, param))
     search = MixedBitSearch(candidates, evaluate, bits, groups=units, progress=progress, metadata=metadata,
                             costs=costs)
-    search.measure()
-    recipe = search.recipe(bar_db)
+    if saved is None:
+        search.measure()
+    else:
+        settings = dict(metadata)  # widths: any subset of the saved ones (each width's tables do not depend on others)
+        differing = sorted(k for k, v in settings.items() if k not in ("baseline", "fp16_psnr_db")
+                           and json.loads(json.dumps(saved.metadata.get(k))) != json.loads(json.dumps(v)))
+        old_fp16 = saved.metadata.get("fp16_psnr_db")  # the fp16 weights' PSNR tells whether the model is the same
+        if old_fp16 != settings["fp16_psnr_db"] and not (
+                isinstance(old_fp16, (int, float)) and isinstance(fp16, float) and abs(old_fp16 - fp16) <= 0.1):
+            differing.append(f"fp16_psnr_db {old_fp16} vs {settings['fp16_psnr_db']}: other weights?")
+        if differing:
+            raise ValueError(f"`sensitivities_from` {str(sensitivities_from)!r} was searched with other settings "
+                             f"({', '.join(differing)}); search again or pass the same settings.")
+        search.use_sensitivities(saved.metadata["sensitivity_db"])
+        if progress is not None:
+            progress(f"sensitivities of {len(search.groups)} units from {sensitivities_from}")
+    recipe = search.recipe(bar_db, max_bits=max_bits)
     if output is not None:
         save_recipe(recipe, output)
         if progress is not None:
