@@ -62,6 +62,13 @@ def _bar(text: str) -> float:
     return value
 
 
+def _bits_per_weight(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be a number of bits per weight in [1, 16] (e.g. 4.5), got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     from diffusers_snapgen.coreml.mixed_bit import parse_bits
 
@@ -93,7 +100,7 @@ def parse_args(argv=None):
                         help="default: output channels per look-up table (iOS18 per-grouped-channel; 16)")
     parser.add_argument("--eight-bit", choices=("palette", "linear"), default="palette",
                         help="default: 8-bit layers as 8-bit tables or as int8 with per-channel scales")
-    parser.add_argument("--target-bits", type=_bar, default=None,
+    parser.add_argument("--target-bits", type=_bits_per_weight, default=None,
                         help="default: the mixed variant is the best recipe of at most this many bits per weight "
                              "(tables included), not the cheapest that keeps --bar; results get a _<B>bit_<widths> "
                              "suffix")

@@ -419,4 +419,9 @@ def test_benchmark_bad_arguments_name_the_flag(tmp_path, capsys):
     assert "has no class for 2 prompt(s) of --eval-prompts (e.g. 'red apple" in capsys.readouterr().err
     assert bench.main(["paper", "--classifier", str(path), *out]) == 2
     assert "apply to the default model only" in capsys.readouterr().err
+    assert bench.main(["paper", "--target-bits", "4.5", *out]) == 2
+    assert "--target-bits and --sensitivities-from apply to the default model only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--target-bits", "0.5"])
+    assert "--target-bits: must be a number of bits per weight" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -524,6 +524,10 @@ def search_mixed_bit(
         raise ValueError(f"`group_depth` must be None (one unit per layer) or an int >= 1, got {group_depth!r}.")
     if "decoder" in groups:
         raise ValueError("`components`: the decoder is never palettized; search 'unet' and/or 'text'.")
+    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, (int, float))
+                                 or not 1 <= max_bits <= 16):
+        raise ValueError(f"`max_bits` must be None or a number of bits per weight in [1, 16] (e.g. 4.5), got "
+                         f"{max_bits!r}.")
     saved = None
     if sensitivities_from is not None:
         saved = load_recipe(sensitivities_from)
