@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_atomically  # noqa: E402  (also puts src/ on the path: runs from a plain checkout)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_PROMPTS = RESULTS / "eval_quality.json"
 #: Evaluation groups the benchmark samples, by preference: concepts the model was trained on.
@@ -580,9 +583,9 @@ def main(argv=None) -> int:
             return 2
         args.out.mkdir(parents=True, exist_ok=True)
         result = run_paper(args)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomically(args.out / f"{name}.json", json.dumps(result, indent=1) + "\n")
     render = markdown_default if args.model == "default" else markdown_paper
-    (args.out / f"{name}.md").write_text(render(result))
+    write_atomically(args.out / f"{name}.md", render(result))
     print(f"wrote {args.out / name}.json and .md")
     return 0
 
