@@ -172,6 +172,13 @@ def _error(db: float) -> float:
     return 0.0 if math.isinf(db) else 10.0 ** (-db / 10.0)
 
 
+def _check_max_bits(max_bits) -> None:
+    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, (int, float))
+                                 or not 1 <= max_bits <= 16):
+        raise ValueError(f"`max_bits` must be None or a number of bits per weight in [1, 16] (e.g. 4.5), got "
+                         f"{max_bits!r}.")
+
+
 def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int],
                  costs: Mapping | None = None) -> list[tuple[str, int]]:
     """The order in which the greedy search lowers units: ``[(unit, new_bits), ...]`` down to all-narrowest.
@@ -361,10 +368,7 @@ class MixedBitSearch:
         """
         if isinstance(bar_db, bool) or not isinstance(bar_db, (int, float)) or not math.isfinite(bar_db):
             raise ValueError(f"`bar_db` must be a finite number of dB (e.g. {DEFAULT_BAR_DB}), got {bar_db!r}.")
-        if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, (int, float))
-                                     or not 1 <= max_bits <= 16):
-            raise ValueError(f"`max_bits` must be None or a number of bits per weight in [1, 16] (e.g. 4.5), got "
-                             f"{max_bits!r}.")
+        _check_max_bits(max_bits)
         order = self.order
         widest = self.bits[-1]
         if max_bits is not None:
@@ -524,10 +528,7 @@ def search_mixed_bit(
         raise ValueError(f"`group_depth` must be None (one unit per layer) or an int >= 1, got {group_depth!r}.")
     if "decoder" in groups:
         raise ValueError("`components`: the decoder is never palettized; search 'unet' and/or 'text'.")
-    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, (int, float))
-                                 or not 1 <= max_bits <= 16):
-        raise ValueError(f"`max_bits` must be None or a number of bits per weight in [1, 16] (e.g. 4.5), got "
-                         f"{max_bits!r}.")
+    _check_max_bits(max_bits)
     saved = None
     if sensitivities_from is not None:
         saved = load_recipe(sensitivities_from)
@@ -544,6 +545,31 @@ def search_mixed_bit(
     quality = EndToEndQuality(pipe, specs, resolution, prompts, seeds)
     # fp16 packages hold the parameters cast to fp16: the baseline of every evaluation
     base = {spec.name: {k: v.detach().half() for k, v in spec.module.named_parameters()} for spec in specs}
+
+    def evaluate(states):
+        return quality.psnr({name: {**state, **states.get(name, {})} for name, state in base.items()})
+
+    metadata = {
+        "target": target,
+        "group_size": group_size,
+        "weight_threshold": weight_threshold,
+        "palettize_mode": palettize_mode,
+        "eight_bit": eight_bit,
+        "quality": quality.settings(),
+        "baseline": "fp32 pipeline; weights outside the evaluated layers hold their fp16 package values",
+    }
+    fp16 = evaluate({})
+    metadata["fp16_psnr_db"] = round(fp16, 3) if math.isfinite(fp16) else "inf"
+    if saved is not None:  # before any conversion: the saved sensitivities must be of these settings and weights
+        differing = sorted(k for k, v in metadata.items() if k not in ("baseline", "fp16_psnr_db")
+                           and json.loads(json.dumps(saved.metadata.get(k))) != json.loads(json.dumps(v)))
+        old_fp16 = saved.metadata.get("fp16_psnr_db")  # the fp16 weights' PSNR tells whether the model is the same
+        if old_fp16 != metadata["fp16_psnr_db"] and not (
+                isinstance(old_fp16, (int, float)) and math.isfinite(fp16) and abs(old_fp16 - fp16) <= 0.1):
+            differing.append(f"fp16_psnr_db {old_fp16} vs {metadata['fp16_psnr_db']}: other weights?")
+        if differing:
+            raise ValueError(f"`sensitivities_from` {str(sensitivities_from)!r} was searched with other settings "
+                             f"({', '.join(differing)}); search again or pass the same settings.")
     candidates, costs = {}, {}
     for spec in specs:
         if not (spec.compressible and spec.group in groups):
@@ -560,21 +586,6 @@ def search_mixed_bit(
     if not any(candidates.values()):
         raise ValueError(f"`components` {groups} hold no weight above `weight_threshold`={weight_threshold}: "
                          "lower the threshold or search other components.")
-
-    def evaluate(states):
-        return quality.psnr({name: {**state, **states.get(name, {})} for name, state in base.items()})
-
-    metadata = {
-        "target": target,
-        "group_size": group_size,
-        "weight_threshold": weight_threshold,
-        "palettize_mode": palettize_mode,
-        "eight_bit": eight_bit,
-        "quality": quality.settings(),
-        "baseline": "fp32 pipeline; weights outside the evaluated layers hold their fp16 package values",
-    }
-    fp16 = evaluate({})
-    metadata["fp16_psnr_db"] = round(fp16, 3) if math.isfinite(fp16) else "inf"
     units = None
     if group_depth is not None:
         units = {}
@@ -586,16 +597,6 @@ def search_mixed_bit(
     if saved is None:
         search.measure()
     else:
-        settings = dict(metadata)  # widths: any subset of the saved ones (each width's tables do not depend on others)
-        differing = sorted(k for k, v in settings.items() if k not in ("baseline", "fp16_psnr_db")
-                           and json.loads(json.dumps(saved.metadata.get(k))) != json.loads(json.dumps(v)))
-        old_fp16 = saved.metadata.get("fp16_psnr_db")  # the fp16 weights' PSNR tells whether the model is the same
-        if old_fp16 != settings["fp16_psnr_db"] and not (
-                isinstance(old_fp16, (int, float)) and isinstance(fp16, float) and abs(old_fp16 - fp16) <= 0.1):
-            differing.append(f"fp16_psnr_db {old_fp16} vs {settings['fp16_psnr_db']}: other weights?")
-        if differing:
-            raise ValueError(f"`sensitivities_from` {str(sensitivities_from)!r} was searched with other settings "
-                             f"({', '.join(differing)}); search again or pass the same settings.")
         search.use_sensitivities(saved.metadata["sensitivity_db"])
         if progress is not None:
             progress(f"sensitivities of {len(search.groups)} units from {sensitivities_from}")

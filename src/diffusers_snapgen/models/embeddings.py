@@ -65,11 +65,16 @@ def _cached_tables(height: int, width: int, head_dim: int, theta: float, device:
         # Plain tensors even under inference_mode, so later autograd (training) may save them for backward.
         with torch.inference_mode(False), torch.no_grad():
             tables = tuple(t.contiguous() for t in rope_2d_tables(*key[:4], device=key[4]))
-        # Never keep fake/functional tensors of a tracing mode, nor memory of a CUDA graph being captured.
-        capturing = key[4].type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and all(type(t) is torch.Tensor for t in tables):
-            _TABLES[key] = tables
+        _remember(key, tables)
     return tables
+
+
+def _remember(key: tuple, tables: tuple[torch.Tensor, ...]) -> None:
+    """Cache ``tables`` under ``key`` (device at ``key[4]``), except fake/functional tensors of a tracing mode and
+    memory of a CUDA graph being captured."""
+    capturing = key[4].type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing and all(type(t) is torch.Tensor for t in tables):
+        _TABLES[key] = tables
 
 
 def _cached_attention_tables(height: int, width: int, head_dim: int, theta: float, device: torch.device, dtype):
@@ -78,9 +83,7 @@ def _cached_attention_tables(height: int, width: int, head_dim: int, theta: floa
     if tables is None:
         with torch.inference_mode(False), torch.no_grad():
             tables = rotary_tables_for_attention(*_cached_tables(*key[:5]), dtype)
-        capturing = key[4].type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and all(type(t) is torch.Tensor for t in tables):
-            _TABLES[key] = tables
+        _remember(key, tables)
     return tables
 
 

@@ -27,9 +27,10 @@ def capture_graph(fn: Callable[[], object], device, warmup: int = 2) -> tuple[to
 class CapturedCall:
     r"""``fn(*inputs)`` captured as a CUDA graph for inputs shaped like ``example_inputs``.
 
-    Capture is :func:`capture_graph` (two warm-up calls on a side stream, then one recorded call). Each ``__call__`` copies its tensors into the graph's static inputs, replays every
-    captured kernel and returns clones of the outputs (a tensor or a nested tuple/list/dict of tensors), so a later
-    replay does not overwrite what an earlier call returned. ``fn`` must do device work only: no host sync, no
+    Capture is :func:`capture_graph` (two warm-up calls on a side stream, then one recorded call). Each ``__call__``
+    copies its tensors into the graph's static inputs, replays every captured kernel and returns clones of the outputs
+    (a tensor or a nested tuple/list/dict of tensors), so a later replay does not overwrite what an earlier call
+    returned. ``fn`` must do device work only: no host sync, no
     host-to-device copies. Raises what capture raises; the caller decides how to fall back.
     """
 
