@@ -148,7 +148,7 @@ def main(argv=None):
                 text_tokens=TEXT_TOKENS, snapgen_widths=SNAPGEN_NARROW, sana_widths=SANA_NARROW)
     columns = ["model", "ops", "compute_ops", "view_or_noop_ops", "module_calls", "cpu_ms"]
     table = "\n".join([
-        f"# Host work of one eager forward (batch 1), CPU, torch {torch.__version__}",
+        f"# Host work of one eager forward (batch 1), CPU (`{meta['machine']}`), torch {torch.__version__}",
         "",
         "`python benchmarks/bench_host_overhead.py`: every model at its full structure, narrow widths, tiny latent. "
         "Counts depend only on the code; CPU ms is this machine's (one thread, best of the interleaved rounds' "
