@@ -7,8 +7,9 @@ builds each model with its full structure (every block, layer and op of the pape
 a tiny latent, counts the ops of one forward (``TorchDispatchMode``), splits them into *compute* ops (a kernel each on
 a GPU) and views / no-op casts (host work only), counts module calls, and times the forward on this CPU (best of
 several interleaved rounds' medians, one thread, batch 1). SANA-1.6B's transformer, built the same way, is the anchor
-of the same run; ablation variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add. Counts depend only on
-the code, not on the machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
+of the same run. The UNet is also counted after ``fuse_qkv_projections()`` (one matmul for Q/K/V), and ablation
+variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add. Counts depend only on the code, not on the
+machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
 
     python benchmarks/bench_host_overhead.py [--out benchmarks/results] [--iters 30] [--rounds 5]
 """
@@ -30,7 +31,8 @@ from common import markdown_table, write_results  # noqa: E402  (also puts src/ 
 
 #: Ops that only make views, check shapes or return their input: no kernel on a GPU.
 VIEW_OPS = {"unsqueeze", "squeeze", "permute", "unflatten", "reshape", "flatten", "unbind", "chunk", "expand", "slice",
-            "view", "split", "transpose", "t", "select", "alias", "detach", "dropout", "_unsafe_view", "as_strided"}
+            "view", "split", "split_with_sizes", "transpose", "t", "select", "alias", "detach", "dropout",
+            "_unsafe_view", "as_strided"}
 #: Narrow widths with the paper config's heads per stage (256/64, 512/64, 896/64 -> 4, 8, 14).
 SNAPGEN_NARROW = dict(block_out_channels=[32, 64, 112], attention_head_dim=8, norm_num_groups=16,
                       cross_attention_dim=64, joint_attention_dim=64, pooled_projection_dim=64)
@@ -55,12 +57,14 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def snapgen(variant: str | None = None):
+def snapgen(variant: str | None = None, fuse_qkv: bool = False):
     from diffusers_snapgen import SnapGenUNet2DModel
     from diffusers_snapgen.models.unet_variants import ablation_variants
 
     config = {**(ablation_variants()[variant]["config"] if variant else {}), **SNAPGEN_NARROW}
     model = SnapGenUNet2DModel(**config).eval()
+    if fuse_qkv:
+        model.fuse_qkv_projections()
     inputs = dict(sample=torch.randn(1, 16, 4, 4), timestep=torch.full((), 500.0).expand(1),
                   encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 64), pooled_projections=torch.randn(1, 64),
                   return_dict=False)
@@ -77,6 +81,7 @@ def sana():
 
 MODELS = {
     "snapgen_unet": ("SnapGen UNet (paper config, variant f)", lambda: snapgen()),
+    "snapgen_unet_fused_qkv": ("SnapGen UNet after `fuse_qkv_projections()`", lambda: snapgen(fuse_qkv=True)),
     "snapgen_unet_variant_e": ("SnapGen UNet, variant (e): no QK-norm, no RoPE", lambda: snapgen("e")),
     "sana_1600m_transformer": ("SANA-1.6B transformer (anchor)", sana),
 }
@@ -140,6 +145,7 @@ def main(argv=None):
     summary = {
         "compute_ops_vs_sana": round(final["compute_ops"] / anchor["compute_ops"], 3),
         "cpu_ms_vs_sana": round(final["cpu_ms"] / anchor["cpu_ms"], 3),
+        "fused_qkv_cpu_ms_vs_sana": round(by_name["snapgen_unet_fused_qkv"]["cpu_ms"] / anchor["cpu_ms"], 3),
         "variant_f_extra_compute_ops": final["compute_ops"] - variant_e["compute_ops"],
         "variant_f_extra_ops": final["ops"] - variant_e["ops"],
     }

@@ -3,8 +3,8 @@
 Measured in this order (most important first; optional parts are skipped when ``--budget-s`` would run out):
 
 1. bf16 matmul peak (8192³ GEMMs): the reference for "% of peak".
-2. SnapGen UNet step (paper config, bf16, 1024²) eager at batch 1/8/16 (channels-last; batch 1 also NCHW and as
-   one CUDA graph of the eager kernels).
+2. SnapGen UNet step (paper config, bf16, 1024²) eager at batch 1/8/16 (channels-last; batch 1 also NCHW, as
+   one CUDA graph of the eager kernels, and after ``unet.fuse_qkv_projections()``).
 3. ``pipe(...)`` end to end (4 steps, tiny decoder, CLIP-L + CLIP-G), eager, text excluded/included/alone; and
    the fast sampler without compilation (eager kernels in one CUDA graph, compared with the eager images).
 4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph.
@@ -15,7 +15,8 @@ Measured in this order (most important first; optional parts are skipped when ``
    pipeline.
 8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
    says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
-9. Optional: variants (e)/(f) with regional compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
+9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``; variants (e)/(f) with regional
+   compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
 
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
@@ -42,16 +43,19 @@ from pipeline_builders import BUILDERS  # noqa: E402
 
 #: (key, what, target, comparison) for the summary; values are filled in from the rows.
 TARGETS = [
-    ("unet_b1_compiled_ms", "UNet step, batch 1, compiled + CUDA graph (ms)", 5.0, "<="),
+    ("unet_b1_compiled_ms", "UNet step, batch 1, compiled + CUDA graph, best of separate / fused QKV (ms)", 5.0,
+     "<="),
     ("unet_b16_compiled_pct_peak", "UNet step, batch 16, compiled (else regional): % of bf16 matmul peak", 45.0,
      ">="),
-    ("unet_b1_eager_vs_sana", "UNet step, batch 1, eager (best layout) / SANA-1.6B eager", 1.0, "<="),
+    ("unet_b1_eager_vs_sana", "UNet step, batch 1, eager (best layout or fused QKV) / SANA-1.6B eager", 1.0, "<="),
     ("fast_image_ms", "4-step 1024² image + tiny decoder, text excluded (ms)", 30.0, "<="),
     ("fast_image_text_ms", "... with CLIP-L + CLIP-G encoding (ms)", 40.0, "<="),
     ("variant_f_eager_cost_pct", "variant (f) vs (e) latency, eager (%)", 10.0, "<="),
     ("variant_f_graph_cost_pct", "variant (f) vs (e) latency, eager CUDA graph (%)", None, None),
     ("variant_f_regional_cost_pct", "variant (f) vs (e) latency, regional compile + graph (%)", None, None),
 ]
+#: Rows of the UNet after ``fuse_qkv_projections()``.
+FUSED = "snapgen_unet_fused_qkv"
 
 
 class Suite:
@@ -142,6 +146,10 @@ class Suite:
             self.pipe, self.device, self.resolution, warmup=self.pipe_warmup, iters=self.pipe_iters,
             latents=self.latents, reference=self.reference, mode="graph", compile=None,
         )
+        # diffusers' fuse_qkv_projections(): one matmul for Q/K/V (self-attention) and one for K/V (cross-attention).
+        self.pipe.unet.fuse_qkv_projections()
+        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "eager", name=FUSED, spec_name="snapgen_unet")
+        self.pipe.unet.unfuse_qkv_projections()
 
     def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f")):
         self.log(f"ablation {'/'.join(keys)}: {', '.join(modes)}")
@@ -210,6 +218,21 @@ class Suite:
                 return
             self.unet_rows(model, sizes, "regional", call=model)
             bench_models.release(self.device)
+
+    def section_fused_compiled(self):
+        """The batch-1 compiled step again after ``fuse_qkv_projections()`` (a fresh static compile)."""
+        if self.pipe is None:
+            return
+        first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
+                      and r.get("compile_s")), None)
+        if self.skip("compiled UNet with fused QKV projections", 1.3 * first["compile_s"] + 20 if first else 120):
+            return
+        self.log("SnapGen UNet with fused QKV projections: compile + CUDA graph, batch 1")
+        torch._dynamo.reset()
+        self.pipe.unet.fuse_qkv_projections()
+        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=FUSED, call=self.pipe.unet,
+                       spec_name="snapgen_unet")
+        self.pipe.unet.unfuse_qkv_projections()
 
     def section_anchor_steps(self):
         if self.skip_anchors:
@@ -289,12 +312,13 @@ class Suite:
             e, f = rows.get("e"), rows.get("f")
             return 100 * (f / e - 1) if isinstance(e, float) and isinstance(f, float) else None
 
-        eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw")]),
-                    default=None)
+        eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw"),
+                                  step(FUSED, 1, "eager")]), default=None)
+        compiled = min(filter(None, [step("snapgen_unet", 1, "compiled"), step(FUSED, 1, "compiled")]), default=None)
         sana = step("sana_1600m_transformer", 1, "eager")
         largest = self.batch_sizes[-1]
         return {
-            "unet_b1_compiled_ms": step("snapgen_unet", 1, "compiled"),
+            "unet_b1_compiled_ms": compiled,
             "unet_b16_compiled_pct_peak": (step("snapgen_unet", largest, "compiled", "pct_peak")
                                            or step("snapgen_unet", largest, "regional", "pct_peak")),
             "unet_b1_eager_vs_sana": eager / sana if eager and sana else None,
@@ -378,7 +402,8 @@ def main(argv=None):
     suite = Suite(args)
     sections = [suite.section_peak, suite.section_snapgen_eager, suite.section_ablation, suite.section_anchor_steps,
                 suite.section_anchors, suite.section_compiled_b1, suite.section_fast_pipeline,
-                suite.section_compiled_batches, suite.section_regional_ablation, suite.section_fp8]
+                suite.section_compiled_batches, suite.section_fused_compiled, suite.section_regional_ablation,
+                suite.section_fp8]
     from torch._dynamo.utils import counters
 
     suite.meta["graphs_compiled"] = {}

@@ -83,7 +83,8 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     result = json.loads((tmp_path / "inference_suite_cpu.json").read_text())
     steps = {(r["model"], r["batch"], r["mode"]): r for r in result["steps"]}
     for key in [("snapgen_unet", 1, "eager"), ("snapgen_unet", 2, "eager"), ("snapgen_unet", 1, "compiled"),
-                ("snapgen_unet", 2, "compiled")]:
+                ("snapgen_unet", 2, "compiled"), ("snapgen_unet_fused_qkv", 1, "eager"),
+                ("snapgen_unet_fused_qkv", 1, "compiled")]:
         assert steps[key]["ms"] > 0 and "error" not in steps[key], key
     assert steps["snapgen_unet_fp8", 2, "compiled"]["error"].startswith("failed:")  # no torchao / no CUDA here
     pipelines = {(r["pipeline"], r["mode"], r["text"]): r for r in result["pipelines"]}
@@ -189,7 +190,7 @@ def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
     _run("bench_host_overhead.py", "--iters", "2", "--rounds", "2", "--out", str(tmp_path))
     result = json.loads((tmp_path / "bench_host_overhead.json").read_text())
     rows = {row["model"]: row for row in result["rows"]}
-    assert set(rows) == {"snapgen_unet", "snapgen_unet_variant_e", "sana_1600m_transformer"}
+    assert set(rows) == {"snapgen_unet", "snapgen_unet_fused_qkv", "snapgen_unet_variant_e", "sana_1600m_transformer"}
     for row in rows.values():
         assert row["ops"] == row["compute_ops"] + row["view_or_noop_ops"] and row["module_calls"] > 0
         assert row["cpu_ms"] > 0
@@ -198,4 +199,7 @@ def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
     assert extra > 0 and result["summary"]["variant_f_extra_compute_ops"] == extra
     assert rows["snapgen_unet"]["top_ops"]["rms_norm"] > 0
     assert "rms_norm" not in rows["snapgen_unet_variant_e"]["top_ops"]
+    # Fused projections: fewer matmuls, same QK-norm and RoPE.
+    assert rows["snapgen_unet_fused_qkv"]["top_ops"]["linear"] < rows["snapgen_unet"]["top_ops"]["linear"]
+    assert rows["snapgen_unet_fused_qkv"]["top_ops"]["rms_norm"] == rows["snapgen_unet"]["top_ops"]["rms_norm"]
     assert "| snapgen_unet |" in (tmp_path / "bench_host_overhead.md").read_text()

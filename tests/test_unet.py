@@ -264,6 +264,54 @@ def test_lora_adapter_through_peft():
 
 
 
+def test_fuse_qkv_projections_gives_the_same_outputs_with_fewer_matmuls():
+    """diffusers' ``fuse_qkv_projections()``: one matmul for Q/K/V (self-attention) and one for K/V (cross-attention),
+    the same outputs; ``unfuse_qkv_projections()`` restores the separate projections."""
+    unet = tiny_unet().eval()
+    inputs = _inputs(unet)
+    attentions = [m for m in unet.modules() if isinstance(m, SnapGenAttention)]
+    self_attentions = [m for m in attentions if not m.is_cross_attention]
+    assert self_attentions and len(self_attentions) < len(attentions)
+
+    def forward_and_matmuls():
+        linears = []
+        handles = [m.register_forward_pre_hook(lambda module, args: linears.append(module))
+                   for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            out = unet(**inputs).sample
+        for handle in handles:
+            handle.remove()
+        return out, len(linears)
+
+    separate, separate_matmuls = forward_and_matmuls()
+    unet.fuse_qkv_projections()
+    assert all(m.fused_projections for m in attentions)
+    assert all(hasattr(m, "to_kv" if m.is_cross_attention else "to_qkv") for m in attentions)
+    fused, fused_matmuls = forward_and_matmuls()
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert separate_matmuls - fused_matmuls == 2 * len(self_attentions) + (len(attentions) - len(self_attentions))
+
+    unet.unfuse_qkv_projections()
+    assert not any(m.fused_projections or hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in attentions)
+    torch.testing.assert_close(forward_and_matmuls()[0], separate, rtol=0, atol=0)
+
+
+def test_fuse_qkv_projections_refuses_unmerged_lora_and_keeps_merged_lora():
+    from peft import LoraConfig
+
+    unet = tiny_unet().eval()
+    inputs = _inputs(unet)
+    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = unet(**inputs).sample
+    with pytest.raises(ValueError, match="fuse_lora"):
+        unet.fuse_qkv_projections()
+    unet.fuse_lora()
+    unet.fuse_qkv_projections()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, adapted, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_rotation_matches_diffusers_apply_rotary_emb(dtype):
     """The fused rotation is diffusers' interleaved-pair RoPE (which computes in float32; ours in x's dtype)."""

@@ -14,7 +14,9 @@ class SnapGenAttnProcessor:
     r"""Computes :class:`SnapGenAttention` through ``dispatch_attention_fn``, so ``set_attention_backend`` applies.
 
     Order (paper Fig. 2 (f)): project, RMSNorm on Q and K, RoPE on Q (self- and cross-attention) and on K
-    (self-attention only: text tokens have no 2D position), attention, output projection.
+    (self-attention only: text tokens have no 2D position), attention, output projection. After
+    ``fuse_qkv_projections()`` the projections are one ``to_qkv`` (self-attention) or ``to_q`` + ``to_kv``
+    (cross-attention) matmul.
 
     With one K/V head (multi-query attention) the query heads are folded into the query sequence,
     ``(B, S, heads, D) -> (B, S * heads, 1, D)``: single-head attention against the one K/V head, the same maths
@@ -36,9 +38,17 @@ class SnapGenAttnProcessor:
         is_cross_attention = encoder_hidden_states is not None
         context = encoder_hidden_states if is_cross_attention else hidden_states
 
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, attn.head_dim))
-        key = attn.to_k(context).unflatten(-1, (attn.kv_heads, attn.head_dim))
-        value = attn.to_v(context).unflatten(-1, (attn.kv_heads, attn.head_dim))
+        kv_dim = attn.kv_heads * attn.head_dim
+        if not attn.fused_projections:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        elif is_cross_attention:
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_kv(context).split(kv_dim, dim=-1)
+        else:
+            query, key, value = attn.to_qkv(hidden_states).split([attn.inner_dim, kv_dim, kv_dim], dim=-1)
+        query = query.unflatten(-1, (attn.heads, attn.head_dim))
+        key = key.unflatten(-1, (attn.kv_heads, attn.head_dim))
+        value = value.unflatten(-1, (attn.kv_heads, attn.head_dim))
 
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -92,7 +102,6 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = SnapGenAttnProcessor
     _available_processors = [SnapGenAttnProcessor]
-    _supports_qkv_fusion = False
 
     def __init__(
         self,
@@ -118,6 +127,7 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
         self.kv_heads = kv_heads
         self.head_dim = dim_head
         self.inner_dim = heads * dim_head
+        self.use_bias = bias  # read by diffusers' fuse_projections
         self.is_cross_attention = cross_attention_dim is not None
         context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
 
@@ -129,6 +139,24 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
         self.norm_k = nn.RMSNorm(dim_head, eps=eps) if qk_norm == "rms_norm" else None
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
         self.set_processor(processor if processor is not None else self._default_processor_cls())
+
+    @torch.no_grad()
+    def fuse_projections(self):
+        """Copies ``to_q``/``to_k``/``to_v`` into one ``to_qkv`` (self-attention) or ``to_kv`` (cross-attention)
+        matmul, for inference (``model.fuse_qkv_projections()`` calls this; ``unfuse_qkv_projections()`` undoes it).
+
+        The fused copy does not follow later changes of the separate weights, so LoRA adapters must be merged
+        (``fuse_lora()``) before fusing: unmerged ones are refused rather than silently left out.
+        """
+        for name in ("to_q", "to_k", "to_v"):
+            layer = getattr(self, name)
+            unmerged_lora = hasattr(layer, "base_layer") and layer.active_adapters and not layer.disable_adapters
+            if unmerged_lora and not layer.merged:
+                raise ValueError(
+                    f"`fuse_qkv_projections()` would leave out the unmerged LoRA adapter on `{name}`: call "
+                    "`fuse_lora()` first (or `unload_lora()` / `disable_adapters()` to drop it)."
+                )
+        super().fuse_projections()
 
     def forward(
         self,
