@@ -15,8 +15,9 @@ Measured in this order (most important first; optional parts are skipped when ``
    pipeline.
 8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
    says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
-9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``; variants (e)/(f) with regional
-   compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
+9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``, with inductor's defaults and with the
+   community recipes' inductor options; variants (e)/(f) with regional compilation; float8 (torchao) UNet at
+   batch 16 (``--fp8``).
 
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
@@ -43,8 +44,7 @@ from pipeline_builders import BUILDERS  # noqa: E402
 
 #: (key, what, target, comparison) for the summary; values are filled in from the rows.
 TARGETS = [
-    ("unet_b1_compiled_ms", "UNet step, batch 1, compiled + CUDA graph, best of separate / fused QKV (ms)", 5.0,
-     "<="),
+    ("unet_b1_compiled_ms", "UNet step, batch 1, compiled + CUDA graph, best recipe (ms)", 5.0, "<="),
     ("unet_b16_compiled_pct_peak", "UNet step, batch 16, compiled (else regional): % of bf16 matmul peak", 45.0,
      ">="),
     ("unet_b1_eager_vs_sana", "UNet step, batch 1, eager (best layout or fused QKV) / SANA-1.6B eager", 1.0, "<="),
@@ -56,6 +56,9 @@ TARGETS = [
 ]
 #: Rows of the UNet after ``fuse_qkv_projections()``.
 FUSED = "snapgen_unet_fused_qkv"
+#: Inductor options of the community's diffusers speed recipes (1x1 convolutions as matmuls, coordinate-descent
+#: tuning of the generated kernels, no epilogue fusion into matmuls).
+TUNED_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
 
 
 class Suite:
@@ -220,18 +223,23 @@ class Suite:
             bench_models.release(self.device)
 
     def section_fused_compiled(self):
-        """The batch-1 compiled step again after ``fuse_qkv_projections()`` (a fresh static compile)."""
+        """The batch-1 compiled step after ``fuse_qkv_projections()`` (fresh static compiles): with inductor's defaults,
+        then with the inductor options of the community's diffusers speed recipes (:data:`TUNED_OPTIONS`)."""
         if self.pipe is None:
             return
         first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
                       and r.get("compile_s")), None)
-        if self.skip("compiled UNet with fused QKV projections", 1.3 * first["compile_s"] + 20 if first else 120):
-            return
-        self.log("SnapGen UNet with fused QKV projections: compile + CUDA graph, batch 1")
-        torch._dynamo.reset()
+        estimate = 1.3 * first["compile_s"] + 20 if first else 120
+        options = TUNED_OPTIONS if self.backend == "inductor" else {}  # smoke: dynamo only, nothing to tune
         self.pipe.unet.fuse_qkv_projections()
-        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=FUSED, call=self.pipe.unet,
-                       spec_name="snapgen_unet")
+        for name, extra in ((FUSED, {}), (FUSED + "_tuned", {"options": options} if options else {})):
+            if self.skip(f"compiled UNet {name}", estimate):
+                break
+            self.log(f"SnapGen UNet {name}: compile {extra or ''} + CUDA graph, batch 1")
+            torch._dynamo.reset()
+            self.pipe.unet.compile(fullgraph=True, backend=self.backend, **extra)
+            self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name, call=self.pipe.unet,
+                           spec_name="snapgen_unet")
         self.pipe.unet.unfuse_qkv_projections()
 
     def section_anchor_steps(self):
@@ -314,7 +322,8 @@ class Suite:
 
         eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw"),
                                   step(FUSED, 1, "eager")]), default=None)
-        compiled = min(filter(None, [step("snapgen_unet", 1, "compiled"), step(FUSED, 1, "compiled")]), default=None)
+        compiled = min(filter(None, [step(name, 1, "compiled") for name in ("snapgen_unet", FUSED, FUSED + "_tuned")]),
+                       default=None)
         sana = step("sana_1600m_transformer", 1, "eager")
         largest = self.batch_sizes[-1]
         return {

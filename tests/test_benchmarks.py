@@ -84,7 +84,7 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     steps = {(r["model"], r["batch"], r["mode"]): r for r in result["steps"]}
     for key in [("snapgen_unet", 1, "eager"), ("snapgen_unet", 2, "eager"), ("snapgen_unet", 1, "compiled"),
                 ("snapgen_unet", 2, "compiled"), ("snapgen_unet_fused_qkv", 1, "eager"),
-                ("snapgen_unet_fused_qkv", 1, "compiled")]:
+                ("snapgen_unet_fused_qkv", 1, "compiled"), ("snapgen_unet_fused_qkv_tuned", 1, "compiled")]:
         assert steps[key]["ms"] > 0 and "error" not in steps[key], key
     assert steps["snapgen_unet_fp8", 2, "compiled"]["error"].startswith("failed:")  # no torchao / no CUDA here
     pipelines = {(r["pipeline"], r["mode"], r["text"]): r for r in result["pipelines"]}
