@@ -83,6 +83,16 @@ def test_fullgraph_compile_forward_and_backward_match_eager_without_recompiling(
         compiled(**_inputs(unet, seed=1)).sample.sum().backward()
 
 
+def test_fused_qkv_projections_compile_in_one_graph():
+    torch._dynamo.reset()
+    unet = _small_unet().eval()
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        reference = unet(**inputs).sample
+        unet.fuse_qkv_projections()
+        compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(**inputs).sample, reference, rtol=1e-5, atol=1e-5)
+
 def test_export_keeps_the_rope_tables_in_the_graph():
     """torch.export gives a self-contained program: the tables are computed in it, not by this package's op."""
     module = torch.nn.Module()
