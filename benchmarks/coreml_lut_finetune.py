@@ -1,14 +1,20 @@
 #!/usr/bin/env python
-"""Does fine-tuning the look-up tables of a palettized UNet recover end-to-end image PSNR? (CPU)
+"""Does fine-tuning a palettized UNet recover end-to-end image PSNR? (CPU)
 
 Palettizes every UNet weight of the embedded default model to ``--bits`` with coremltools (k-means, 16 output
-channels per table, iOS18), keeps each weight's indices and trains only the table entries (fp32, Adam) so that the
-palettized UNet's CFG-guided velocity matches the fp32 UNet's on inputs recorded from the fp32 model's own 4-step
-sampling of training captions. Every ``--eval-every`` steps it measures the end-to-end image PSNR (text -> UNet x 4
--> decoder, against fp32) on the mixed-bit benchmark's search pairs, with fp16-rounded tables: the weights a
-package with those tables would hold. The package format does not change (same indices, same table sizes).
+channels per table, iOS18) and fine-tunes it (fp32, Adam) so that the palettized UNet's CFG-guided velocity matches
+the fp32 UNet's on inputs recorded from the fp32 model's own 4-step sampling of training captions:
 
-    python benchmarks/coreml_lut_finetune.py --data DATA   # DATA: a rendered emoji set (prepare_emoji.py)
+- ``--train tables``: each weight keeps its index; only the table entries are trained;
+- ``--train weights``: quantization-aware training. Each weight is a trained fp32 value that the forward replaces by
+  its nearest entry of its group's table (straight-through: the gradient reaches the value and, through the entry it
+  picked, the table), so both the indices and the tables move.
+
+Every ``--eval-every`` steps it measures the end-to-end image PSNR (text -> UNet x 4 -> decoder, against fp32) on the
+mixed-bit benchmark's search pairs, with fp16-rounded tables: the weights a package with those tables and indices
+would hold. The package format does not change (one table of ``2**bits`` entries per 16 output channels).
+
+    python benchmarks/coreml_lut_finetune.py --data DATA [--train weights]   # DATA: a rendered set (prepare_emoji.py)
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def main():
     p.add_argument("--data", type=Path, required=True,
                    help="Rendered emoji set (eval_prompts.json, train/metadata.jsonl).")
     p.add_argument("--bits", type=int, default=4, choices=(3, 4, 6))
+    p.add_argument("--train", choices=("tables", "weights"), default="tables",
+                   help="Train the table entries only, or the weights too (quantization-aware, straight-through).")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--captions", type=int, default=128, help="Training captions sampled by the fp32 model.")
@@ -75,8 +83,21 @@ def main():
     fp16 = {s.name: {k: v.detach().half() for k, v in s.module.named_parameters()} for s in specs}
     tables = table_parametrisation({k: c[args.bits] for k, c in candidates.items()}, args.bits)
 
+    model = spec.module.unet  # the converted form's fp32 UNet; the export's names carry a "unet." prefix
+    fixed = {k: v.detach() for k, v in model.named_parameters()}
+    latent = {k: torch.nn.Parameter(fixed[k[len("unet."):]].float().clone()) for k in tables} \
+        if args.train == "weights" else {}
+
     def dense():
-        return {k: t.view(-1)[i].reshape(shape) for k, (t, i, shape) in tables.items()}
+        if not latent:
+            return {k: t.view(-1)[i].reshape(shape) for k, (t, i, shape) in tables.items()}
+        out = {}
+        for k, (table, _, shape) in tables.items():
+            rows = latent[k].reshape(shape[0], -1)
+            row_tables = table[torch.arange(shape[0]) // 16]  # (rows, 2**bits): each row's group table
+            nearest = (rows.detach()[:, :, None] - row_tables.detach()[:, None, :]).abs().argmin(-1)
+            out[k] = (row_tables.gather(1, nearest) + rows - rows.detach()).reshape(shape)
+        return out
 
     def psnr() -> float:
         with torch.no_grad():
@@ -97,9 +118,7 @@ def main():
                                    generator=torch.Generator().manual_seed(1000 + first))
     hook.remove()
     guidance = quality.guidance_scale
-    model = spec.module.unet  # the converted form's fp32 UNet; the export's names carry a "unet." prefix
-    fixed = {k: v.detach() for k, v in model.named_parameters()}
-    optimizer = torch.optim.Adam([t for t, _, _ in tables.values()], lr=args.learning_rate)
+    optimizer = torch.optim.Adam([t for t, _, _ in tables.values()] + list(latent.values()), lr=args.learning_rate)
     losses = []
     for step in range(1, args.steps + 1):
         inputs, kwargs, target = random.Random(step).choice(calls)
@@ -116,7 +135,7 @@ def main():
             curve.append({"step": step, "image_psnr_db": psnr(),
                           "loss": round(sum(losses[-args.eval_every:]) / args.eval_every, 5)})
             print(json.dumps(curve[-1]), flush=True)
-    info = {"benchmark": "coreml_lut_finetune", "bits": args.bits, "steps": args.steps,
+    info = {"benchmark": "coreml_lut_finetune", "bits": args.bits, "train": args.train, "steps": args.steps,
             "learning_rate": args.learning_rate, "captions": args.captions, "recorded_calls": len(calls),
             "pairs": len(prompts), "torch_threads": torch.get_num_threads(), "curve": curve,
             "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -125,17 +144,23 @@ def main():
 
     import coremltools
 
-    table = (f"# Fine-tuning the {args.bits}-bit tables of the default model's UNet (CPU)\n\n"
+    trained = ("indices kept, table entries trained" if args.train == "tables" else
+               "weights and tables trained (quantization-aware: nearest table entry in the forward, straight-through "
+               "gradients)")
+    table = (f"# Fine-tuning the {args.bits}-bit {args.train} of the default model's palettized UNet (CPU)\n\n"
              f"The embedded default model (128², 4 steps, CFG 3); every UNet weight palettized to {args.bits} bits "
-             f"(k-means, 16 output\nchannels per table, coremltools {coremltools.__version__}, iOS18), indices kept, "
-             "table entries trained; text encoder and decoder fp16.\n"
+             f"(k-means, 16 output\nchannels per table, coremltools {coremltools.__version__}, iOS18), {trained}; "
+             "text encoder and decoder fp16.\n"
              f"{platform.machine()}, {torch.get_num_threads()} torch threads, measured {time.strftime('%Y-%m-%d')}. "
              "Conclusions: docs/coreml_mixed_bit.md.\n\n"
-             f"`python benchmarks/coreml_lut_finetune.py --bits {args.bits} --steps {args.steps} --learning-rate "
-             f"{args.learning_rate}`: {len(prompts)} search pairs, {len(calls)} recorded fp32 UNet calls from "
-             f"{args.captions} training captions, {info['wall_seconds']:.0f} s.\n\n"
+             f"`python benchmarks/coreml_lut_finetune.py --bits {args.bits} --train {args.train} --steps {args.steps} "
+             f"--learning-rate {args.learning_rate} --captions {args.captions}`: {len(prompts)} search pairs, "
+             f"{len(calls)} recorded fp32 UNet calls from {args.captions} training captions, "
+             f"{info['wall_seconds']:.0f} s.\n\n"
              "| step | end-to-end image PSNR | mean guided-velocity MSE |\n|---|---|---|\n" + rows)
-    write_results(args.out, f"coreml_lut_finetune_{args.bits}bit", info, table)
+    stem = f"coreml_lut_finetune_{args.bits}bit" + (f"_weights_lr{args.learning_rate:g}" if args.train == "weights"
+                                                       else "")
+    write_results(args.out, stem, info, table)
     print(table)
 
 
