@@ -150,8 +150,8 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
         """
         for name in ("to_q", "to_k", "to_v"):
             layer = getattr(self, name)
-            unmerged_lora = hasattr(layer, "base_layer") and layer.active_adapters and not layer.disable_adapters
-            if unmerged_lora and not layer.merged:
+            active_lora = hasattr(layer, "base_layer") and layer.active_adapters and not layer.disable_adapters
+            if active_lora and not layer.merged:
                 raise ValueError(
                     f"`fuse_qkv_projections()` would leave out the unmerged LoRA adapter on `{name}`: call "
                     "`fuse_lora()` first (or `unload_lora()` / `disable_adapters()` to drop it)."
