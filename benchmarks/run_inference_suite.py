@@ -151,8 +151,10 @@ class Suite:
         )
         # diffusers' fuse_qkv_projections(): one matmul for Q/K/V (self-attention) and one for K/V (cross-attention).
         self.pipe.unet.fuse_qkv_projections()
-        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "eager", name=FUSED, spec_name="snapgen_unet")
-        self.pipe.unet.unfuse_qkv_projections()
+        try:
+            self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "eager", name=FUSED, spec_name="snapgen_unet")
+        finally:  # later sections time the separate projections
+            self.pipe.unet.unfuse_qkv_projections()
 
     def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f")):
         self.log(f"ablation {'/'.join(keys)}: {', '.join(modes)}")
@@ -232,15 +234,17 @@ class Suite:
         estimate = 1.3 * first["compile_s"] + 20 if first else 120
         options = TUNED_OPTIONS if self.backend == "inductor" else {}  # smoke: dynamo only, nothing to tune
         self.pipe.unet.fuse_qkv_projections()
-        for name, extra in ((FUSED, {}), (FUSED + "_tuned", {"options": options} if options else {})):
-            if self.skip(f"compiled UNet {name}", estimate):
-                break
-            self.log(f"SnapGen UNet {name}: compile {extra or ''} + CUDA graph, batch 1")
-            torch._dynamo.reset()
-            self.pipe.unet.compile(fullgraph=True, backend=self.backend, **extra)
-            self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name, call=self.pipe.unet,
-                           spec_name="snapgen_unet")
-        self.pipe.unet.unfuse_qkv_projections()
+        try:
+            for name, extra in ((FUSED, {}), (FUSED + "_tuned", {"options": options} if options else {})):
+                if self.skip(f"compiled UNet {name}", estimate):
+                    break
+                self.log(f"SnapGen UNet {name}: compile {extra or ''} + CUDA graph, batch 1")
+                torch._dynamo.reset()
+                self.pipe.unet.compile(fullgraph=True, backend=self.backend, **extra)
+                self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name, call=self.pipe.unet,
+                               spec_name="snapgen_unet")
+        finally:
+            self.pipe.unet.unfuse_qkv_projections()
 
     def section_anchor_steps(self):
         if self.skip_anchors:
