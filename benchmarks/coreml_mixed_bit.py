@@ -361,8 +361,6 @@ def run_paper(args) -> dict:
         "machine": _machine(),
         "versions": _versions(),
         "bar_db": args.bar,
-        "target_bits": args.target_bits,
-        "sensitivities_from": None if args.sensitivities_from is None else args.sensitivities_from.name,
         "bits_offered": list(args.bits),
         "group_depth": args.group_depth,
         "units": len(units),
@@ -542,7 +540,7 @@ def markdown_paper(r: dict) -> str:
 
 def _stem(args) -> str:
     stem = f"coreml_mixed_bit_{args.model}"
-    if getattr(args, "target_bits", None) is None:
+    if args.target_bits is None:
         return stem
     return f"{stem}_{args.target_bits:g}bit_{''.join(map(str, args.bits))}"  # e.g. ..._4.5bit_3468: size, widths
 

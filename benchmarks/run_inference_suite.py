@@ -113,6 +113,12 @@ class Suite:
         self.steps += rows
         return rows
 
+    def recompile_estimate(self) -> float:
+        """Seconds one more whole-UNet compile is expected to take, from the batch-1 compile of this run."""
+        first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
+                      and r.get("compile_s")), None)
+        return 1.3 * first["compile_s"] + 20 if first else 120.0
+
     # ------------------------------------------------------------------ sections
 
     def section_peak(self):
@@ -199,9 +205,7 @@ class Suite:
         fits in the budget, else regional compilation of a fresh UNet (three small graphs per batch size)."""
         if self.pipe is None:
             return
-        first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
-                      and r.get("compile_s")), None)
-        full_estimate = 1.3 * first["compile_s"] + 20 if first else 120.0
+        full_estimate = self.recompile_estimate()
         larger = self.batch_sizes[1:]
         if self.smoke or self.budget.allows(full_estimate):
             self.log(f"SnapGen UNet compiled, batch {larger} (dynamic-batch recompile, ~{full_estimate:.0f}s)")
@@ -229,9 +233,7 @@ class Suite:
         then with the inductor options of the community's diffusers speed recipes (:data:`TUNED_OPTIONS`)."""
         if self.pipe is None:
             return
-        first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
-                      and r.get("compile_s")), None)
-        estimate = 1.3 * first["compile_s"] + 20 if first else 120
+        estimate = self.recompile_estimate()
         options = TUNED_OPTIONS if self.backend == "inductor" else {}  # smoke: dynamo only, nothing to tune
         self.pipe.unet.fuse_qkv_projections()
         try:

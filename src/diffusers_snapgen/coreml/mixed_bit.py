@@ -179,6 +179,11 @@ def _check_max_bits(max_bits) -> None:
                          f"{max_bits!r}.")
 
 
+def _unit_stored_bits(sizes: Mapping, costs: Mapping | None, unit: str, b: int) -> int:
+    """Bits ``unit`` stores at ``b`` bits: its ``costs`` (look-up tables included) when known, else size times b."""
+    return sizes[unit] * b if costs is None else costs[unit][b]
+
+
 def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int],
                  costs: Mapping | None = None) -> list[tuple[str, int]]:
     """The order in which the greedy search lowers units: ``[(unit, new_bits), ...]`` down to all-narrowest.
@@ -198,7 +203,7 @@ def greedy_moves(sensitivity: Mapping, sizes: Mapping, bits: Sequence[int],
                 continue
             old, new = widths[index], widths[index + 1]
             added = max(0.0, _error(sensitivity[unit][new]) - _error(sensitivity[unit][old]))
-            saved = sizes[unit] * (old - new) if costs is None else costs[unit][old] - costs[unit][new]
+            saved = _unit_stored_bits(sizes, costs, unit, old) - _unit_stored_bits(sizes, costs, unit, new)
             key = (added / max(saved, 1e-9), -sizes[unit], unit)
             if best is None or key < best[0]:
                 best = (key, unit, new)
@@ -340,7 +345,7 @@ class MixedBitSearch:
         return self._measured[moves]
 
     def _stored_bits(self, unit: str, b: int) -> int:
-        return self.unit_costs[unit][b] if self.unit_costs is not None else self.sizes[unit] * b
+        return _unit_stored_bits(self.sizes, self.unit_costs, unit, b)
 
     def _moves_within_bits(self, max_bits: float) -> int:
         """The fewest greedy moves after which the average stored bits per weight is <= ``max_bits`` (all of them
