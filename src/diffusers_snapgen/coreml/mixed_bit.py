@@ -38,6 +38,7 @@ import torch
 
 from .compress import EIGHT_BIT_KINDS, NBITS, average_bits, average_stored_bits, decompressed_state_dict, \
     palettizable_parameters, palettize, stored_bits, swapped_parameters
+from .validate import package_lut_bits  # noqa: F401  (public here too: it reads what a recipe wrote)
 
 __all__ = [
     "RECIPE_FORMAT",
@@ -432,42 +433,6 @@ class MixedBitSearch:
                   + ("" if luts is None else f" ({luts} with look-up tables)") + f", measured {value:.2f} dB "
                   f"({moves} of {len(order)} moves)")
         return MixedBitRecipe(layers, metadata)
-
-
-def package_lut_bits(package) -> dict[str, int]:
-    """``{constant name: nbits}`` of every ``constexpr_lut_to_dense`` op in a saved ``.mlpackage`` (or loaded
-    model), read from the index type of the op (``UINT4`` -> 4); constant names lose their ``_palettized`` suffix."""
-    from ._deps import require_coremltools
-    from .validate import _load_spec
-
-    ct = require_coremltools()
-    model = ct.models.MLModel(str(package), skip_model_load=True) if isinstance(package, (str, os.PathLike)) \
-        else package
-    spec = _load_spec(model)
-    fn = spec.mlProgram.functions["main"]
-    block = fn.block_specializations[fn.opset]
-    types = {}
-    for op in block.operations:  # index arrays may be const ops of their own
-        if op.type == "const":
-            types[op.outputs[0].name] = op.attributes["val"].type.tensorType.dataType
-    found = {}
-    for op in block.operations:
-        if op.type != "constexpr_lut_to_dense":
-            continue
-        argument = op.inputs["indices"].arguments[0]
-        dtype = types[argument.name] if argument.name else argument.value.type.tensorType.dataType
-        type_name = _proto_dtype_name(dtype)
-        if not type_name.startswith("UINT"):
-            raise ValueError(f"unexpected look-up-table index type {type_name} in {op.outputs[0].name}.")
-        name = op.outputs[0].name
-        found[name[: -len("_palettized")] if name.endswith("_palettized") else name] = int(type_name[4:])
-    return found
-
-
-def _proto_dtype_name(value: int) -> str:
-    from coremltools.proto import MIL_pb2
-
-    return MIL_pb2.DataType.Name(value)
 
 
 @contextlib.contextmanager

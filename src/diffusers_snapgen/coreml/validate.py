@@ -7,6 +7,7 @@ out of each compressed package against the original (PSNR >= 35 dB, the bar Appl
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = [
     "COMPRESSED_MIN_PSNR",
     "program_ops",
     "op_counts",
+    "package_lut_bits",
     "io_spec",
     "check_structure",
     "psnr",
@@ -90,6 +92,41 @@ def op_counts(model, include_const: bool = False) -> dict[str, int]:
     """``{op type: count}``, sorted by count; constants are left out unless ``include_const``."""
     counts = Counter(t for t in program_ops(model) if include_const or t != "const")
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def package_lut_bits(package) -> dict[str, int]:
+    """``{constant name: nbits}`` of every ``constexpr_lut_to_dense`` op in a saved ``.mlpackage`` (or loaded
+    model), read from the index type of the op (``UINT4`` -> 4); constant names lose their ``_palettized`` suffix."""
+    from ._deps import require_coremltools
+
+    ct = require_coremltools()
+    model = ct.models.MLModel(str(package), skip_model_load=True) if isinstance(package, (str, os.PathLike)) \
+        else package
+    spec = _load_spec(model)
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    types = {}
+    for op in block.operations:  # index arrays may be const ops of their own
+        if op.type == "const":
+            types[op.outputs[0].name] = op.attributes["val"].type.tensorType.dataType
+    found = {}
+    for op in block.operations:
+        if op.type != "constexpr_lut_to_dense":
+            continue
+        argument = op.inputs["indices"].arguments[0]
+        dtype = types[argument.name] if argument.name else argument.value.type.tensorType.dataType
+        type_name = _proto_dtype_name(dtype)
+        if not type_name.startswith("UINT"):
+            raise ValueError(f"unexpected look-up-table index type {type_name} in {op.outputs[0].name}.")
+        name = op.outputs[0].name
+        found[name[: -len("_palettized")] if name.endswith("_palettized") else name] = int(type_name[4:])
+    return found
+
+
+def _proto_dtype_name(value: int) -> str:
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(value)
 
 
 def _dtype_name(value: int) -> str:
