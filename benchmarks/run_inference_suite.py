@@ -24,6 +24,7 @@ Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run
 
     python benchmarks/run_inference_suite.py --out benchmarks/results           # one H200: about 7 minutes
     python benchmarks/run_inference_suite.py --smoke --out smoke_out           # CPU, tiny models, every code path
+    python benchmarks/run_inference_suite.py --sections snapgen_eager,compiled_b1 --out ...   # a subset, in order
 """
 
 from __future__ import annotations
@@ -386,11 +387,17 @@ class Suite:
         return "\n\n".join(parts) + "\n"
 
     def save(self):
+        report = self.report()  # sets meta["wall_s"] before the JSON copies meta
         payload = dict(self.meta, targets=self.summary_rows(), steps=self.steps, pipelines=self.pipelines,
                        ablation=self.ablation, notes=self.notes)
         if self.out is not None:
             write_results(self.out, f"inference_suite_{self.device.type}", json.loads(json.dumps(payload, default=str)),
-                          self.report())
+                          report)
+
+
+#: Every section, in the order they run (most important first).
+SECTIONS = ["peak", "snapgen_eager", "ablation", "anchor_steps", "anchors", "compiled_b1", "fast_pipeline",
+            "compiled_batches", "fused_compiled", "regional_ablation", "fp8"]
 
 
 def _fmt(value) -> str:
@@ -406,6 +413,9 @@ def main(argv=None):
                         help="skip optional parts past this many seconds (default 600; smoke: none)")
     parser.add_argument("--fp8", action="store_true", help="also time a float8 (torchao) UNet at the largest batch")
     parser.add_argument("--skip-anchors", action="store_true", help="no SANA/SDXL (saves ~30 s)")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of the sections, run in the suite's order (default: all): "
+                             f"{', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     if args.budget_s is None and not args.smoke:
         args.budget_s = 600.0
@@ -414,11 +424,15 @@ def main(argv=None):
     if args.smoke and args.device not in (None, "cpu"):
         parser.error("--smoke runs on the CPU: leave --device out")
 
+    chosen = SECTIONS if args.sections is None else [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown or not chosen:
+        parser.error(f"--sections must name some of {', '.join(SECTIONS)}; got {args.sections!r}")
+    if "peak" not in chosen:
+        chosen = ["peak", *chosen]  # "% of peak" needs it (a few seconds)
+
     suite = Suite(args)
-    sections = [suite.section_peak, suite.section_snapgen_eager, suite.section_ablation, suite.section_anchor_steps,
-                suite.section_anchors, suite.section_compiled_b1, suite.section_fast_pipeline,
-                suite.section_compiled_batches, suite.section_fused_compiled, suite.section_regional_ablation,
-                suite.section_fp8]
+    sections = [getattr(suite, f"section_{name}") for name in SECTIONS if name in chosen]
     from torch._dynamo.utils import counters
 
     suite.meta["graphs_compiled"] = {}

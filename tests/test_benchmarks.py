@@ -98,6 +98,19 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
     targets = {r["target"]: r for r in result["targets"]}
     assert len(targets) == 8 and all(r["status"] != "missed" for r in targets.values())
+
+
+def test_inference_suite_runs_only_the_chosen_sections(tmp_path):
+    _run("run_inference_suite.py", "--smoke", "--sections", "ablation", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "inference_suite_cpu.json").read_text())
+    assert list(result["graphs_compiled"]) == ["section_peak", "section_ablation"]  # peak is always measured
+    assert result["steps"] == [] and result["pipelines"] == []
+    assert {r["variant"] for r in result["ablation"]} == {"e", "f"}
+    # The JSON's wall time is the whole run's, as in the markdown header.
+    assert f"whole run {result['wall_s']:.0f} s" in (tmp_path / "inference_suite_cpu.md").read_text()
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "run_inference_suite.py"), "--smoke", "--sections",
+                          "ablation,warp_speed"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sections must name some of" in bad.stderr
     report = (tmp_path / "inference_suite_cpu.md").read_text()
     assert "## Targets" in report and "## End to end" in report
 
