@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_emoji_data import write_iconify_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +35,14 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     }
     # PARALLEL=1 (the h200 preset's schedule): side stages run beside the autoencoder -> teacher -> KD -> ASD chain;
     # EARLY_START=1: the tiny decoder, encoder, no-KD and KD students start once the teacher has written the shared
-    # latent and text caches, and wait for it before training
-    proc = subprocess.run(["bash", str(RECIPE)], env={**env, "PARALLEL": "1", "EARLY_START": "1"},
+    # latent and text caches, and wait for it before training; NOKD_ONE_RUN=1: the no-KD student's equal-steps model
+    # and its longer run come from one process
+    proc = subprocess.run(["bash", str(RECIPE)], env={**env, "PARALLEL": "1", "EARLY_START": "1", "NOKD_ONE_RUN": "1"},
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = tmp_path / "runs"
-    all_steps = ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "nokd_long", "asd",
-                 "ship", "eval")
+    all_steps = ("data", "classifier", "vae", "decoder", "encoder", "base", "teacher", "kd", "nokd", "asd", "ship",
+                 "eval")
     done = [line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.endswith(" s ===")]
     assert sorted(done) == sorted(all_steps) and "emoji_demo.sh: all steps in" in proc.stderr
     assert done[:1] == ["data"] and done[-2:] == ["ship", "eval"]
@@ -60,12 +63,24 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     vae_config = json.loads((runs / "vae" / "config.json").read_text())
     assert vae_config["latent_channels"] == 16 and vae_config["scaling_factor"] != 1.0  # measured, not the default
     assert (runs / "teacher" / "transformer" / "config.json").is_file()
-    assert done.index("nokd") < done.index("nokd_long")
     for student in ("student-kd", "student-nokd", "student-nokd-long", "student-asd"):
         assert (runs / student / "model_index.json").is_file()
-    # the longer no-KD student continues the equal-steps one (STUDENT_STEPS=2, NOKD_EXTRA_STEPS=2) in its own folder
-    long_log = (runs / "logs" / "nokd_long.log").read_text()
-    assert f"Resuming from checkpoint {runs / 'student-nokd' / 'checkpoint-2'}" in long_log
+    # one no-KD process trained STUDENT_STEPS + NOKD_EXTRA_STEPS (2 + 2) into student-nokd-long; its step-2 model
+    # (EMA weights) is student-nokd, the equal-steps comparison
+    nokd_log = (runs / "logs" / "nokd.log").read_text()
+    assert "Saved the model at step 2" in nokd_log and "Resuming from checkpoint" not in nokd_log
+    assert json.loads((runs / "student-nokd-long" / "checkpoint-4" / "training_state.json").read_text())[
+        "global_step"] == 4
+    ema = load_file(runs / "student-nokd-long" / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    saved = load_file(runs / "student-nokd" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == saved.keys() and all(torch.equal(ema[k], saved[k]) for k in ema)
+    assert not (runs / "student-nokd-long" / "step-2").exists()
+    # NOKD_ONE_RUN=0: two processes, the longer student resuming the equal-steps run's checkpoint in its own folder
+    shutil.rmtree(runs / "student-nokd-long")
+    two = subprocess.run(["bash", str(RECIPE), "nokd", "nokd_long"], env={**env, "NOKD_ONE_RUN": "0"},
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert f"Resuming from checkpoint {runs / 'student-nokd' / 'checkpoint-2'}" in two.stdout + two.stderr
     long_steps = [json.loads(line)["step"] for line in
                   (runs / "student-nokd-long" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert long_steps and min(long_steps) > 2 and max(long_steps) == 4
@@ -113,8 +128,6 @@ def test_smoke_recipe_trains_ships_and_evaluates(tmp_path, monkeypatch):
     assert steps == ["=== kd_output ===", "=== eval ==="]  # chosen steps run in order, in the foreground
 
     # SHIP_FROM=kd / nokd: that student as the shipped folder, sampling in 4 steps with CFG
-    from safetensors.torch import load_file
-
     for source, folder in (("kd", "student-kd"), ("nokd", "student-nokd")):
         ship = tmp_path / f"shipped-{source}"
         if source == "nokd":  # shipping over an earlier folder replaces it but keeps its hand-written model card

@@ -169,6 +169,25 @@ def test_sigkill_at_a_random_moment_then_resume_completes(shared):
         assert_same_weights(shared / "ref" / sub, out / sub, f"{sub} (seed {seed}, mode {mode})")
 
 
+def test_model_saved_mid_run_is_the_ema_model_of_that_step_and_training_goes_on(shared):
+    """--save_model_at_steps writes the model folder of that step (EMA weights) and restores the training weights."""
+    out = shared / "snapshots"
+    proc = run_script(PRETRAIN, _args(shared, out, STEPS, "--save_model_at_steps", "15", str(STEPS)), shared / "hf")
+    assert "Saved the model at step 15" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-15"]  # the last step is the final folder itself
+    assert (out / "step-15" / "model_index.json").is_file()
+    assert not any(p.name.startswith(".tmp") for p in (out / "step-15").iterdir())
+    assert_same_weights(shared / "ref" / "checkpoint-15" / "unet_ema", out / "step-15" / "unet", "step-15 vs EMA")
+    for sub in ("unet", "checkpoint-20/unet", "checkpoint-20/unet_ema"):  # the run itself is the reference's
+        assert_same_weights(shared / "ref" / sub, out / sub, sub)
+    bad = run_script(PRETRAIN, _args(shared, shared / "bad-snapshot", 1, "--save_model_at_steps", "0"), shared / "hf",
+                     expect_success=False)
+    assert "--save_model_at_steps must list optimizer steps >= 1" in bad.stderr
+    late = run_script(PRETRAIN, _args(shared, shared / "late-snapshot", 2, "--save_model_at_steps", "3"),
+                      shared / "hf", expect_success=False)
+    assert "--save_model_at_steps [3] lies past the run's 2 optimizer steps" in late.stderr
+
+
 def test_kd_script_distils_the_teacher(shared, kd_run, evaluator):
     from diffusers import DiffusionPipeline
 

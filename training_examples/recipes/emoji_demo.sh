@@ -51,12 +51,13 @@ case "$PRESET" in
          # H200 (benchmarks/results/emoji_h200.md). The teacher trains alone while the tiny decoder, encoder, no-KD
          # and KD students set up, compile and capture their steps (EARLY_START=1); they share the GPU after it.
          # The shipped model's run (20.4 min) used TEACHER_STEPS=9000 STUDENT_STEPS=9000 NOKD_EXTRA_STEPS=15000;
-         # these counts keep the shipped no-KD student's 24,000 steps and cut the teacher and KD work (not yet timed)
+         # these counts keep the shipped no-KD student's 24,000 steps and cut the teacher and KD work, and the no-KD
+         # student trains them in one process (NOKD_ONE_RUN=1): not yet timed
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
     GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-7500}"
     STUDENT_STEPS="${STUDENT_STEPS:-6000}"; NOKD_EXTRA_STEPS="${NOKD_EXTRA_STEPS:-18000}"; ASD_STEPS="${ASD_STEPS:-400}"
-    CKPT_STEPS="${CKPT_STEPS:-3000}"; SHIP_FROM="${SHIP_FROM:-nokd_long}"
+    CKPT_STEPS="${CKPT_STEPS:-3000}"; SHIP_FROM="${SHIP_FROM:-nokd_long}"; NOKD_ONE_RUN="${NOKD_ONE_RUN:-1}"
     PARALLEL="${PARALLEL:-1}"; EARLY_START="${EARLY_START:-1}"; NUM_SCALE_IMAGES="${NUM_SCALE_IMAGES:-4096}"
     VALIDATION_STEPS="${VALIDATION_STEPS:-1000000}"; CLASSIFIER_EPOCHS="${CLASSIFIER_EPOCHS:-100}"
     EVAL_IMAGES="${EVAL_IMAGES:-4}"; EVAL_MAX_PROMPTS="${EVAL_MAX_PROMPTS:-100}"; LAUNCH="${LAUNCH:-${PYTHON:-python}}"
@@ -89,6 +90,9 @@ SHIP_LIMIT_MB="${SHIP_LIMIT_MB:-40}"        # at most 40 MB of weights in git
 SHIP_FROM="${SHIP_FROM:-asd}"               # asd: the ASD student; kd / nokd / nokd_long: the KD / no-KD / longer
                                             # no-KD student, 4 steps with CFG $SHIP_GUIDANCE
 NOKD_EXTRA_STEPS="${NOKD_EXTRA_STEPS:-0}"   # nokd_long: the no-KD student trained this many steps further (0: skip)
+NOKD_ONE_RUN="${NOKD_ONE_RUN:-0}"           # 1 (with NOKD_EXTRA_STEPS > 0): the nokd step trains all the no-KD steps in
+                                            # one process into student-nokd-long and saves the equal-steps model on the
+                                            # way (--save_model_at_steps) as student-nokd; no second setup and compile
 SHIP_GUIDANCE="${SHIP_GUIDANCE:-3}"
 ASD_TEACHER_GUIDANCE="${ASD_TEACHER_GUIDANCE:-3}"  # CFG of the teacher's ASD targets: the no-CFG 4-step student
                                                    # learns guided sampling (the eval samples the teachers at CFG 3)
@@ -286,12 +290,25 @@ train_nokd() {  # the student, flow matching only, into folder $1 up to step $2;
 }
 
 step_nokd() {  # the same student, same data/steps/seed, flow matching only
-  train_nokd "$RUNS/student-nokd" "$STUDENT_STEPS" "${START_AFTER[@]}"
+  if ! one_nokd_run; then
+    train_nokd "$RUNS/student-nokd" "$STUDENT_STEPS" "${START_AFTER[@]}"
+    return
+  fi
+  local long="$RUNS/student-nokd-long"  # NOKD_ONE_RUN=1: the longer student's run, its STUDENT_STEPS model on the way
+  train_nokd "$long" "$((STUDENT_STEPS + NOKD_EXTRA_STEPS))" --save_model_at_steps "$STUDENT_STEPS" "${START_AFTER[@]}"
+  if [[ -d "$long/step-$STUDENT_STEPS" ]]; then  # absent when an earlier call moved it and this one only resumed
+    rm -rf "$RUNS/student-nokd" && mv "$long/step-$STUDENT_STEPS" "$RUNS/student-nokd"
+  fi
 }
+
+one_nokd_run() { [[ "$NOKD_ONE_RUN" == 1 ]] && (( NOKD_EXTRA_STEPS > 0 )); }
 
 step_nokd_long() {  # the no-KD student continued past the equal-steps comparison (a ship candidate); resumes the
                     # no-KD run's last checkpoint into its own folder, so student-nokd stays the equal-steps model
   (( NOKD_EXTRA_STEPS > 0 )) || { echo "nokd_long: NOKD_EXTRA_STEPS=0, skipped"; return; }
+  if one_nokd_run && [[ -f "$RUNS/student-nokd-long/model_index.json" ]]; then
+    echo "nokd_long: trained by the nokd step (NOKD_ONE_RUN=1)"; return
+  fi
   local start="$RUNS/student-nokd/checkpoint-$STUDENT_STEPS" resume=()
   if ! ls -d "$RUNS/student-nokd-long"/checkpoint-* >/dev/null 2>&1; then  # else: resume its own latest checkpoint
     [[ -d "$start" ]] || { echo "nokd_long: no $start (STUDENT_STEPS must be a multiple of CKPT_STEPS)" >&2; return 1; }
@@ -406,7 +423,9 @@ nice_side() {  # a background stage's subshell (and the processes it starts) at 
 start_side_stages() {  # the tiny decoder and encoder, the no-KD chain and the KD chain, in the background (pids in
                        # `side`); SIDE_NICE=10 while the teacher trains: their compilation yields the CPU to its loop
   local chain
-  for chain in decoder encoder "nokd nokd_long" "kd asd"; do
+  local nokd_chain="nokd nokd_long"
+  one_nokd_run && nokd_chain=nokd  # the nokd step trains the longer student too
+  for chain in decoder encoder "$nokd_chain" "kd asd"; do
     { nice_side; run_chain $chain; } & side+=($!)  # unquoted: a chain is its stage names
   done
 }

@@ -197,6 +197,10 @@ def add_output_args(p: argparse.ArgumentParser, default_output_dir: str = "snapg
            "only moment the training step waits for the device).")
     a("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
     a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    a("--save_model_at_steps", type=int, nargs="+", default=None, metavar="STEP",
+      help="Also write the model folder that --output_dir gets at the end (EMA weights with --use_ema; no "
+           "evaluation or upload) into <output_dir>/step-<STEP> at these optimizer steps, and train on: e.g. an "
+           "equal-steps comparison and a longer run from one process.")
     a("--resume_from_checkpoint", type=str, default=None,
       help='"latest" or a checkpoint folder. With "latest" and none present, training starts fresh.')
     a("--push_to_hub", action="store_true")
@@ -347,6 +351,8 @@ def validate_common(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
     _positive(args, ["resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                      "checkpointing_steps", "logging_steps"])
+    if any(step < 1 for step in getattr(args, "save_model_at_steps", None) or ()):
+        raise ValueError(f"--save_model_at_steps must list optimizer steps >= 1, got {args.save_model_at_steps}.")
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         v = getattr(args, name)
         if v is not None and v < 1:

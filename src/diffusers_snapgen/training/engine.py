@@ -29,7 +29,8 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from .distributed import check_world_size, configure_deepspeed, full_copy, is_deepspeed, is_fsdp, scheduler_steps_per_step
+from .distributed import check_world_size, configure_deepspeed, full_copy, is_deepspeed, is_fsdp, is_sharded, \
+    scheduler_steps_per_step
 from .metrics import MetricsLog, StepMetrics, StepOutput
 from .step import StepProgram
 
@@ -46,6 +47,7 @@ __all__ = [
     "compile_module",
     "prepare_run",
     "train",
+    "save_model_snapshot",
     "finish",
 ]
 
@@ -97,6 +99,11 @@ class TrainingTask:
     def save_final(self, model: torch.nn.Module):
         """Main process, after training: writes the result (``model`` carries the EMA weights when on)."""
         raise NotImplementedError
+
+    def save_model(self, model: torch.nn.Module, output_dir: Path):
+        """Main process, during training (``--save_model_at_steps``): writes the model folder that
+        :meth:`save_final` writes, without its evaluation, model card or upload, into ``output_dir``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support --save_model_at_steps.")
 
 
 @dataclass
@@ -271,6 +278,10 @@ def prepare_run(args, accelerator, task: TrainingTask, model: torch.nn.Module, p
     model.train()
     max_steps = max_train_steps_of(args, batches.batches_per_epoch)
     args.max_train_steps = max_steps
+    late = [step for step in getattr(args, "save_model_at_steps", None) or () if step > max_steps]
+    if late:
+        raise ValueError(f"--save_model_at_steps {late} lies past the run's {max_steps} optimizer steps: pass steps "
+                         "up to --max_train_steps (the last one is the final folder itself).")
     optimizer = build_optimizer(args, param_groups, acc.device)
     lr_scheduler = build_lr_scheduler(args, optimizer, max_steps, scheduler_steps_per_step(acc))
     configure_deepspeed(acc, args.train_batch_size, 1 + len(extra_modules))
@@ -369,6 +380,9 @@ def train(run: TrainingRun) -> TrainingState:
                 record = _flush(run, clock, samples)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.1f}")
                 log.write(step, record)
+            if step in (getattr(args, "save_model_at_steps", None) or ()) and step < max_steps:
+                with clock.paused():
+                    save_model_snapshot(run, step)
             if step % args.checkpointing_steps == 0:
                 with clock.paused(), run.program.host_learning_rates():
                     logger.info("Saved state to %s", save_checkpoint(acc, args.output_dir, state,
@@ -480,6 +494,30 @@ class _WindowClock:
                 clock.excluded += time.perf_counter() - self.t0
 
         return _Pause()
+
+
+def save_model_snapshot(run: TrainingRun, step: int) -> Path:
+    """``--save_model_at_steps``: the model as :func:`finish` would write it now (EMA weights when on) into
+    ``<output_dir>/step-<step>``; the training weights are restored and training goes on."""
+    acc, ema = run.accelerator, run.ema
+    target = Path(run.args.output_dir, f"step-{step}")
+    module = acc.unwrap_model(run.model)
+    swap = ema is not None and not is_sharded(module)  # full_copy writes the EMA weights into the model itself
+    if swap:
+        ema.store(module.parameters())
+    try:
+        model = full_copy(acc, run.model, ema)
+        if acc.is_main_process:
+            was_training = model.training
+            model.eval()
+            run.task.save_model(model, target)
+            model.train(was_training)
+            logger.info("Saved the model at step %d to %s", step, target)
+    finally:
+        if swap:
+            ema.restore(module.parameters())
+    acc.wait_for_everyone()
+    return target
 
 
 def finish(run: TrainingRun):

@@ -283,27 +283,31 @@ class FlowMatchingTask(TrainingTask):
         return images
 
     def save_final(self, model):
-        args = self.args
         if model is not self.run.unwrapped_model:  # the gathered copy of an FSDP2-sharded model
             self.pipeline = build_pipeline(self.base.components, model)
-        # unless --validation_* say otherwise, the result samples like its base (a 4-step CFG-3 base stays 4-step;
-        # a base that stores no defaults gives the pipeline's 28 steps and CFG 3.5)
-        base = self.pipeline.sampling_defaults
-        self.pipeline.set_sampling_defaults(
-            num_inference_steps=self.final_num_inference_steps() or base["num_inference_steps"],
-            guidance_scale=self.final_guidance_scale(base["guidance_scale"]))
-        if self.save_subfolder is None:
-            atomic_save_pipeline(self.pipeline, args.output_dir)
-            self._save_image_encoder()
-        else:
-            from ..reconstruction import save_model_atomically
-
-            save_model_atomically(model, Path(args.output_dir, self.save_subfolder))
+        self.save_model(model, self.args.output_dir)
         images = self.validate(self.run.state.global_step, final=True)
-        if args.push_to_hub:
+        if self.args.push_to_hub:
             self._push(images)
 
-    def _save_image_encoder(self):
+    def save_model(self, model, output_dir):
+        """The pipeline around ``model`` (or ``model`` alone in ``save_subfolder``) in ``output_dir``."""
+        if self.save_subfolder is not None:
+            from ..reconstruction import save_model_atomically
+
+            save_model_atomically(model, Path(output_dir, self.save_subfolder))
+            return
+        pipeline = self.pipeline if model is self.run.unwrapped_model else build_pipeline(self.base.components, model)
+        # unless --validation_* say otherwise, the result samples like its base (a 4-step CFG-3 base stays 4-step;
+        # a base that stores no defaults gives the pipeline's 28 steps and CFG 3.5)
+        base = pipeline.sampling_defaults
+        pipeline.set_sampling_defaults(
+            num_inference_steps=self.final_num_inference_steps() or base["num_inference_steps"],
+            guidance_scale=self.final_guidance_scale(base["guidance_scale"]))
+        atomic_save_pipeline(pipeline, output_dir)
+        self._save_image_encoder(output_dir)
+
+    def _save_image_encoder(self, output_dir):
         """A base pipeline's ``vae_encoder/`` TinyEncoder travels with the saved pipeline, so the result is a training
         base too (docs/finetuning.md)."""
         from ...models import TinyEncoder
@@ -311,7 +315,7 @@ class FlowMatchingTask(TrainingTask):
 
         encoder = self.base.vae_encoder
         if isinstance(encoder, TinyEncoder) and encoder is self.base.components.get(ENCODER_SUBFOLDER):
-            save_model_in_subfolder(encoder, self.args.output_dir, ENCODER_SUBFOLDER)
+            save_model_in_subfolder(encoder, output_dir, ENCODER_SUBFOLDER)
 
     def final_num_inference_steps(self):
         return self.args.validation_num_inference_steps

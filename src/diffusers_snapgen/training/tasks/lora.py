@@ -100,8 +100,7 @@ class LoRATask(FlowMatchingTask):
         """``pytorch_lora_weights.safetensors`` and ``README.md`` (the model card) in ``--output_dir``; final
         validation images; ``--push_to_hub`` uploads the folder."""
         args = self.args
-        path = save_lora_adapter(model, args.output_dir)
-        logger.info("saved the LoRA adapter to %s", path)
+        self.save_model(model, args.output_dir)
         images = self.validate(self.run.state.global_step, final=True)
         if args.instance_data_dir is not None:
             data = f"DreamBooth: instance prompt `{args.instance_prompt}`" + (
@@ -114,6 +113,10 @@ class LoRATask(FlowMatchingTask):
         write = push_to_hub if args.push_to_hub else write_model_card
         write(args, "lora", "lora", self.card_rows(), source=args.pretrained_model_name_or_path, notes=notes,
               prompt=prompt)
+
+    def save_model(self, model, output_dir):
+        """The adapter alone, as at the end."""
+        logger.info("saved the LoRA adapter to %s", save_lora_adapter(model, output_dir))
 
     def card_rows(self) -> dict:
         args = self.args

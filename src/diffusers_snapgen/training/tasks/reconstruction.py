@@ -227,11 +227,14 @@ class ReconstructionTask(TrainingTask):
         """Extra entries of ``eval_results.json`` (e.g. measured config values), computed before saving."""
         return {}
 
+    def save_model(self, model, output_dir):
+        save_model_atomically(model, output_dir)
+
     def save_final(self, model):
         args = self.args
         extra = self.before_save(model)
         final = self.evaluate(self.run.state.global_step, use_ema=False)
-        save_model_atomically(model, args.output_dir)
+        self.save_model(model, args.output_dir)
         keys = [key for key, _, _ in self.eval_metrics]
         results = {"final": {k: final[k] for k in keys}, "step": self.run.state.global_step,
                    "num_eval_images": len(self.eval_images), "eval_resolution": args.eval_resolution}
