@@ -15,8 +15,8 @@ Measured in this order (most important first; optional parts are skipped when ``
    pipeline.
 8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
    says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
-9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``, with inductor's defaults and with the
-   community recipes' inductor options; variants (e)/(f) with regional compilation; float8 (torchao) UNet at
+9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``, with inductor's defaults (and the fast
+   sampler around it) and with the community recipes' inductor options; variants (e)/(f) with regional compilation; float8 (torchao) UNet at
    batch 16 (``--fp8``).
 
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
@@ -59,6 +59,7 @@ TARGETS = [
 FUSED = "snapgen_unet_fused_qkv"
 #: Inductor options of the community's diffusers speed recipes (1x1 convolutions as matmuls, coordinate-descent
 #: tuning of the generated kernels, no epilogue fusion into matmuls).
+FAST_MODES = ("fast", "fast-fused-qkv")  # the fast sampler's rows: separate and fused QKV projections
 TUNED_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
 
 
@@ -246,6 +247,12 @@ class Suite:
                 self.pipe.unet.compile(fullgraph=True, backend=self.backend, **extra)
                 self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name, call=self.pipe.unet,
                                spec_name="snapgen_unet")
+                if name == FUSED:  # the fast sampler around this fused graph (the decoder's graph is cached)
+                    self.log("SnapGen fast sampler with the fused UNet")
+                    self.pipelines += bench_pipeline.fast_rows(
+                        self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1,
+                        iters=self.pipe_iters + 2, latents=self.latents, reference=self.reference,
+                        mode="fast-fused-qkv", compile="full", compile_kwargs={"backend": self.backend})
         finally:
             self.pipe.unet.unfuse_qkv_projections()
 
@@ -317,10 +324,9 @@ class Suite:
                         and key in r), None)
             return row.get(key) if row else None
 
-        def pipeline(mode, text):
-            row = next((r for r in self.pipelines if r.get("pipeline") == "snapgen" and r.get("mode") == mode
-                        and r.get("text") == text and "ms" in r), None)
-            return row["ms"] if row else None
+        def pipeline(modes, text):
+            return min((r["ms"] for r in self.pipelines if r.get("pipeline") == "snapgen" and r.get("mode") in modes
+                        and r.get("text") == text and "ms" in r), default=None)
 
         def cost(column):
             rows = {r["variant"]: r.get(column) for r in self.ablation}
@@ -338,8 +344,8 @@ class Suite:
             "unet_b16_compiled_pct_peak": (step("snapgen_unet", largest, "compiled", "pct_peak")
                                            or step("snapgen_unet", largest, "regional", "pct_peak")),
             "unet_b1_eager_vs_sana": eager / sana if eager and sana else None,
-            "fast_image_ms": pipeline("fast", "excluded"),
-            "fast_image_text_ms": pipeline("fast", "included"),
+            "fast_image_ms": pipeline(FAST_MODES, "excluded"),
+            "fast_image_text_ms": pipeline(FAST_MODES, "included"),
             "variant_f_eager_cost_pct": cost("ms_eager"),
             "variant_f_graph_cost_pct": cost("ms_eager_graph"),
             "variant_f_regional_cost_pct": cost("ms_regional"),

@@ -94,6 +94,8 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     assert pipelines["snapgen", "fast", "excluded"]["max_abs_diff"] == 0.0
     assert pipelines["snapgen", "graph", "excluded"]["max_abs_diff"] == 0.0
     assert pipelines["snapgen", "fast", "included"]["ms"] > 0
+    for text in ("excluded", "included"):  # the fast sampler around the fused-QKV UNet: the eager images again
+        assert pipelines["snapgen", "fast-fused-qkv", text]["max_abs_diff"] < 1e-4, text
     ablation = {r["variant"]: r for r in result["ablation"]}
     assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
     targets = {r["target"]: r for r in result["targets"]}
