@@ -16,15 +16,15 @@ Measured in this order (most important first; optional parts are skipped when ``
 8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
    says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
 9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``, with inductor's defaults (and the fast
-   sampler around it) and with the community recipes' inductor options; variants (e)/(f) with regional compilation; float8 (torchao) UNet at
-   batch 16 (``--fp8``).
+   sampler around it) and with the community recipes' inductor options; variants (e)/(f) with regional
+   compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
 
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
 
     python benchmarks/run_inference_suite.py --out benchmarks/results           # one H200: about 7 minutes
     python benchmarks/run_inference_suite.py --smoke --out smoke_out           # CPU, tiny models, every code path
-    python benchmarks/run_inference_suite.py --sections snapgen_eager,compiled_b1 --out ...   # a subset, in order
+    python benchmarks/run_inference_suite.py --sections compiled_b1,fused_compiled --out ...   # a subset
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ TARGETS = [
 ]
 #: Rows of the UNet after ``fuse_qkv_projections()``.
 FUSED = "snapgen_unet_fused_qkv"
+FAST_MODES = ("fast", "fast-fused-qkv")  # the fast sampler's rows: separate and fused QKV projections
 #: Inductor options of the community's diffusers speed recipes (1x1 convolutions as matmuls, coordinate-descent
 #: tuning of the generated kernels, no epilogue fusion into matmuls).
-FAST_MODES = ("fast", "fast-fused-qkv")  # the fast sampler's rows: separate and fused QKV projections
 TUNED_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
 
 
@@ -404,6 +404,7 @@ class Suite:
 #: Every section, in the order they run (most important first).
 SECTIONS = ["peak", "snapgen_eager", "ablation", "anchor_steps", "anchors", "compiled_b1", "fast_pipeline",
             "compiled_batches", "fused_compiled", "regional_ablation", "fp8"]
+NEEDS_PIPELINE = {"compiled_b1", "fast_pipeline", "compiled_batches", "fused_compiled"}  # after snapgen_eager
 
 
 def _fmt(value) -> str:
@@ -420,8 +421,8 @@ def main(argv=None):
     parser.add_argument("--fp8", action="store_true", help="also time a float8 (torchao) UNet at the largest batch")
     parser.add_argument("--skip-anchors", action="store_true", help="no SANA/SDXL (saves ~30 s)")
     parser.add_argument("--sections", default=None,
-                        help=f"comma-separated subset of the sections, run in the suite's order (default: all): "
-                             f"{', '.join(SECTIONS)}")
+                        help=f"comma-separated subset of the sections, run in the suite's order (default: all; peak, "
+                             f"and snapgen_eager for the compiled ones, are added): {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     if args.budget_s is None and not args.smoke:
         args.budget_s = 600.0
@@ -434,8 +435,9 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown or not chosen:
         parser.error(f"--sections must name some of {', '.join(SECTIONS)}; got {args.sections!r}")
-    if "peak" not in chosen:
-        chosen = ["peak", *chosen]  # "% of peak" needs it (a few seconds)
+    chosen = {"peak", *chosen}  # "% of peak" needs it (a few seconds)
+    if chosen & NEEDS_PIPELINE:
+        chosen.add("snapgen_eager")  # builds the pipeline those sections time
 
     suite = Suite(args)
     sections = [getattr(suite, f"section_{name}") for name in SECTIONS if name in chosen]

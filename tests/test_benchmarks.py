@@ -110,6 +110,11 @@ def test_inference_suite_runs_only_the_chosen_sections(tmp_path):
     assert {r["variant"] for r in result["ablation"]} == {"e", "f"}
     # The JSON's wall time is the whole run's, as in the markdown header.
     assert f"whole run {result['wall_s']:.0f} s" in (tmp_path / "inference_suite_cpu.md").read_text()
+    # a compiled section brings the eager section that builds its pipeline
+    _run("run_inference_suite.py", "--smoke", "--sections", "compiled_b1", "--out", str(tmp_path / "b1"))
+    result = json.loads((tmp_path / "b1" / "inference_suite_cpu.json").read_text())
+    assert list(result["graphs_compiled"]) == ["section_peak", "section_snapgen_eager", "section_compiled_b1"]
+    assert any(r["mode"] == "compiled" and r.get("ms", 0) > 0 for r in result["steps"])
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "run_inference_suite.py"), "--smoke", "--sections",
                           "ablation,warp_speed"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--sections must name some of" in bad.stderr
