@@ -30,20 +30,23 @@ from common import write_results  # also puts src/ on the path
 from torch.func import functional_call
 
 
+GROUP = 16  # output channels per look-up table (coremltools per_grouped_channel, as the mixed-bit benchmark uses)
+
+
 def table_parametrisation(weights: dict, bits: int):
-    """``{name: (table (G, 2**bits) Parameter, flat index, shape)}`` from palettized weights (16-row groups)."""
+    """``{name: (table (G, 2**bits) Parameter, flat index, shape)}`` from palettized weights (GROUP-row groups)."""
     out = {}
     for name, w in weights.items():
         rows = w.float().reshape(w.shape[0], -1)
-        groups = (rows.shape[0] + 15) // 16
+        groups = (rows.shape[0] + GROUP - 1) // GROUP
         table = torch.zeros(groups, 2**bits)
         index = torch.empty(rows.shape, dtype=torch.long)
         for g in range(groups):
-            values, inverse = torch.unique(rows[g * 16:(g + 1) * 16], return_inverse=True)
+            values, inverse = torch.unique(rows[g * GROUP:(g + 1) * GROUP], return_inverse=True)
             if len(values) > 2**bits:
                 raise ValueError(f"{name}: group {g} holds {len(values)} values, not a {bits}-bit palettization")
             table[g, :len(values)] = values
-            index[g * 16:(g + 1) * 16] = inverse + g * 2**bits
+            index[g * GROUP:(g + 1) * GROUP] = inverse + g * 2**bits
         out[name] = (torch.nn.Parameter(table), index, w.shape)
     return out
 
@@ -79,7 +82,7 @@ def main():
     quality = EndToEndQuality(pipe, specs, 128, prompts, [1] * len(prompts))
     spec = next(s for s in specs if s.name == "unet")
     mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target="iOS18")
-    candidates, _ = palettized_candidates(mlmodel, spec.module, (args.bits,), "iOS18", 16, 2048)
+    candidates, _ = palettized_candidates(mlmodel, spec.module, (args.bits,), "iOS18", GROUP, 2048)
     fp16 = {s.name: {k: v.detach().half() for k, v in s.module.named_parameters()} for s in specs}
     tables = table_parametrisation({k: c[args.bits] for k, c in candidates.items()}, args.bits)
 
@@ -94,7 +97,7 @@ def main():
         out = {}
         for k, (table, _, shape) in tables.items():
             rows = latent[k].reshape(shape[0], -1)
-            row_tables = table[torch.arange(shape[0]) // 16]  # (rows, 2**bits): each row's group table
+            row_tables = table[torch.arange(shape[0]) // GROUP]  # (rows, 2**bits): each row's group table
             nearest = (rows.detach()[:, :, None] - row_tables.detach()[:, None, :]).abs().argmin(-1)
             out[k] = (row_tables.gather(1, nearest) + rows - rows.detach()).reshape(shape)
         return out
@@ -149,7 +152,7 @@ def main():
                "gradients)")
     table = (f"# Fine-tuning the {args.bits}-bit {args.train} of the default model's palettized UNet (CPU)\n\n"
              f"The embedded default model (128², 4 steps, CFG 3); every UNet weight palettized to {args.bits} bits "
-             f"(k-means, 16 output\nchannels per table, coremltools {coremltools.__version__}, iOS18), {trained}; "
+             f"(k-means, {GROUP} output\nchannels per table, coremltools {coremltools.__version__}, iOS18), {trained}; "
              "text encoder and decoder fp16.\n"
              f"{platform.machine()}, {torch.get_num_threads()} torch threads, measured {time.strftime('%Y-%m-%d')}. "
              "Conclusions: docs/coreml_mixed_bit.md.\n\n"

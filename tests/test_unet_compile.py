@@ -93,6 +93,7 @@ def test_fused_qkv_projections_compile_in_one_graph():
         compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(**inputs).sample, reference, rtol=1e-5, atol=1e-5)
 
+
 def test_export_keeps_the_rope_tables_in_the_graph():
     """torch.export gives a self-contained program: the tables are computed in it, not by this package's op."""
     module = torch.nn.Module()
