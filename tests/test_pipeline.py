@@ -323,6 +323,18 @@ def test_lora_load_fuse_unfuse_unload(tmp_path):
     assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
+def test_lora_weights_loaded_after_fusing_qkv_are_refused(tmp_path):
+    """``load_lora_weights`` after ``fuse_qkv_projections()``: the adapter's Q/K/V layers would never run, so the load
+    is refused and leaves no adapter behind."""
+    pipe = tiny_pipeline("none")
+    weights = _random_unet_lora(pipe, tmp_path)
+    pipe.unet.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        pipe.load_lora_weights(weights, adapter_name="style")
+    assert not getattr(pipe.unet, "peft_config", {})
+    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
 def test_lora_loading_rejects_non_lora_state_dicts():
     pipe = tiny_pipeline("none")
     with pytest.raises(ValueError, match="pretrained_model_name_or_path_or_dict"):

@@ -263,7 +263,6 @@ def test_lora_adapter_through_peft():
     torch.testing.assert_close(base, disabled)
 
 
-
 def test_fuse_qkv_projections_gives_the_same_outputs_with_fewer_matmuls():
     """diffusers' ``fuse_qkv_projections()``: one matmul for Q/K/V (self-attention) and one for K/V (cross-attention),
     the same outputs; ``unfuse_qkv_projections()`` restores the separate projections."""
@@ -310,6 +309,28 @@ def test_fuse_qkv_projections_refuses_unmerged_lora_and_keeps_merged_lora():
     unet.fuse_qkv_projections()
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_on_fused_projections_is_refused_and_removed_others_still_apply():
+    """After ``fuse_qkv_projections()`` the separate Q/K/V projections no longer run: an adapter on them is refused
+    (and deleted again); one on the output projections still changes the outputs."""
+    from peft import LoraConfig
+
+    unet = tiny_unet().eval()
+    inputs = _inputs(unet)
+    unet.fuse_qkv_projections()
+    with torch.no_grad():
+        fused = unet(**inputs).sample
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        unet.add_adapter(LoraConfig(r=4, target_modules=["to_k", "to_v"], init_lora_weights=False))
+    assert not getattr(unet, "peft_config", {})
+    assert not any("lora" in name for name, _ in unet.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, fused, rtol=0, atol=0)
+
+    unet.add_adapter(LoraConfig(r=4, target_modules=["to_out.0"], init_lora_weights=False), adapter_name="out")
+    with torch.no_grad():
+        assert not torch.allclose(unet(**inputs).sample, fused, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .attention import SnapGenAttention
 from .embeddings import SnapGenRotaryPosEmbed2D
 from .lora_targets import resolve_lora_config
 from .resnet import CONV_TYPES, make_conv
@@ -202,6 +203,32 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         ``LoraConfig(target_modules=["conv1", "conv2"])``, adapt its pointwise 1x1 conv (``conv1.pointwise``): see
         :func:`~diffusers_snapgen.models.lora_targets.resolve_lora_target_modules`."""
         super().add_adapter(resolve_lora_config(self, adapter_config), adapter_name=adapter_name)
+        self._refuse_adapters_on_fused_projections({adapter_name})
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, *args, **kwargs):
+        """``PeftAdapterMixin.load_lora_adapter`` (what ``pipe.load_lora_weights`` calls), refused with a
+        ``ValueError`` when the adapter would adapt a projection that ``fuse_qkv_projections()`` replaced."""
+        before = set(getattr(self, "peft_config", {}))
+        super().load_lora_adapter(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+        self._refuse_adapters_on_fused_projections(set(getattr(self, "peft_config", {})) - before)
+
+    def _refuse_adapters_on_fused_projections(self, adapter_names: set):
+        """After ``fuse_qkv_projections()`` a self-attention reads ``to_qkv`` and a cross-attention ``to_kv``: an
+        adapter on their ``to_q``/``to_k``/``to_v`` (``to_k``/``to_v``) would never run. Such an adapter is deleted
+        again and refused rather than silently left out."""
+        for name, module in self.named_modules():
+            if not isinstance(module, SnapGenAttention) or not module.fused_projections:
+                continue
+            unused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+            hit = [proj for proj in unused if adapter_names & set(getattr(getattr(module, proj), "lora_A", {}))]
+            if hit:
+                for adapter in adapter_names:
+                    self.delete_adapters(adapter)
+                raise ValueError(
+                    f"the LoRA adapter adapts `{name}.{hit[0]}`, which `fuse_qkv_projections()` replaced by a fused "
+                    "matmul that would leave the adapter out: call `unfuse_qkv_projections()` first, load the adapter, "
+                    "then `fuse_lora()` and `fuse_qkv_projections()` again."
+                )
 
     @property
     def latent_size_multiple(self) -> int:
