@@ -9,7 +9,8 @@ data held on the device (as with --cache_latents --cache_text_embeddings / --cac
 Configs (the emoji recipe's models, batch 128 unless noted): student8 / student16 (the 14.75M SnapGen student,
 flow matching at 8x8 / 16x16 latents), teacher16 (the 12-block x 384 MMDiT teacher), kd16 (student + frozen teacher,
 output + 4 feature pairs), asd16 (4-step grid, teacher rollout, teacher-feature discriminator), decoder128 and
-autoencoder128 (128-pixel patches; the decoder's patch GAN on), paper1024 (the paper-size UNet at 1024², batch 8). Each config runs
+autoencoder128 (128-pixel patches; the decoder's patch GAN on), decoder128_cached (the decoder step with
+--cache_latents: the frozen encoder's latents computed once, not every step), paper1024 (the paper-size UNet at 1024², batch 8). Each config runs
 in its own process; every mode builds a fresh run (prepare_run + train), warms up for --warmup steps (compilation and
 capture happen there) and is then timed over --steps steps (metrics windows of the engine: the host waits for the
 device once per window). GPU busy time: torch.profiler over the timed steps of one mode (union of kernel intervals /
@@ -65,9 +66,11 @@ CONFIGS = {
     "kd16": ("kd", 16, 128, 8, 4),
     "asd16": ("asd", 16, 128, 8, 4),
     "decoder128": ("decoder", 128, 64, 32, 4),
+    "decoder128_cached": ("decoder", 128, 64, 32, 4),
     "autoencoder128": ("autoencoder", 128, 32, 32, 4),
     "paper1024": ("paper", 128, 8, 8, 2),
 }
+CONFIG_FLAGS = {"decoder128_cached": ["--cache_latents"]}  # the encoder's latents computed once, not every step
 TEXT_TOKENS, TEXT_WIDTH = 20, 384  # MiniLM-L6 at the emoji recipe's 20 tokens
 SAMPLES = 4096  # synthetic data set size (the device caches)
 
@@ -201,6 +204,8 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
         model = AutoencoderKL(**cfg)
         task = AutoencoderTask(args, accelerator, model, data=(None, eval_images))
     task.image_cache = DeviceImageCache(images).to(device)
+    if getattr(args, "cache_latents", False):
+        task.latent_cache = task.image_cache.encode(vae, batch, args.random_flip)
     batches = DeviceIndexBatches(n, batch, 0, device)
     run = prepare_run(args, accelerator, task, model, [{"params": list(model.parameters())}], batches,
                       extra_modules=[task.discriminator], checkpoint_subfolder="vae" if kind != "decoder" else "decoder")
@@ -258,7 +263,7 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
         for mode in modes:
             row = {"config": name, "mode": mode, "batch": batch, "size": size}
             try:
-                args = _args(kind, batch, size, mode, out, warmup, steps)
+                args = _args(kind, batch, size, mode, out, warmup, steps, CONFIG_FLAGS.get(name, ()))
                 accelerator = setup_accelerator(args)
                 build = _reconstruction_run if kind in ("decoder", "autoencoder") else _denoiser_run
                 t0 = time.perf_counter()
@@ -308,8 +313,8 @@ def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "gra
     with tempfile.TemporaryDirectory() as tmp, fallbacks:
         out = Path(tmp)
         for part in ("uninterrupted", "resumed"):
-            extra = ["--checkpointing_steps", str(half)] + (["--resume_from_checkpoint", "latest"]
-                                                             if part == "resumed" else [])
+            extra = ["--checkpointing_steps", str(half), *CONFIG_FLAGS.get(name, ())] + (
+                ["--resume_from_checkpoint", "latest"] if part == "resumed" else [])
             args = _args(kind, batch, size, mode, out, window, 2 * half - window, extra)
             args.output_dir = str(out / part)
             if part == "resumed":

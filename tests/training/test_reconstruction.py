@@ -151,6 +151,49 @@ def test_decoder_flags(tmp_path):
     for extra, match in ((["--mse_weight", "0", "--lpips_weight", "0"], "reconstruction loss"),
                          (["--resolution", "16"], "too small"), (["--gan_weight", "-1"], "--gan_weight"),
                          (["--validation_data_dir", str(tmp_path / "nope")], "not a folder"),
-                         (["--decoder_config", "[1]"], "--decoder_config")):
+                         (["--decoder_config", "[1]"], "--decoder_config"),
+                         (["--cache_latents"], "pass --cache_images"),
+                         (["--cache_latents", "--cache_images", "--cache_image_resolution", "512"], "whole images")):
         with pytest.raises(ValueError, match=match):
             parse_decoder_args([*base, *extra])
+
+
+def test_decoder_with_cached_latents_samples_them_instead_of_encoding(tmp_path, monkeypatch):
+    """``--cache_latents``: the frozen encoder's distributions of every cached image and mirror image are computed
+    once; a step's latents are ``mean + std * eps`` of its images (mirrored as its target pixels are), with no encoder
+    call."""
+    from datasets import Dataset
+
+    from diffusers_snapgen.testing import tiny_autoencoder_kl
+    from diffusers_snapgen.training import setup_accelerator
+    from diffusers_snapgen.training.tasks import TinyDecoderTask, build_decoder
+
+    images = [_image(i, (32, 32)) for i in range(6)]
+    args = parse_decoder_args(["--pretrained_model_name_or_path", "vae", "--train_data_dir", str(tmp_path),
+                               "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--resolution", "32",
+                               "--cache_images", "--cache_latents", "--random_flip", "--train_batch_size", "4",
+                               "--decoder_config", '{"block_out_channels": [8, 8, 8, 16], "norm_num_groups": 4}'])
+    vae = tiny_autoencoder_kl(latent_channels=16).eval()
+    task = TinyDecoderTask(args, setup_accelerator(args), build_decoder(args, vae), vae,
+                           data=(Dataset.from_dict({"image": images}), torch.zeros(1, 3, 32, 32)))
+    task.build_data()
+    cached = task.image_cache.images.float() / 127.5 - 1
+    with torch.no_grad():
+        for slot, views in enumerate((cached, cached.flip(-1))):
+            dist = vae.encode(views).latent_dist
+            torch.testing.assert_close(task.latent_cache.mean[:, slot], dist.mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(task.latent_cache.std[:, slot], dist.std, rtol=1e-5, atol=1e-5)
+
+    calls = []
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: calls.append(1))
+    index = torch.tensor([5, 0, 3, 3])
+    pixels, latents = task.inputs({"index": index}, torch.Generator().manual_seed(7))
+    assert not calls and latents.shape == (4, 16, 4, 4) and latents.dtype == torch.float32
+    g = torch.Generator().manual_seed(7)  # the same draws: flips, then the latents' noise
+    flips = torch.rand(4, generator=g) < 0.5
+    eps = torch.randn(latents.shape, generator=g)
+    assert 0 < int(flips.sum()) < 4  # both orientations in this batch
+    for k, (i, f) in enumerate(zip(index.tolist(), flips.tolist())):
+        torch.testing.assert_close(pixels[k], cached[i].flip(-1) if f else cached[i])
+        mean, std = task.latent_cache.mean[i, int(f)], task.latent_cache.std[i, int(f)]
+        torch.testing.assert_close(latents[k], mean + std * eps[k])

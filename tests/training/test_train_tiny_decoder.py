@@ -118,6 +118,16 @@ def test_decoder_run_improves_psnr_on_scikit_image_photos(dec):
     assert results["final"]["psnr"] > results["initial"]["psnr"] + 2.0, results
 
 
+def test_decoder_run_on_cached_images_and_latents_learns(dec):
+    """``--cache_images --cache_latents``: whole images on the device and the encoder run once, before training."""
+    out = dec / "cached"
+    _run(_args(dec / "vae", dec / "data", out, 40, "--num_eval_images", "4", "--cache_images", "--cache_latents"),
+         dec / "hf")
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["final"]["psnr"] > results["initial"]["psnr"] + 2.0, results
+    assert len(read_metrics(out)) == 40 and list((out / "cache").glob("images-*.safetensors"))
+
+
 def test_decoder_options_continue_from_a_decoder_with_r1_accumulation_bf16(dec):
     out = dec / "options"
     args = _args(dec / "vae", dec / "data", out, 2, "--num_eval_images", "4", "--decoder_model_name_or_path",

@@ -223,7 +223,7 @@ step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + p
     --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$DECODER_BATCH" --learning_rate 1e-4 \
     --lpips_weight 0 --gan_weight 0.1 --gan_start_step "$GAN_START" --use_ema --max_train_steps "$DECODER_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
-    --cache_images --dataloader_num_workers "$WORKERS" \
+    --cache_images --cache_latents --dataloader_num_workers "$WORKERS" \
     --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" "${START_AFTER[@]}" \
     --output_dir "$RUNS/tiny_decoder"
 }

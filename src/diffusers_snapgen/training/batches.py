@@ -174,9 +174,25 @@ class DeviceImageCache:
         self.images = self.images.to(device)
         return self
 
+    @torch.no_grad()
+    def encode(self, vae, batch_size: int = 64, random_flip: bool = False):
+        """The frozen ``vae``'s latent distributions of every cached image (and of its mirror image with
+        ``random_flip``) as a :class:`~.data.LatentCache` on the images' device, in ``vae``'s unscaled space."""
+        from .data import LatentCache
+
+        means, stds = [], []
+        for start in range(0, len(self), batch_size):
+            x = self.images[start:start + batch_size].float() / 127.5 - 1.0
+            views = torch.stack([x, x.flip(-1)], 1) if random_flip else x[:, None]
+            dist = vae.encode(views.flatten(0, 1).to(device=vae.device, dtype=vae.dtype)).latent_dist
+            means.append(dist.mean.float().unflatten(0, views.shape[:2]))
+            stds.append(dist.std.float().unflatten(0, views.shape[:2]))
+        return LatentCache(torch.cat(means), torch.cat(stds)).to(self.images.device)
+
     def patches(self, index: torch.Tensor, size: int, generator: torch.Generator | None = None,
-                random_flip: bool = False) -> torch.Tensor:
-        """``(B, 3, size, size)`` float patches in [-1, 1] at random offsets of the cached images ``index``."""
+                random_flip: bool = False, flips: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 3, size, size)`` float patches in [-1, 1] at random offsets of the cached images ``index``, half of
+        them mirrored with ``random_flip``; ``flips`` (bool ``(B,)``) mirrors those given instead."""
         images = self.images[index.to(self.images.device).long()]
         b, _, side, _ = images.shape
         device = images.device
@@ -189,9 +205,10 @@ class DeviceImageCache:
             cols = (left[:, None] + offs)[:, None, None, :].expand(b, 3, size, size)
             images = images.gather(3, cols)
         x = images.float() / 127.5 - 1.0
-        if random_flip:
-            flip = torch.rand(b, generator=generator, device=device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if random_flip and flips is None:
+            flips = torch.rand(b, generator=generator, device=device) < 0.5
+        if flips is not None:
+            x = torch.where(flips.to(device)[:, None, None, None], x.flip(-1), x)
         return x
 
 

@@ -286,6 +286,10 @@ def build_decoder_parser() -> argparse.ArgumentParser:
       help="TinyDecoder config overrides (JSON file or string) for a new decoder; latent_channels, scaling_factor "
            "and shift_factor are taken from the AutoencoderKL.")
     a("--mse_weight", type=float, default=1.0)
+    a("--cache_latents", action="store_true",
+      help="With --cache_images and whole-image patches (--cache_image_resolution = --resolution): encode every "
+           "cached image (and its mirror image with --random_flip) once with the frozen encoder and sample each "
+           "step's latents from these distributions on the device, instead of running the encoder every step.")
     add_rest()
     return p
 
@@ -309,6 +313,13 @@ def validate_decoder_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.gan_weight > 0 and args.resolution < min_side:
         raise ValueError(f"--resolution {args.resolution} is too small for a {args.discriminator_num_layers}-layer patch "
                          f"discriminator (>= {min_side}): lower --discriminator_num_layers or raise --resolution.")
+    if getattr(args, "cache_latents", False):
+        if not args.cache_images:
+            raise ValueError("--cache_latents encodes the cached training images once: pass --cache_images too.")
+        if args.cache_image_resolution != args.resolution:
+            raise ValueError(f"--cache_latents needs whole images as patches, but --cache_image_resolution "
+                             f"{args.cache_image_resolution} differs from --resolution {args.resolution}: drop "
+                             "--cache_image_resolution or --cache_latents.")
     if hasattr(args, "decoder_config"):
         args.decoder_config = load_json_arg(args.decoder_config, "--decoder_config")
         if args.decoder_config is not None and args.decoder_model_name_or_path is not None:

@@ -156,13 +156,18 @@ class ReconstructionTask(TrainingTask):
             return self.image_cache.patches(batch["index"], self.args.resolution, generator, self.args.random_flip)
         return batch["pixel_values"].to(self.accelerator.device)
 
-    def reconstruct(self, pixels, generator):
-        """``(reconstruction, extra loss or None, metrics)`` of ``pixels``."""
+    def inputs(self, batch, generator):
+        """``(target pixels, what the model reconstructs them from)``: here the pixels themselves."""
+        pixels = self.pixels(batch, generator)
+        return pixels, pixels
+
+    def reconstruct(self, source, generator):
+        """``(reconstruction, extra loss or None, metrics)`` of ``source`` (the second item of :meth:`inputs`)."""
         raise NotImplementedError
 
     def compute_loss(self, batch, generator) -> StepOutput:
-        pixels = self.pixels(batch, generator)
-        recon, extra_loss, metrics = self.reconstruct(pixels, generator)
+        pixels, source = self.inputs(batch, generator)
+        recon, extra_loss, metrics = self.reconstruct(source, generator)
         disc = self.accelerator.unwrap_model(self.discriminator)
         use_gan = bool(self.variant)
         if use_gan:  # the discriminator's backward on the detached reconstruction; its step comes after the model's
@@ -273,13 +278,32 @@ class ReconstructionTask(TrainingTask):
 
 
 class TinyDecoderTask(ReconstructionTask):
-    """SnapGen's tiny decoder on the sampled latents of a frozen ``AutoencoderKL`` encoder (paper §3.2)."""
+    """SnapGen's tiny decoder on the sampled latents of a frozen ``AutoencoderKL`` encoder (paper §3.2).
+
+    With ``--cache_latents`` the encoder's latent distribution of every cached image (and mirror image) is computed
+    once; a step then samples the latents from it on the device instead of running the encoder on the batch."""
 
     name = "tiny_decoder"
+    latent_cache = None
 
-    def reconstruct(self, pixels, generator):
-        z = encode_for_decoder(self.vae, pixels, generator=generator)
-        return self.step_model(z, return_dict=False)[0], None, {}
+    def build_data(self):
+        data = super().build_data()
+        if self.args.cache_latents:
+            self.latent_cache = self.image_cache.encode(self.vae, self.args.train_batch_size, self.args.random_flip)
+        return data
+
+    def inputs(self, batch, generator):
+        if self.latent_cache is None:
+            pixels = self.pixels(batch, generator)
+            return pixels, encode_for_decoder(self.vae, pixels, generator=generator)
+        index, flips = batch["index"], None
+        if self.args.random_flip:
+            flips = torch.rand(index.shape, generator=generator, device=self.image_cache.images.device) < 0.5
+        pixels = self.image_cache.patches(index, self.args.resolution, flips=flips)
+        return pixels, self.latent_cache.sample(index, flips, generator)
+
+    def reconstruct(self, latents, generator):
+        return self.step_model(latents, return_dict=False)[0], None, {}
 
 
 class AutoencoderTask(ReconstructionTask):
