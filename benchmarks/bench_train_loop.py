@@ -212,6 +212,17 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
     return run, model
 
 
+def _step_flops(run) -> int:
+    """FLOPs of one eager optimizer step (torch's FlopCounterMode: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batches = run.batches.epoch(0, 0)
+    micro_batches = [next(batches) for _ in range(run.args.gradient_accumulation_steps)]
+    with FlopCounterMode(display=False) as counter:
+        run.program(run.state.global_step, micro_batches)
+    return counter.get_total_flops()
+
+
 def _gpu_busy(run, steps: int, table_path: Path | None = None) -> float | None:
     """Union of CUDA kernel intervals over the wall time of ``steps`` further steps (torch.profiler); with
     ``table_path``, the profiler's table of the ops with the most GPU time is written there."""
@@ -281,6 +292,8 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
                            loss=round(timed[-1]["loss"], 4))
                 if torch.cuda.is_available():
                     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if run.program.mode == "eager":  # one more step, dispatched op by op: its FLOPs are counted
+                    row["tflop_per_step"] = float(f"{_step_flops(run) / 1e12:.4g}")
                 if mode == profile_mode:
                     table = None if table_dir is None else table_dir / f"profile_{name}_{mode}.txt"
                     row["gpu_busy"] = _gpu_busy(run, min(steps, 20), table)
@@ -367,14 +380,17 @@ def markdown(info: dict) -> str:
         by_config.setdefault(row["config"], {})[row["mode"]] = row
     for config, modes in by_config.items():
         eager = modes.get("eager", {}).get("steps_per_s")
+        flops = next((row["tflop_per_step"] for row in modes.values() if row.get("tflop_per_step")), None)
         for mode, row in modes.items():
             r = dict(row)
             if eager and row.get("steps_per_s"):
                 r["vs_eager"] = round(row["steps_per_s"] / eager, 1)
+            if flops and row.get("steps_per_s"):  # the same step computes the same FLOPs in every mode
+                r["tflop_per_step"], r["tflops"] = flops, float(f"{flops * row['steps_per_s']:.3g}")
             rows.append(r)
     lines.append(markdown_table(rows, ["config", "mode", "batch", "size", "params_m", "step_ms", "steps_per_s",
-                                       "samples_per_s", "vs_eager", "gpu_busy", "warmup_s", "peak_gib", "step_mode",
-                                       "error"]))
+                                       "samples_per_s", "vs_eager", "tflop_per_step", "tflops", "gpu_busy",
+                                       "warmup_s", "peak_gib", "step_mode", "error"]))
     resume = info.get("resume")
     if resume and "error" not in resume:
         modes = resume.get("step_modes", {})
@@ -388,7 +404,9 @@ def markdown(info: dict) -> str:
         lines += ["", f"Resume check failed: {resume['error']}"]
     lines += ["", "`step_mode` is what ran (a mode whose CUDA graph could not be captured says `eager`); `warmup_s` "
               "includes compilation and capture; `gpu_busy` is the union of kernel intervals over wall time in "
-              "torch.profiler."]
+              "torch.profiler; `tflop_per_step` counts one eager step's matmul, convolution and attention FLOPs (torch's "
+              "FlopCounterMode) and `tflops` is that count times steps/s (a rate far below the GPU's peak: the step is "
+              "bound by something other than arithmetic)."]
     return "\n".join(lines)
 
 

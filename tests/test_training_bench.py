@@ -43,7 +43,11 @@ def test_bench_train_loop_runs_the_engine_in_each_mode(tmp_path):
     for row in rows.values():
         assert "error" not in row, row
         assert row["steps_per_s"] > 0 and row["step_mode"] == "eager" and row["params_m"] > 0
-    assert "| student16 | graph_eager |" in (tmp_path / "bench_train_loop_smoke.md").read_text()
+    for config in ("student16", "decoder128"):  # eager steps are counted; the same step, the same FLOPs
+        assert rows[(config, "eager")]["tflop_per_step"] == rows[(config, "graph_eager")]["tflop_per_step"] > 0
+    assert rows[("decoder128", "eager")]["tflop_per_step"] != rows[("student16", "eager")]["tflop_per_step"]
+    table = (tmp_path / "bench_train_loop_smoke.md").read_text()
+    assert "| student16 | graph_eager |" in table and "| tflops |" in table
     # the resume check: a run resumed at step 2 logs the uninterrupted run's losses (bitwise on the CPU)
     resume = info["resume"]
     assert "error" not in resume, resume

@@ -288,7 +288,7 @@ class TinyDecoderTask(ReconstructionTask):
 
     def build_data(self):
         data = super().build_data()
-        if self.args.cache_latents:
+        if getattr(self.args, "cache_latents", False):  # args built before the flag existed have none
             self.latent_cache = self.image_cache.encode(self.vae, self.args.train_batch_size, self.args.random_flip)
         return data
 
