@@ -184,9 +184,9 @@ class DeviceImageCache:
         for start in range(0, len(self), batch_size):
             x = self.images[start:start + batch_size].float() / 127.5 - 1.0
             views = torch.stack([x, x.flip(-1)], 1) if random_flip else x[:, None]
-            dist = vae.encode(views.flatten(0, 1).to(device=vae.device, dtype=vae.dtype)).latent_dist
-            means.append(dist.mean.float().unflatten(0, views.shape[:2]))
-            stds.append(dist.std.float().unflatten(0, views.shape[:2]))
+            mean, std = LatentCache.encode_views(vae, views, vae.device, vae.dtype)
+            means.append(mean)
+            stds.append(std)
         return LatentCache(torch.cat(means), torch.cat(stds)).to(self.images.device)
 
     def patches(self, index: torch.Tensor, size: int, generator: torch.Generator | None = None,

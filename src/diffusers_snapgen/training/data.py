@@ -279,14 +279,21 @@ class LatentCache:
                                              num_workers=num_workers)
         means, stds = [], []
         for pixels in tqdm(loader, desc="caching latents", disable=not progress):
-            b, f = pixels.shape[:2]
-            dist = vae.encode(pixels.flatten(0, 1).to(device=device, dtype=dtype)).latent_dist
-            means.append(dist.mean.float().cpu().unflatten(0, (b, f)))
-            stds.append(dist.std.float().cpu().unflatten(0, (b, f)))
+            mean, std = cls.encode_views(vae, pixels, device, dtype)
+            means.append(mean.cpu())
+            stds.append(std.cpu())
         cache = cls(torch.cat(means), torch.cat(stds))
         if path is not None:
             _save_atomic({"mean": cache.mean, "std": cache.std}, Path(path))
         return cache
+
+    @staticmethod
+    @torch.no_grad()
+    def encode_views(vae, views: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(mean, std)`` ``(B, F, C, h, w)`` of ``vae``'s latent distributions of ``views``
+        ``(B, F, 3, H, W)`` (``F`` views of each image: itself, its mirror image)."""
+        dist = vae.encode(views.flatten(0, 1).to(device=device, dtype=dtype)).latent_dist
+        return dist.mean.float().unflatten(0, views.shape[:2]), dist.std.float().unflatten(0, views.shape[:2])
 
     @classmethod
     def load(cls, path):
@@ -369,6 +376,14 @@ class TextEmbeddingCache:
                           "empty_pooled": cache.empty_pooled, "sample_start": cache.sample_start,
                           "sample_count": cache.sample_count}, Path(path))
         return cache
+
+    @staticmethod
+    @torch.no_grad()
+    def encode_views(vae, views: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(mean, std)`` ``(B, F, C, h, w)`` of ``vae``'s latent distributions of ``views``
+        ``(B, F, 3, H, W)`` (``F`` views of each image: itself, its mirror image)."""
+        dist = vae.encode(views.flatten(0, 1).to(device=device, dtype=dtype)).latent_dist
+        return dist.mean.float().unflatten(0, views.shape[:2]), dist.std.float().unflatten(0, views.shape[:2])
 
     @classmethod
     def load(cls, path):

@@ -358,6 +358,7 @@ def train(run: TrainingRun) -> TrainingState:
     log = MetricsLog(acc, args.output_dir, args.logging_dir)
     progress = tqdm(range(max_steps), initial=state.global_step, desc="Steps", disable=not acc.is_local_main_process)
     clock = _WindowClock()
+    snapshot_steps = set(getattr(args, "save_model_at_steps", None) or ()) - {max_steps}  # the last is save_final's
     for module in run.trainable:
         module.train()
     while state.global_step < max_steps:
@@ -380,7 +381,7 @@ def train(run: TrainingRun) -> TrainingState:
                 record = _flush(run, clock, samples)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.1f}")
                 log.write(step, record)
-            if step in (getattr(args, "save_model_at_steps", None) or ()) and step < max_steps:
+            if step in snapshot_steps:
                 with clock.paused():
                     save_model_snapshot(run, step)
             if step % args.checkpointing_steps == 0:
