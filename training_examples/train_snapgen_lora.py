@@ -39,7 +39,7 @@ import logging
 
 from diffusers_snapgen.training import finish, load_student, parse_or_exit, prepare_run, setup_accelerator, train
 from diffusers_snapgen.training.lora import lora_parameters
-from diffusers_snapgen.training.task_args import parse_lora_args
+from diffusers_snapgen.training.lora_args import parse_lora_args
 from diffusers_snapgen.training.tasks import LoRATask, add_lora_from_args, load_denoiser_base, prepare_class_images
 
 logger = logging.getLogger(__name__)

@@ -197,3 +197,47 @@ def test_decoder_with_cached_latents_samples_them_instead_of_encoding(tmp_path, 
         torch.testing.assert_close(pixels[k], cached[i].flip(-1) if f else cached[i])
         mean, std = task.latent_cache.mean[i, int(f)], task.latent_cache.std[i, int(f)]
         torch.testing.assert_close(latents[k], mean + std * eps[k])
+
+
+def test_encoder_with_cached_latents_gathers_its_targets_instead_of_encoding(tmp_path, monkeypatch):
+    """The tiny encoder's ``--cache_latents``: a step's targets are the frozen autoencoder's posterior means of its
+    images (mirrored as its input pixels are), gathered from the cache with no encoder call; the loss is the same MSE
+    as with an encoder call per step."""
+    from datasets import Dataset
+
+    from diffusers_snapgen.testing import tiny_autoencoder_kl
+    from diffusers_snapgen.training import setup_accelerator
+    from diffusers_snapgen.training.task_args import parse_encoder_args
+    from diffusers_snapgen.training.tasks import TinyEncoderTask, build_encoder
+
+    base = ["--pretrained_model_name_or_path", "vae", "--train_data_dir", str(tmp_path), "--report_to", "none",
+            "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--cache_images", "--random_flip",
+            "--train_batch_size", "4", "--encoder_config",
+            '{"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 4}']
+    for extra, match in ((["--cache_latents"], "pass --cache_images"),
+                         (["--cache_latents", "--cache_image_resolution", "64"], "whole images"),
+                         (["--cache_latents", "--targets", "pipeline_samples"], "--targets autoencoder")):
+        flags = [f for f in base if f != "--cache_images"] if match == "pass --cache_images" else base
+        with pytest.raises(ValueError, match=match):
+            parse_encoder_args([*flags, *extra])
+    args = parse_encoder_args([*base, "--cache_latents"])
+    vae = tiny_autoencoder_kl(latent_channels=16).eval()
+    data = (Dataset.from_dict({"image": [_image(i, (32, 32)) for i in range(6)]}), torch.zeros(1, 3, 32, 32))
+    task = TinyEncoderTask(args, setup_accelerator(args), build_encoder(args, vae), vae, data=data)
+    task.build_data()
+    cached = task.image_cache.images.float() / 127.5 - 1
+
+    index = torch.tensor([5, 0, 3, 3])
+    g = torch.Generator().manual_seed(7)  # the step's draws: the flips
+    flips = torch.rand(4, generator=g) < 0.5
+    assert 0 < int(flips.sum()) < 4  # both orientations in this batch
+    pixels = torch.stack([cached[i].flip(-1) if f else cached[i] for i, f in zip(index.tolist(), flips.tolist())])
+    with torch.no_grad():
+        target = vae.encode(pixels).latent_dist.mean
+        expected = torch.nn.functional.mse_loss(task.model(pixels, return_dict=False)[0], target) * task.scale**2
+    calls = []
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: calls.append(1))
+    out = task.compute_loss({"index": index}, torch.Generator().manual_seed(7))
+    assert not calls
+    torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(task.latent_cache.mode(index, flips), target, rtol=1e-5, atol=1e-5)

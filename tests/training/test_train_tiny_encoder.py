@@ -102,3 +102,17 @@ def test_encoder_pixel_loss_from_a_data_loader(tmp_path_factory, worker_id, test
     results = json.loads((out / "eval_results.json").read_text())
     ref = json.loads((root / "ref" / "eval_results.json").read_text())
     assert results["initial"]["latent_mse"] == ref["final"]["latent_mse"]  # it continued the trained encoder
+
+
+def test_encoder_run_on_cached_latents_learns(tmp_path_factory, worker_id, testrun_uid):
+    """``--cache_images --cache_latents``: whole images on the device, the autoencoder's posterior means computed once
+    before training and gathered as each step's targets."""
+    root = _fixture_root(tmp_path_factory, worker_id, testrun_uid)
+    out = root / "cached"
+    args = _args(root / "vae", root / "data", out, STEPS, "--cache_latents")
+    args[args.index("--cache_image_resolution") + 1] = "32"  # whole images are the patches
+    run_script("train_tiny_encoder.py", args, root / "hf")
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["final"]["latent_mse"] < 0.5 * results["initial"]["latent_mse"], results
+    assert results["final"]["psnr"] > results["initial"]["psnr"] + 1.0, results
+    assert len(read_metrics(out)) == STEPS and list((out / "cache").glob("images-*.safetensors"))

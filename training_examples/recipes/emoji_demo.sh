@@ -233,7 +233,7 @@ step_encoder() {  # TinyEncoder distilled from $RUNS/vae: ships with the model s
     --train_data_dir "$DATA" --validation_data_dir "$DATA/test" --resolution "$RESOLUTION" \
     --eval_resolution "$RESOLUTION" --random_flip --train_batch_size "$DECODER_BATCH" --learning_rate 1e-3 \
     --use_ema --max_train_steps "$ENCODER_STEPS" --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest \
-    --validation_steps "$VALIDATION_STEPS" --cache_images --dataloader_num_workers "$WORKERS" \
+    --validation_steps "$VALIDATION_STEPS" --cache_images --cache_latents --dataloader_num_workers "$WORKERS" \
     --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" "${START_AFTER[@]}" \
     --output_dir "$RUNS/tiny_encoder"
 }

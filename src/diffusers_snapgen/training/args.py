@@ -477,10 +477,15 @@ def validate_args(args: argparse.Namespace, kd: bool = False) -> argparse.Namesp
     return validate_kd(args) if kd else args
 
 
-def parse_args(argv=None, kd: bool = False) -> argparse.Namespace:
-    """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
+def check_argv(argv):
+    """``argv`` of a ``parse_*_args`` function: a list of strings, or ``None`` (``sys.argv[1:]``)."""
     if argv is not None and not isinstance(argv, (list, tuple)):
         raise TypeError(f"`argv` must be a list of strings or None, got {type(argv).__name__}.")
+
+
+def parse_args(argv=None, kd: bool = False) -> argparse.Namespace:
+    """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
+    check_argv(argv)
     return validate_args(build_parser(kd=kd).parse_args(argv), kd=kd)
 
 

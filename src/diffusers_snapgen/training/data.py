@@ -309,10 +309,7 @@ class LatentCache:
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
 
-    def sample(self, indices: torch.Tensor, flips: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``mean + std * eps`` of ``indices``, on the cache's device; ``flips`` ``None`` draws them from
-        ``generator`` (with ``random_flip`` caches)."""
+    def _rows(self, indices: torch.Tensor, flips: torch.Tensor | None, generator: torch.Generator | None):
         device = self.mean.device
         indices = indices.to(device).long()
         if self.mean.shape[1] == 1:
@@ -321,8 +318,20 @@ class LatentCache:
             slot = (torch.rand(indices.shape, generator=generator, device=device) < 0.5).long()
         else:
             slot = flips.to(device).long()
+        return indices, slot
+
+    def sample(self, indices: torch.Tensor, flips: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``mean + std * eps`` of ``indices``, on the cache's device; ``flips`` ``None`` draws them from
+        ``generator`` (with ``random_flip`` caches)."""
+        indices, slot = self._rows(indices, flips, generator)
         mean, std = self.mean[indices, slot], self.std[indices, slot]
-        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+
+    def mode(self, indices: torch.Tensor, flips: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The means of ``indices`` (``latent_dist.mode()``), flipped as in :meth:`sample`."""
+        return self.mean[self._rows(indices, flips, generator)]
 
 
 class TextEmbeddingCache:

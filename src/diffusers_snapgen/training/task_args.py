@@ -1,6 +1,6 @@
 """Command lines of ``train_snapgen_asd.py``, ``train_sd3_teacher.py``, ``train_tiny_decoder.py``,
-``train_autoencoder.py``, ``train_tiny_encoder.py`` and ``train_snapgen_lora.py``, composed from the groups of
-:mod:`.args` plus each script's own group."""
+``train_autoencoder.py`` and ``train_tiny_encoder.py``, composed from the groups of :mod:`.args` plus each script's
+own group; ``train_snapgen_lora.py``'s (:mod:`.lora_args`) is importable from here too."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from .args import (
     add_caption_data_args,
     add_data_args,
     add_flow_matching_args,
-    add_kd_args,
     add_optimization_args,
     add_output_args,
     add_speed_args,
-    add_unet_args,
     add_validation_args,
     add_vae_encoder_arg,
+    check_argv,
     load_json_arg,
     validate_common,
     validate_denoiser,
     validate_kd,
 )
+from .lora_args import build_lora_parser, parse_lora_args, validate_lora_args  # defined there, imported here too
 
 logger = logging.getLogger("diffusers_snapgen.training")
 
@@ -56,11 +56,6 @@ __all__ = [
 
 REAL_SOURCES = ("data", "teacher")
 RECONSTRUCTION_LOSSES = ("mse", "l1")
-
-
-def _check_argv(argv):
-    if argv is not None and not isinstance(argv, (list, tuple)):
-        raise TypeError(f"`argv` must be a list of strings or None, got {type(argv).__name__}.")
 
 
 # ---------------------------------------------------------------------------------------------- ASD (paper §3.4)
@@ -136,7 +131,7 @@ def validate_asd_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def parse_asd_args(argv=None) -> argparse.Namespace:
     """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
-    _check_argv(argv)
+    check_argv(argv)
     return validate_asd_args(build_asd_parser().parse_args(argv))
 
 
@@ -198,7 +193,7 @@ def load_transformer_config(value, flag: str = "--transformer_config") -> dict:
 
 def parse_teacher_args(argv=None) -> argparse.Namespace:
     """Parses and validates ``argv``; ``args.transformer_config`` becomes a dict."""
-    _check_argv(argv)
+    check_argv(argv)
     args = build_teacher_parser().parse_args(argv)
     if (args.transformer_config is None) == (args.transformer_model_name_or_path is None):
         raise ValueError("Pass exactly one of --transformer_config (a new SD3Transformer2DModel) and "
@@ -252,6 +247,25 @@ def _add_image_eval_args(g):
     a("--validation_steps", type=int, default=500, help="Evaluate on the held-out images every N steps.")
 
 
+def _add_latent_cache_arg(g, use: str):
+    """``--cache_latents`` of the tiny decoder and the tiny encoder (their frozen encoder runs once, not every step);
+    ``use``: what a step does with the cached distributions."""
+    g.add_argument("--cache_latents", action="store_true",
+                   help="With --cache_images and whole-image patches (--cache_image_resolution = --resolution): "
+                        "encode every cached image (and its mirror image with --random_flip) once with the frozen "
+                        f"encoder and {use} on the device, instead of running the encoder every step.")
+
+
+def _check_latent_cache_args(args):
+    if getattr(args, "cache_latents", False):
+        if not args.cache_images:
+            raise ValueError("--cache_latents encodes the cached training images once: pass --cache_images too.")
+        if args.cache_image_resolution != args.resolution:
+            raise ValueError(f"--cache_latents needs whole images as patches, but --cache_image_resolution "
+                             f"{args.cache_image_resolution} differs from --resolution {args.resolution}: drop "
+                             "--cache_image_resolution or --cache_latents.")
+
+
 def _reconstruction_parser(description, output_dir, gan_weight, lpips_fallback, group_title):
     p = argparse.ArgumentParser(description=description)
     return p, (lambda: (
@@ -286,10 +300,7 @@ def build_decoder_parser() -> argparse.ArgumentParser:
       help="TinyDecoder config overrides (JSON file or string) for a new decoder; latent_channels, scaling_factor "
            "and shift_factor are taken from the AutoencoderKL.")
     a("--mse_weight", type=float, default=1.0)
-    a("--cache_latents", action="store_true",
-      help="With --cache_images and whole-image patches (--cache_image_resolution = --resolution): encode every "
-           "cached image (and its mirror image with --random_flip) once with the frozen encoder and sample each "
-           "step's latents from these distributions on the device, instead of running the encoder every step.")
+    _add_latent_cache_arg(g, "sample each step's latents from these distributions")
     add_rest()
     return p
 
@@ -313,13 +324,7 @@ def validate_decoder_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.gan_weight > 0 and args.resolution < min_side:
         raise ValueError(f"--resolution {args.resolution} is too small for a {args.discriminator_num_layers}-layer patch "
                          f"discriminator (>= {min_side}): lower --discriminator_num_layers or raise --resolution.")
-    if getattr(args, "cache_latents", False):
-        if not args.cache_images:
-            raise ValueError("--cache_latents encodes the cached training images once: pass --cache_images too.")
-        if args.cache_image_resolution != args.resolution:
-            raise ValueError(f"--cache_latents needs whole images as patches, but --cache_image_resolution "
-                             f"{args.cache_image_resolution} differs from --resolution {args.resolution}: drop "
-                             "--cache_image_resolution or --cache_latents.")
+    _check_latent_cache_args(args)
     if hasattr(args, "decoder_config"):
         args.decoder_config = load_json_arg(args.decoder_config, "--decoder_config")
         if args.decoder_config is not None and args.decoder_model_name_or_path is not None:
@@ -352,7 +357,7 @@ def _validate_image_eval_args(args, default_eval_resolution: int | None) -> argp
 
 def parse_decoder_args(argv=None) -> argparse.Namespace:
     """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
-    _check_argv(argv)
+    check_argv(argv)
     return validate_decoder_args(build_decoder_parser().parse_args(argv))
 
 
@@ -417,7 +422,7 @@ def validate_autoencoder_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def parse_autoencoder_args(argv=None) -> argparse.Namespace:
     """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
-    _check_argv(argv)
+    check_argv(argv)
     return validate_autoencoder_args(build_autoencoder_parser().parse_args(argv))
 
 
@@ -448,6 +453,7 @@ def build_encoder_parser() -> argparse.ArgumentParser:
       help="Weight of the MSE between the image and the frozen autoencoder's decoding of the tiny latent (0: off; "
            "costs a decoder forward and backward per step). With --targets pipeline_samples: on real training "
            "images through the pipeline's decoder.")
+    _add_latent_cache_arg(g, "take each step's targets from these posterior means")
     g = p.add_argument_group("targets")
     a = g.add_argument
     a("--targets", type=str, default="autoencoder", choices=ENCODER_TARGETS,
@@ -475,6 +481,9 @@ def validate_encoder_args(args: argparse.Namespace) -> argparse.Namespace:
     if not isinstance(args, argparse.Namespace) or not hasattr(args, "pixel_loss_weight"):
         raise TypeError("`args` must come from build_encoder_parser().parse_args().")
     args = _validate_image_eval_args(args, None)
+    _check_latent_cache_args(args)
+    if args.cache_latents and args.targets != "autoencoder":
+        raise ValueError("--cache_latents caches the autoencoder's posterior means: it needs --targets autoencoder.")
     if not math.isfinite(args.pixel_loss_weight) or args.pixel_loss_weight < 0:
         raise ValueError(f"--pixel_loss_weight must be a finite number >= 0, got {args.pixel_loss_weight}.")
     for name in ("num_pipeline_samples", "sample_batch_size", "sample_num_inference_steps", "pixel_batch_size"):
@@ -494,117 +503,6 @@ def validate_encoder_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def parse_encoder_args(argv=None) -> argparse.Namespace:
     """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
-    _check_argv(argv)
+    check_argv(argv)
     return validate_encoder_args(build_encoder_parser().parse_args(argv))
 
-
-# ---------------------------------------------------------------------------------------------- LoRA / DreamBooth
-
-
-def build_lora_parser() -> argparse.ArgumentParser:
-    """``train_snapgen_lora.py``: the denoiser groups (no from-scratch or KD flags) plus the LoRA and DreamBooth
-    groups."""
-    from .lora import LORA_LAYER_TARGETS, TIMESTEP_SAMPLINGS
-
-    p = argparse.ArgumentParser(description="LoRA / DreamBooth fine-tuning of a SnapGen UNet")
-    add_base_model_args(p, help_text=(
-        "The SnapGen pipeline to fine-tune (folder or Hub id): its UNet gets the adapter; its text encoders, VAE and "
-        "scheduler are frozen. Class images are sampled with it."))
-    g = p.add_argument_group("SnapGen UNet")
-    g.add_argument("--unet_model_name_or_path", type=str, default=None,
-                   help="A SnapGen UNet to adapt instead of the pipeline's (folder, or a pipeline with `unet/`).")
-    add_vae_encoder_arg(g)
-    g = p.add_argument_group("LoRA")
-    a = g.add_argument
-    a("--rank", type=int, default=4, help="LoRA rank (dimension of the low-rank update).")
-    a("--lora_alpha", type=float, default=None, help="LoRA alpha: the update is scaled by alpha / rank (default: "
-                                                     "the rank, scale 1).")
-    a("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch's input.")
-    a("--lora_layers", type=str, default="attn",
-      help="Comma-separated groups of layers to adapt: " + "; ".join(
-          f"{k}: {', '.join(v)}" for k, v in LORA_LAYER_TARGETS.items()) + " (separable convs at their pointwise "
-      "conv). E.g. attn (default), attn,ffn or attn,ffn,conv.")
-    a("--timestep_sampling", type=str, default="density", choices=TIMESTEP_SAMPLINGS,
-      help="density: sigmas from --weighting_scheme's density (logit-normal flow matching), for a many-step model; "
-           "few_step: only the sigmas the pipeline visits with --num_inference_steps steps, for a few-step (ASD) "
-           "model such as the 4-step default, which is never sampled elsewhere.")
-    a("--num_inference_steps", type=int, default=None,
-      help="Steps of the few_step grid (default: the pipeline's own default steps).")
-    g = p.add_argument_group("DreamBooth")
-    a = g.add_argument
-    a("--instance_data_dir", type=str, default=None,
-      help="Folder of images of the subject (instead of --train_data_dir / --dataset_name captions).")
-    a("--instance_prompt", type=str, default=None, help='Prompt of every instance image, e.g. "a photo of sks dog".')
-    a("--with_prior_preservation", action="store_true",
-      help="Also train on class images with --class_prompt (prior-preservation loss, DreamBooth §3.3).")
-    a("--class_data_dir", type=str, default=None,
-      help="Folder of class images; filled with samples of the base pipeline up to --num_class_images.")
-    a("--class_prompt", type=str, default=None, help='Prompt of the class images, e.g. "a photo of a dog".')
-    a("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
-    a("--num_class_images", type=int, default=100, help="Class images used (generated when fewer exist).")
-    a("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
-    add_data_args(p)
-    add_caption_data_args(p)
-    add_optimization_args(p, default_lr=1e-4, default_warmup=0)
-    add_flow_matching_args(p)
-    add_speed_args(p)
-    add_validation_args(p)
-    add_output_args(p, default_output_dir="snapgen-lora")
-    return p
-
-
-def validate_lora_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The denoiser checks plus the LoRA and DreamBooth ones; raises ValueError naming the flag and the fix."""
-    from .dreambooth import list_images
-    from .lora import parse_lora_layers
-
-    if not isinstance(args, argparse.Namespace) or not hasattr(args, "lora_layers"):
-        raise TypeError("`args` must come from build_lora_parser().parse_args().")
-    if args.rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {args.rank}.")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:
-        raise ValueError(f"--lora_alpha must be > 0, got {args.lora_alpha}.")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
-    parse_lora_layers(args.lora_layers)
-    if args.num_inference_steps is not None and args.num_inference_steps < 1:
-        raise ValueError(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}.")
-    if args.use_ema:
-        raise ValueError("--use_ema is not supported for LoRA (the adapter is small and trains briefly): drop it.")
-    if args.instance_data_dir is not None:
-        if not os.path.isdir(args.instance_data_dir):
-            raise ValueError(f"--instance_data_dir {args.instance_data_dir!r} is not a folder.")
-        if not list_images(args.instance_data_dir):
-            raise ValueError(f"--instance_data_dir {args.instance_data_dir!r} holds no images (png, jpg, webp, ...).")
-        if not (args.instance_prompt or "").strip():
-            raise ValueError("--instance_data_dir needs --instance_prompt (e.g. 'a photo of sks dog').")
-        others = [f for f in ("dataset_name", "train_data_dir", "train_shards", "precompute_dir", "max_train_samples")
-                  if getattr(args, f) is not None] + (["streaming"] if args.streaming else [])
-        if others:
-            raise ValueError(f"--instance_data_dir is the training data: drop --{others[0]}.")
-    elif args.instance_prompt is not None:
-        raise ValueError("--instance_prompt is the prompt of --instance_data_dir's images: pass --instance_data_dir.")
-    if args.with_prior_preservation:
-        if args.instance_data_dir is None:
-            raise ValueError("--with_prior_preservation needs DreamBooth data: pass --instance_data_dir.")
-        if args.class_data_dir is None:
-            raise ValueError("--with_prior_preservation needs --class_data_dir (a folder; filled with generated "
-                             "class images when it holds fewer than --num_class_images).")
-        if not (args.class_prompt or "").strip():
-            raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog').")
-        if args.num_class_images < 1 or args.sample_batch_size < 1:
-            raise ValueError("--num_class_images and --sample_batch_size must be >= 1.")
-        if not args.prior_loss_weight >= 0:
-            raise ValueError(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}.")
-    elif args.class_data_dir is not None or args.class_prompt is not None:
-        logger.warning("--class_data_dir/--class_prompt are used only with --with_prior_preservation.")
-    args = validate_denoiser(args)
-    if args.tracker_project_name is None:
-        args.tracker_project_name = "snapgen-lora"
-    return args
-
-
-def parse_lora_args(argv=None) -> argparse.Namespace:
-    """Parses and validates ``argv`` (``sys.argv[1:]`` when None)."""
-    _check_argv(argv)
-    return validate_lora_args(build_lora_parser().parse_args(argv))

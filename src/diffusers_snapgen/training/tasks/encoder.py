@@ -5,8 +5,10 @@ posterior mean of a frozen ``AutoencoderKL``'s encoder, so that a pipeline shipp
 Loss: ``MSE(TinyEncoder(x), AE.encode(x).mean)`` in the diffusion model's units (scaled latents,
 ``(z - shift_factor) * scaling_factor``, so 1.0 is about the variance of the latents), plus optionally
 ``--pixel_loss_weight`` x ``MSE(AE.decode(TinyEncoder(x)), x)``. Data, device caches, held-out evaluation, EMA and the
-final save come from :class:`~.reconstruction.ReconstructionTask` (without its patch GAN). Held out: the latent MSE
-and the PSNR/SSIM of the autoencoder's decoding of the tiny latents.
+final save come from :class:`~.reconstruction.ReconstructionTask` (without its patch GAN); with ``--cache_latents``
+the posterior means of the cached images (and mirror images) are computed once and a step gathers its targets instead
+of running the autoencoder's encoder. Held out: the latent MSE and the PSNR/SSIM of the autoencoder's decoding of the
+tiny latents.
 
 A pipeline with a decoder only (no autoencoder to distil) uses ``--targets pipeline_samples`` instead:
 :mod:`.decoder_inversion`.
@@ -46,9 +48,13 @@ class TinyEncoderTask(ReconstructionTask):
 
     def compute_loss(self, batch, generator) -> StepOutput:
         args, vae = self.args, self.vae
-        pixels = self.pixels(batch, generator)
-        with torch.no_grad():
-            target = vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float()
+        if self.latent_cache is None:
+            pixels = self.pixels(batch, generator)
+            with torch.no_grad():
+                target = vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float()
+        else:  # --cache_latents: the posterior means of the cached images, computed once
+            pixels, index, flips = self.whole_images(batch, generator)
+            target = self.latent_cache.mode(index, flips)
         latents = self.step_model(pixels, return_dict=False)[0].float()
         latent_mse = F.mse_loss(latents, target) * self.scale**2
         loss, metrics = latent_mse, {"latent_mse": latent_mse.detach()}

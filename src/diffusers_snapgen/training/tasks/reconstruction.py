@@ -100,15 +100,19 @@ class ReconstructionTask(TrainingTask):
                                         reconstruction_loss=reconstruction_loss)
         self.train_dataset, self.eval_images = data if data is not None else load_reconstruction_data(args)
         self.image_cache: DeviceImageCache | None = None
+        self.latent_cache = None  # with --cache_latents: the frozen encoder's LatentCache of the cached images
         self.initial = None
         self.step_model = model
         self.d_optimizer = self.d_lr_scheduler = None
 
     def build_data(self):
-        """Returns ``(batches, dataloader or None)`` for :func:`~..engine.prepare_run`."""
+        """Returns ``(batches, dataloader or None)`` for :func:`~..engine.prepare_run`. With ``--cache_latents``
+        (the tiny decoder and encoder), also the frozen encoder's latent distributions of the cached images."""
         args, acc = self.args, self.accelerator
         if args.cache_images:
             self.image_cache = self.build_image_cache()
+            if getattr(args, "cache_latents", False):  # args built before the flag existed have none
+                self.latent_cache = self.image_cache.encode(self.vae, args.train_batch_size, args.random_flip)
             return loader_or_device_batches(args, acc, len(self.image_cache), True)
         dataset = ImagePatchDataset(self.train_dataset, args.image_column, args.resolution, args.random_flip, args.seed)
         return loader_or_device_batches(args, acc, len(dataset), False, dataset,
@@ -155,6 +159,14 @@ class ReconstructionTask(TrainingTask):
         if self.image_cache is not None:
             return self.image_cache.patches(batch["index"], self.args.resolution, generator, self.args.random_flip)
         return batch["pixel_values"].to(self.accelerator.device)
+
+    def whole_images(self, batch, generator):
+        """``(pixels, index, flips or None)``: the batch's cached images, whole, half of them mirrored with
+        ``--random_flip`` (``flips`` selects the matching rows of :attr:`latent_cache`)."""
+        index, flips = batch["index"], None
+        if self.args.random_flip:
+            flips = torch.rand(index.shape, generator=generator, device=self.image_cache.images.device) < 0.5
+        return self.image_cache.patches(index, self.args.resolution, flips=flips), index, flips
 
     def inputs(self, batch, generator):
         """``(target pixels, what the model reconstructs them from)``: here the pixels themselves."""
@@ -284,22 +296,12 @@ class TinyDecoderTask(ReconstructionTask):
     once; a step then samples the latents from it on the device instead of running the encoder on the batch."""
 
     name = "tiny_decoder"
-    latent_cache = None
-
-    def build_data(self):
-        data = super().build_data()
-        if getattr(self.args, "cache_latents", False):  # args built before the flag existed have none
-            self.latent_cache = self.image_cache.encode(self.vae, self.args.train_batch_size, self.args.random_flip)
-        return data
 
     def inputs(self, batch, generator):
         if self.latent_cache is None:
             pixels = self.pixels(batch, generator)
             return pixels, encode_for_decoder(self.vae, pixels, generator=generator)
-        index, flips = batch["index"], None
-        if self.args.random_flip:
-            flips = torch.rand(index.shape, generator=generator, device=self.image_cache.images.device) < 0.5
-        pixels = self.image_cache.patches(index, self.args.resolution, flips=flips)
+        pixels, index, flips = self.whole_images(batch, generator)
         return pixels, self.latent_cache.sample(index, flips, generator)
 
     def reconstruct(self, latents, generator):
