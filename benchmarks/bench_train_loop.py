@@ -10,7 +10,9 @@ Configs (the emoji recipe's models, batch 128 unless noted): student8 / student1
 flow matching at 8x8 / 16x16 latents), teacher16 (the 12-block x 384 MMDiT teacher), kd16 (student + frozen teacher,
 output + 4 feature pairs), asd16 (4-step grid, teacher rollout, teacher-feature discriminator), decoder128 and
 autoencoder128 (128-pixel patches; the decoder's patch GAN on), decoder128_cached (the decoder step with
---cache_latents: the frozen encoder's latents computed once, not every step), paper1024 (the paper-size UNet at 1024², batch 8). Each config runs
+--cache_latents: the frozen encoder's latents computed once, not every step), encoder128 and encoder128_cached (the
+tiny encoder distilled from the frozen autoencoder, batch 64, without and with --cache_latents), paper1024 (the
+paper-size UNet at 1024², batch 8). Each config runs
 in its own process; every mode builds a fresh run (prepare_run + train), warms up for --warmup steps (compilation and
 capture happen there) and is then timed over --steps steps (metrics windows of the engine: the host waits for the
 device once per window). GPU busy time: torch.profiler over the timed steps of one mode (union of kernel intervals /
@@ -67,10 +69,14 @@ CONFIGS = {
     "asd16": ("asd", 16, 128, 8, 4),
     "decoder128": ("decoder", 128, 64, 32, 4),
     "decoder128_cached": ("decoder", 128, 64, 32, 4),
+    "encoder128": ("encoder", 128, 64, 32, 4),
+    "encoder128_cached": ("encoder", 128, 64, 32, 4),
     "autoencoder128": ("autoencoder", 128, 32, 32, 4),
     "paper1024": ("paper", 128, 8, 8, 2),
 }
-CONFIG_FLAGS = {"decoder128_cached": ["--cache_latents"]}  # the encoder's latents computed once, not every step
+CONFIG_FLAGS = {"decoder128_cached": ["--cache_latents"],  # the frozen encoder's latents computed once, not every step
+                "encoder128_cached": ["--cache_latents"]}
+RECONSTRUCTION = ("decoder", "encoder", "autoencoder")  # image models: device image caches, 128-pixel patches
 TEXT_TOKENS, TEXT_WIDTH = 20, 384  # MiniLM-L6 at the emoji recipe's 20 tokens
 SAMPLES = 4096  # synthetic data set size (the device caches)
 
@@ -80,7 +86,8 @@ SAMPLES = 4096  # synthetic data set size (the device caches)
 
 def _args(kind: str, batch: int, size: int, mode: str, out: Path, warmup: int, steps: int, extra=()):
     from diffusers_snapgen.training.args import build_parser, validate_common
-    from diffusers_snapgen.training.task_args import build_asd_parser, build_autoencoder_parser, build_decoder_parser
+    from diffusers_snapgen.training.task_args import (build_asd_parser, build_autoencoder_parser,
+                                                      build_decoder_parser, build_encoder_parser)
 
     flags = ["--train_data_dir", str(out), "--output_dir", str(out / mode), "--train_batch_size", str(batch),
              "--max_train_steps", str(warmup + steps), "--logging_steps", str(warmup), "--checkpointing_steps",
@@ -94,7 +101,11 @@ def _args(kind: str, batch: int, size: int, mode: str, out: Path, warmup: int, s
         flags.append("--compile")
     if mode in ("graph_eager", "graph"):
         flags.append("--cuda_graphs")
-    if kind in ("decoder", "autoencoder"):  # the recipe's losses: the decoder's patch GAN on, none for the autoencoder
+    if kind == "encoder":  # the recipe's tiny encoder: latent MSE to the frozen autoencoder's posterior mean
+        flags += ["--resolution", str(size), "--random_flip", "--cache_images", "--validation_steps", "1000000"]
+        args = build_encoder_parser().parse_args(["--pretrained_model_name_or_path", "unused", *flags])
+        args.eval_resolution, args.cache_image_resolution = size, size
+    elif kind in RECONSTRUCTION:  # the recipe's losses: the decoder's patch GAN on, none for the autoencoder
         flags += ["--resolution", str(size), "--lpips_weight", "0", "--gan_weight",
                   "0.1" if kind == "decoder" else "0", "--random_flip",
                   "--cache_images", "--validation_steps", "1000000"]
@@ -184,10 +195,10 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
     import torch
     from diffusers import AutoencoderKL
 
-    from diffusers_snapgen import TinyDecoder
+    from diffusers_snapgen import TinyDecoder, TinyEncoder
     from diffusers_snapgen.training import prepare_run
     from diffusers_snapgen.training.batches import DeviceImageCache, DeviceIndexBatches
-    from diffusers_snapgen.training.tasks import AutoencoderTask, TinyDecoderTask
+    from diffusers_snapgen.training.tasks import AutoencoderTask, TinyDecoderTask, TinyEncoderTask
 
     device = accelerator.device
     torch.manual_seed(0)
@@ -195,11 +206,12 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     eval_images = images[:4].float() / 127.5 - 1
     cfg = TINY_VAE if tiny else EMOJI_VAE
-    if kind == "decoder":
+    tiny_blocks = {"block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8} if tiny else {}
+    if kind in ("decoder", "encoder"):
         vae = AutoencoderKL(**cfg).to(device).requires_grad_(False).eval()
-        model = TinyDecoder(latent_channels=16, **({"block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8}
-                                                   if tiny else {}))
-        task = TinyDecoderTask(args, accelerator, model, vae, data=(None, eval_images))
+        model_class, task_class = (TinyDecoder, TinyDecoderTask) if kind == "decoder" else (TinyEncoder, TinyEncoderTask)
+        model = model_class(latent_channels=16, **tiny_blocks)
+        task = task_class(args, accelerator, model, vae, data=(None, eval_images))
     else:
         model = AutoencoderKL(**cfg)
         task = AutoencoderTask(args, accelerator, model, data=(None, eval_images))
@@ -208,7 +220,8 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
         task.latent_cache = task.image_cache.encode(vae, batch, args.random_flip)
     batches = DeviceIndexBatches(n, batch, 0, device)
     run = prepare_run(args, accelerator, task, model, [{"params": list(model.parameters())}], batches,
-                      extra_modules=[task.discriminator], checkpoint_subfolder="vae" if kind != "decoder" else "decoder")
+                      extra_modules=[task.discriminator] if task.discriminator is not None else [],
+                      checkpoint_subfolder={"decoder": "decoder", "encoder": "encoder"}.get(kind, "vae"))
     return run, model
 
 
@@ -276,7 +289,7 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
             try:
                 args = _args(kind, batch, size, mode, out, warmup, steps, CONFIG_FLAGS.get(name, ()))
                 accelerator = setup_accelerator(args)
-                build = _reconstruction_run if kind in ("decoder", "autoencoder") else _denoiser_run
+                build = _reconstruction_run if kind in RECONSTRUCTION else _denoiser_run
                 t0 = time.perf_counter()
                 run, model = build(kind, size, batch, args, accelerator, tiny)
                 row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
@@ -333,7 +346,7 @@ def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "gra
             if part == "resumed":
                 shutil.copytree(out / "uninterrupted" / f"checkpoint-{half}", out / part / f"checkpoint-{half}")
             accelerator = setup_accelerator(args)
-            build = _reconstruction_run if kind in ("decoder", "autoencoder") else _denoiser_run
+            build = _reconstruction_run if kind in RECONSTRUCTION else _denoiser_run
             run, _ = build(kind, size, batch, args, accelerator, tiny)
             train(run)
             rows[part] = {r["step"]: r["loss"] for r in map(json.loads, (out / part / "logs" / "metrics.jsonl")

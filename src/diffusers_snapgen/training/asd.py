@@ -147,8 +147,9 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
     whole batch (so feature-KD hooks capture every sample).
 
     ``num_steps`` (:func:`rollout_steps` of the student's grid) makes the loop static: every call sees the whole
-    batch and finished samples stay put, so nothing is read back to the host (CUDA-graph safe). Without it the loop
-    runs until every sample reached 0, calling the teacher on the unfinished samples only.
+    batch and finished samples stay put, so nothing is read back to the host (CUDA-graph safe; ``sigmas`` are then
+    trusted to lie in (0, 1]). Without it ``sigmas`` are checked and the loop runs until every sample reached 0,
+    calling the teacher on the unfinished samples only.
 
     ``guidance_scale`` > 1 guides every teacher velocity with classifier-free guidance against the ``negative_*``
     conditioning (the empty prompt's, one row or one per sample): a teacher that was not guidance-distilled (unlike
@@ -160,13 +161,13 @@ def teacher_rollout(teacher, noisy_latents: torch.Tensor, sigmas: torch.Tensor, 
     b = noisy_latents.shape[0]
     if sigmas.shape != (b,):
         raise ValueError(f"`sigmas` must have shape ({b},), got {tuple(sigmas.shape)}.")
-    capturing = noisy_latents.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and (not bool((sigmas > 0).all()) or not bool((sigmas <= 1).all())):
-        raise ValueError("`sigmas` must lie in (0, 1]: the student's grid never includes sigma = 0.")
+    if num_steps is None:  # the dynamic loop reads from the device anyway; the static one never does
+        if not bool((sigmas > 0).all()) or not bool((sigmas <= 1).all()):
+            raise ValueError("`sigmas` must lie in (0, 1]: the student's grid never includes sigma = 0.")
     if teacher_sigmas is None:
         grid = torch.zeros(0, device=noisy_latents.device)
     else:
-        grid = torch.as_tensor(teacher_sigmas, dtype=torch.float32).flatten().to(noisy_latents.device)
+        grid = torch.as_tensor(teacher_sigmas, dtype=torch.float32, device=noisy_latents.device).flatten()
     guided = guidance_scale != 1.0
     if guided and negative_encoder_hidden_states is None:
         raise ValueError("`guidance_scale` != 1 needs `negative_encoder_hidden_states` (the empty prompt's).")
