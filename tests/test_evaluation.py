@@ -232,6 +232,15 @@ def test_snapgen_eval_cli_trains_then_compares(data_dir, saved_models, tmp_path,
     assert table["rows"][2]["psnr"] is not None and table["settings"]["models"]["teacher"].endswith("teacher")
     assert (out / "eval_quality_grid.png").is_file() and (out / "eval_quality.md").is_file()
     assert wrapper.RESULTS.name == "results"
+    assert [p["prompt"] for p in table["prompts"]] == read_eval_prompts(data_dir)["heldout"][:1]
+
+    skipped = tmp_path / "skipped"  # --skip-prompts: the next prompt of the set instead of the first
+    assert main(["eval", "--data", str(data_dir), "--classifier", str(clf), "--out", str(skipped), "--device", "cpu",
+                 "--models", f"student={saved_models['student']}:2", "--prompt-sets", "heldout", "--max-prompts", "1",
+                 "--skip-prompts", "1", "--no-rendered-row"]) == 0
+    table = json.loads((skipped / "eval_quality.json").read_text())
+    assert [p["prompt"] for p in table["prompts"]] == read_eval_prompts(data_dir)["heldout"][1:2]
+    assert table["settings"]["skip_prompts"] == 1
 
 
 @pytest.mark.parametrize(
@@ -242,6 +251,7 @@ def test_snapgen_eval_cli_trains_then_compares(data_dir, saved_models, tmp_path,
         (["--models", "s=x:2"], "--out is required"),
         (["--models", "s=x:2", "--out", "o", "--prompt-sets", "nope"], "not in eval_prompts.json"),
         (["--models", "s=x:2", "--out", "o", "--batch-size", "0"], "--batch-size"),
+        (["--models", "s=x:2", "--out", "o", "--skip-prompts", "1000"], "--skip-prompts 1000 leaves no prompt"),
     ],
 )
 def test_snapgen_eval_errors_are_one_line(data_dir, tmp_path, capsys, argv, message):

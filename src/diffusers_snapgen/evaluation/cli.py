@@ -52,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-sets", nargs="+", default=None, metavar="SET",
                         help="sets of eval_prompts.json to use (default: all, e.g. heldout seen)")
     parser.add_argument("--max-prompts", type=_positive_int, default=None, help="at most this many prompts per set")
+    parser.add_argument("--skip-prompts", type=_non_negative_int, default=0,
+                        help="leave out the first N prompts of each set (e.g. to confirm a sampling setting on prompts "
+                             "other than those it was chosen on; default 0)")
     parser.add_argument("--images-per-prompt", type=_positive_int, default=1, help="seeds per prompt (default 1)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="first seed (default 0)")
     parser.add_argument("--size", type=_size, default=None, help="image side (default: each model's default)")
@@ -130,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
         missing = [name for name in chosen if name not in prompt_sets]
         if missing:
             raise ValueError(f"--prompt-sets: {missing} not in eval_prompts.json (has {list(prompt_sets)}).")
-        prompt_sets = {name: prompt_sets[name][: args.max_prompts] for name in chosen}
+        short = [f"{name} ({len(prompt_sets[name])})" for name in chosen if len(prompt_sets[name]) <= args.skip_prompts]
+        if short:
+            raise ValueError(f"--skip-prompts {args.skip_prompts} leaves no prompt of {', '.join(short)}: skip fewer.")
+        prompt_sets = {name: prompt_sets[name][args.skip_prompts:][: args.max_prompts] for name in chosen}
 
     rendered = read_rendered(data_dir, "train+test")
     if args.train_classifier:
@@ -170,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result.settings.update(data=str(data_dir), classifier=str(args.classifier), device=str(device),
                            dtype=str(dtype).replace("torch.", ""), encoder=args.encoder, base=args.base,
-                           models={s.name: s.path for s in specs})
+                           models={s.name: s.path for s in specs}, skip_prompts=args.skip_prompts)
     paths = write_report(result, args.out, grid_prompts=args.grid_prompts, save_images=args.save_images,
                          seed_grid_model=args.seed_grid or specs[-1].name, seed_grid_prompts=args.seed_grid_prompts)
     for path in paths.values():
