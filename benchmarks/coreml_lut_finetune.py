@@ -151,7 +151,8 @@ def main():
                "weights and tables trained (quantization-aware: nearest table entry in the forward, straight-through "
                "gradients)")
     table = (f"# Fine-tuning the {args.bits}-bit {args.train} of the default model's palettized UNet (CPU)\n\n"
-             f"The embedded default model (128², 4 steps, CFG 3); every UNet weight palettized to {args.bits} bits "
+             f"The embedded default model (128², {quality.num_inference_steps} steps, CFG {quality.guidance_scale:g}); "
+             f"every UNet weight palettized to {args.bits} bits "
              f"(k-means, {GROUP} output\nchannels per table, coremltools {coremltools.__version__}, iOS18), {trained}; "
              "text encoder and decoder fp16.\n"
              f"{platform.machine()}, {torch.get_num_threads()} torch threads, measured {time.strftime('%Y-%m-%d')}. "
