@@ -110,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--sensitivities-from", type=Path, default=None,
                         help="default: reuse the sensitivities of a recipe searched with the same settings and pairs")
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads")
+    parser.add_argument("--tag", type=_tag, default=None,
+                        help="a name part after the model's in the result files (e.g. cfg2: ..._default_cfg2.md), so a "
+                             "run under other sampling settings does not overwrite the published one")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (benchmarks/results)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     return parser.parse_args(argv)
@@ -538,8 +541,14 @@ def markdown_paper(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tag(value: str) -> str:
+    if not value or not all(c.isalnum() or c in "-." for c in value):
+        raise argparse.ArgumentTypeError(f"must be letters, digits, '-' or '.', got {value!r}")
+    return value
+
+
 def _stem(args) -> str:
-    stem = f"coreml_mixed_bit_{args.model}"
+    stem = f"coreml_mixed_bit_{args.model}" + (f"_{args.tag}" if getattr(args, "tag", None) else "")
     if args.target_bits is None:
         return stem
     return f"{stem}_{args.target_bits:g}bit_{''.join(map(str, args.bits))}"  # e.g. ..._4.5bit_3468: size, widths

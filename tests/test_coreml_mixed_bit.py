@@ -425,3 +425,13 @@ def test_benchmark_bad_arguments_name_the_flag(tmp_path, capsys):
         bench.main([*args, "--target-bits", "0.5"])
     assert "--target-bits: must be a number of bits per weight" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_tag_names_the_result_files():
+    bench = _benchmark()
+    assert bench._stem(bench.parse_args(["default"])) == "coreml_mixed_bit_default"
+    assert bench._stem(bench.parse_args(["default", "--tag", "cfg2"])) == "coreml_mixed_bit_default_cfg2"
+    tagged = bench.parse_args(["default", "--tag", "cfg2", "--target-bits", "4.5", "--bits", "3,4,6,8"])
+    assert bench._stem(tagged) == "coreml_mixed_bit_default_cfg2_4.5bit_3468"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["default", "--tag", "../x"])
