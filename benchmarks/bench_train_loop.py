@@ -216,8 +216,7 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
         model = AutoencoderKL(**cfg)
         task = AutoencoderTask(args, accelerator, model, data=(None, eval_images))
     task.image_cache = DeviceImageCache(images).to(device)
-    if getattr(args, "cache_latents", False):
-        task.latent_cache = task.image_cache.encode(vae, batch, args.random_flip)
+    task.build_latent_cache()
     batches = DeviceIndexBatches(n, batch, 0, device)
     run = prepare_run(args, accelerator, task, model, [{"params": list(model.parameters())}], batches,
                       extra_modules=[task.discriminator] if task.discriminator is not None else [],

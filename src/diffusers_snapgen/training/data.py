@@ -386,14 +386,6 @@ class TextEmbeddingCache:
                           "sample_count": cache.sample_count}, Path(path))
         return cache
 
-    @staticmethod
-    @torch.no_grad()
-    def encode_views(vae, views: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``(mean, std)`` ``(B, F, C, h, w)`` of ``vae``'s latent distributions of ``views``
-        ``(B, F, 3, H, W)`` (``F`` views of each image: itself, its mirror image)."""
-        dist = vae.encode(views.flatten(0, 1).to(device=device, dtype=dtype)).latent_dist
-        return dist.mean.float().unflatten(0, views.shape[:2]), dist.std.float().unflatten(0, views.shape[:2])
-
     @classmethod
     def load(cls, path):
         from safetensors.torch import load_file

@@ -111,8 +111,7 @@ class ReconstructionTask(TrainingTask):
         args, acc = self.args, self.accelerator
         if args.cache_images:
             self.image_cache = self.build_image_cache()
-            if getattr(args, "cache_latents", False):  # args built before the flag existed have none
-                self.latent_cache = self.image_cache.encode(self.vae, args.train_batch_size, args.random_flip)
+            self.build_latent_cache()
             return loader_or_device_batches(args, acc, len(self.image_cache), True)
         dataset = ImagePatchDataset(self.train_dataset, args.image_column, args.resolution, args.random_flip, args.seed)
         return loader_or_device_batches(args, acc, len(dataset), False, dataset,
@@ -129,6 +128,13 @@ class ReconstructionTask(TrainingTask):
         with acc.main_process_first():
             return DeviceImageCache.build(self.train_dataset, args.image_column, args.cache_image_resolution, path,
                                           args.dataloader_num_workers, acc.is_local_main_process).to(acc.device)
+
+    def build_latent_cache(self):
+        """With ``--cache_latents``: the frozen encoder's latent distributions of every image of :attr:`image_cache`
+        (and of its mirror image with ``--random_flip``), computed once."""
+        args = self.args
+        if getattr(args, "cache_latents", False):  # args built before the flag existed have none
+            self.latent_cache = self.image_cache.encode(self.vae, args.train_batch_size, args.random_flip)
 
     def on_prepare(self, run):
         super().on_prepare(run)
