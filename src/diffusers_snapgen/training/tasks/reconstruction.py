@@ -155,9 +155,10 @@ class ReconstructionTask(TrainingTask):
     def auxiliary_schedulers(self):
         return [self.d_lr_scheduler] if self.d_lr_scheduler is not None else []
 
-    def step_variant(self, step: int) -> bool:
-        """Whether the GAN terms are on (``--gan_weight`` > 0 from ``--gan_start_step``)."""
-        return self.discriminator is not None and self.args.gan_weight > 0 and step >= self.args.gan_start_step
+    def step_variant(self, step: int) -> str:
+        """``"gan"`` once the GAN terms are on (``--gan_weight`` > 0, from ``--gan_start_step``), else ``"no_gan"``."""
+        gan_on = self.discriminator is not None and self.args.gan_weight > 0 and step >= self.args.gan_start_step
+        return "gan" if gan_on else "no_gan"
 
     # ------------------------------------------------------------------------------------------ the loss
 
@@ -187,7 +188,7 @@ class ReconstructionTask(TrainingTask):
         pixels, source = self.inputs(batch, generator)
         recon, extra_loss, metrics = self.reconstruct(source, generator)
         disc = self.accelerator.unwrap_model(self.discriminator)
-        use_gan = bool(self.variant)
+        use_gan = self.variant == "gan"
         if use_gan:  # the discriminator's backward on the detached reconstruction; its step comes after the model's
             set_requires_grad(disc, True)
             d_loss, d_metrics = self.losses.discriminator(pixels, recon, self.discriminator)
@@ -200,7 +201,7 @@ class ReconstructionTask(TrainingTask):
         return StepOutput(loss, {**g_metrics, **metrics})
 
     def auxiliary_step(self):
-        if not self.variant:
+        if self.variant != "gan":
             return
         args = self.args
         if args.max_grad_norm > 0:
