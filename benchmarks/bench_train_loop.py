@@ -26,7 +26,6 @@ wall time); with --profile_tables also the profiler's per-op GPU time table
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -85,7 +84,7 @@ SAMPLES = 4096  # synthetic data set size (the device caches)
 
 
 def _args(kind: str, batch: int, size: int, mode: str, out: Path, warmup: int, steps: int, extra=()):
-    from diffusers_snapgen.training.args import build_parser, validate_common
+    from diffusers_snapgen.training.args import validate_common
     from diffusers_snapgen.training.task_args import (build_asd_parser, build_autoencoder_parser,
                                                       build_decoder_parser, build_encoder_parser)
 

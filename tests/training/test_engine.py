@@ -3,15 +3,12 @@ process: the loop's accumulation and epochs, logging windows, exact resume, the 
 random numbers, on-device batches and caches) and the command-line conventions."""
 
 import argparse
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from helpers import ROOT, read_metrics, run_script
+from helpers import read_metrics, run_script
 
 from diffusers_snapgen.training import (
     StepOutput,
