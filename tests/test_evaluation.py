@@ -260,9 +260,21 @@ def test_snapgen_eval_errors_are_one_line(data_dir, tmp_path, capsys, argv, mess
     assert code == 2 and len(err) == 1 and message in err[0]
 
 
-def test_snapgen_eval_missing_classifier_and_data(data_dir, tmp_path, capsys):
+def test_snapgen_eval_checks_every_model_folder_before_any_work(data_dir, saved_models, tmp_path, capsys):
+    classifier = tmp_path / "c.safetensors"
+    for model, message in [(tmp_path / "typo", "is not a folder"), (tmp_path, "neither a pipeline folder"),
+                           (saved_models["teacher"], "pass --base")]:
+        code = main(["eval", "--data", str(data_dir), "--classifier", str(classifier), "--train-classifier",
+                     "--models", f"student={saved_models['student']}:2", f"last={model}:2", "--out",
+                     str(tmp_path / "o"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0] and str(model) in err[0]
+    assert not classifier.exists() and not (tmp_path / "o").exists()  # failed before training or sampling
+
+
+def test_snapgen_eval_missing_classifier_and_data(data_dir, saved_models, tmp_path, capsys):
     code = main(["eval", "--data", str(data_dir), "--classifier", str(tmp_path / "none.safetensors"),
-                 "--models", f"s={tmp_path}:2", "--out", str(tmp_path / "o"), "--device", "cpu"])
+                 "--models", f"s={saved_models['student']}:2", "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert code == 2 and "train one with" in capsys.readouterr().err
     code = main(["eval", "--data", str(tmp_path), "--classifier", "c.safetensors", "--train-classifier"])
     assert code == 2 and "prepare_emoji.py" in capsys.readouterr().err

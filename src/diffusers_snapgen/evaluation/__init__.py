@@ -19,7 +19,7 @@ from .harness import (
     write_report,
 )
 from .metrics import decoder_psnr_ssim, fid, prompt_accuracy, prompt_seed_ratio, psnr_ssim
-from .models import ModelSpec, SD3TransformerDenoiser, load_model, parse_model_spec
+from .models import ModelSpec, SD3TransformerDenoiser, check_model_folder, load_model, parse_model_spec
 
 __all__ = [
     "EmojiClassifier",
@@ -27,6 +27,7 @@ __all__ = [
     "ModelSpec",
     "RenderedSet",
     "SD3TransformerDenoiser",
+    "check_model_folder",
     "concept_of",
     "decoder_psnr_ssim",
     "evaluate_models",

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import check_data_dir, read_eval_prompts, read_rendered
     from .harness import evaluate_models, write_report
     from .metrics import prompt_accuracy
-    from .models import load_model, parse_model_spec
+    from .models import check_model_folder, load_model, parse_model_spec
 
     data_dir = check_data_dir(args.data, "--data")
     specs = [parse_model_spec(text) for text in args.models]  # fail on a bad spec before any work
@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         if short:
             raise ValueError(f"--skip-prompts {args.skip_prompts} leaves no prompt of {', '.join(short)}: skip fewer.")
         prompt_sets = {name: prompt_sets[name][args.skip_prompts:][: args.max_prompts] for name in chosen}
+        for spec in specs:  # a wrong model path fails now, not after the models before it were evaluated
+            check_model_folder(spec.path, args.base)
 
     rendered = read_rendered(data_dir, "train+test")
     if args.train_classifier:

@@ -94,6 +94,25 @@ def _transformer_folder(path: Path) -> Path | None:
     return None
 
 
+def check_model_folder(path, base=None) -> Path:
+    """``path`` as a folder :func:`load_model` reads (a saved pipeline, or an ``SD3Transformer2DModel`` with
+    ``base``), checked without loading any weights, so that a wrong path fails before an evaluation starts."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a folder path, got {type(path).__name__}.")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model {str(path)!r} is not a folder.")
+    if (folder / "model_index.json").is_file():
+        return folder
+    if _transformer_folder(folder) is None:
+        raise ValueError(f"model {str(path)!r} is neither a pipeline folder (model_index.json) nor an "
+                         "SD3Transformer2DModel folder.")
+    if base is None:
+        raise ValueError(f"model {str(path)!r} is a bare SD3Transformer2DModel: pass --base with a SnapGen "
+                         "pipeline folder whose text encoder, vae and scheduler it was trained with.")
+    return folder
+
+
 def load_model(path, base=None, device=None, dtype: torch.dtype | None = None):
     """A pipeline to sample from ``path``.
 
@@ -107,11 +126,7 @@ def load_model(path, base=None, device=None, dtype: torch.dtype | None = None):
 
     from ..pipelines import SnapGenPipeline
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a folder path, got {type(path).__name__}.")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"model {str(path)!r} is not a folder.")
+    folder = check_model_folder(path, base)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if (folder / "model_index.json").is_file():
         pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
@@ -125,12 +140,6 @@ def load_model(path, base=None, device=None, dtype: torch.dtype | None = None):
             pipe.register_modules(**{name: getattr(base_pipe, name) for name in _TEXT_COMPONENTS})
     else:
         transformer_folder = _transformer_folder(folder)
-        if transformer_folder is None:
-            raise ValueError(f"model {str(path)!r} is neither a pipeline folder (model_index.json) nor an "
-                             "SD3Transformer2DModel folder.")
-        if base is None:
-            raise ValueError(f"model {str(path)!r} is a bare SD3Transformer2DModel: pass --base with a SnapGen "
-                             "pipeline folder whose text encoder, vae and scheduler it was trained with.")
         base_pipe = base if isinstance(base, SnapGenPipeline) else SnapGenPipeline.from_pretrained(str(base), **kwargs)
         transformer = SD3Transformer2DModel.from_pretrained(str(transformer_folder), **kwargs)
         components = {k: v for k, v in base_pipe.components.items() if k != "unet"}
