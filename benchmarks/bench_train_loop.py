@@ -10,13 +10,13 @@ Configs (the emoji recipe's models, batch 128 unless noted): student8 / student1
 flow matching at 8x8 / 16x16 latents), teacher16 (the 12-block x 384 MMDiT teacher), kd16 (student + frozen teacher,
 output + 4 feature pairs), asd16 (4-step grid, teacher rollout, teacher-feature discriminator), decoder128 and
 autoencoder128 (128-pixel patches; the decoder's patch GAN on), decoder128_cached (the decoder step with
---cache_latents: the frozen encoder's latents computed once, not every step), encoder128 and encoder128_cached (the
-tiny encoder distilled from the frozen autoencoder, batch 64, without and with --cache_latents), paper1024 (the
-paper-size UNet at 1024², batch 8). Each config runs
-in its own process; every mode builds a fresh run (prepare_run + train), warms up for --warmup steps (compilation and
-capture happen there) and is then timed over --steps steps (metrics windows of the engine: the host waits for the
-device once per window). GPU busy time: torch.profiler over the timed steps of one mode (union of kernel intervals /
-wall time); with --profile_tables also the profiler's per-op GPU time table
+--cache_latents: the frozen encoder's latents computed once, not every step), decoder128_cached_cl and
+autoencoder128_cl (the same with --channels_last), encoder128 and encoder128_cached (the tiny encoder distilled from
+the frozen autoencoder, batch 64, without and with --cache_latents), paper1024 (the paper-size UNet at 1024², batch
+8). Each config runs in its own process; every mode builds a fresh run (prepare_run + train), warms up for
+--warmup steps (compilation and capture happen there) and is then timed over --steps steps (metrics windows of the
+engine: the host waits for the device once per window). GPU busy time: torch.profiler over the timed steps of one
+mode (union of kernel intervals / wall time); with --profile_tables also the profiler's per-op GPU time table
 (profile_<config>_<mode>.txt).
 
     python benchmarks/bench_train_loop.py --out benchmarks/results                    # CUDA
@@ -68,13 +68,17 @@ CONFIGS = {
     "asd16": ("asd", 16, 128, 8, 4),
     "decoder128": ("decoder", 128, 64, 32, 4),
     "decoder128_cached": ("decoder", 128, 64, 32, 4),
+    "decoder128_cached_cl": ("decoder", 128, 64, 32, 4),
     "encoder128": ("encoder", 128, 64, 32, 4),
     "encoder128_cached": ("encoder", 128, 64, 32, 4),
     "autoencoder128": ("autoencoder", 128, 32, 32, 4),
+    "autoencoder128_cl": ("autoencoder", 128, 32, 32, 4),
     "paper1024": ("paper", 128, 8, 8, 2),
 }
 CONFIG_FLAGS = {"decoder128_cached": ["--cache_latents"],  # the frozen encoder's latents computed once, not every step
-                "encoder128_cached": ["--cache_latents"]}
+                "decoder128_cached_cl": ["--cache_latents", "--channels_last"],  # and the decoder's weights NHWC
+                "encoder128_cached": ["--cache_latents"],
+                "autoencoder128_cl": ["--channels_last"]}
 RECONSTRUCTION = ("decoder", "encoder", "autoencoder")  # image models: device image caches, 128-pixel patches
 TEXT_TOKENS, TEXT_WIDTH = 20, 384  # MiniLM-L6 at the emoji recipe's 20 tokens
 SAMPLES = 4096  # synthetic data set size (the device caches)

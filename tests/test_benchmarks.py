@@ -223,3 +223,15 @@ def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
     assert rows["snapgen_unet_fused_qkv"]["top_ops"]["linear"] < rows["snapgen_unet"]["top_ops"]["linear"]
     assert rows["snapgen_unet_fused_qkv"]["top_ops"]["rms_norm"] == rows["snapgen_unet"]["top_ops"]["rms_norm"]
     assert "| snapgen_unet |" in (tmp_path / "bench_host_overhead.md").read_text()
+
+
+def test_bench_reconstruction_parts_smoke_runs_every_part_in_each_layout(tmp_path):
+    _run("bench_reconstruction_parts.py", "--smoke", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "reconstruction_parts_smoke.json").read_text())
+    assert result["device"] == "cpu" and (result["batch"], result["resolution"]) == (2, 32)
+    assert list(result["ms"]) == ["nchw", "channels_last"]  # no compiled layout on the CPU: it says nothing there
+    for parts in result["ms"].values():  # timed only on CUDA
+        assert parts == {"encoder_fwd_ms": None, "decoder_fwd_bwd_ms": None, "disc_3x_fwd_bwd_ms": None}
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "bench_reconstruction_parts.py"), "--resolution", "30"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--resolution" in bad.stderr

@@ -36,6 +36,19 @@ class Regressor(ModelMixin, ConfigMixin):
         return self.net(x)
 
 
+class ConvRegressor(ModelMixin, ConfigMixin):
+    """The regressor's job through two 3x3 convolutions (4-D weights: what ``--channels_last`` lays out)."""
+
+    @register_to_config
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.SiLU(),
+                                        torch.nn.Conv2d(4, 2, 3, padding=1))
+
+    def forward(self, x):
+        return self.conv(x.reshape(-1, 2, 2, x.shape[1] // 4)).reshape(x.shape)
+
+
 class RegressionTask(TrainingTask):
     """Learns a fixed linear map of per-sample inputs; every random draw comes from the step's generator."""
 
@@ -72,11 +85,11 @@ def _args(out, *extra):
     return validate_common(args)
 
 
-def _train(out, *extra, samples: int = 8):
+def _train(out, *extra, samples: int = 8, model_class=Regressor):
     args = _args(out, *extra)
     acc = setup_accelerator(args)
     torch.manual_seed(0)
-    model = Regressor()
+    model = model_class()
     task = RegressionTask(torch.randn(samples, 8, generator=torch.Generator().manual_seed(1)))
     batches = DeviceIndexBatches(samples, args.train_batch_size, args.seed, acc.device)
     run = prepare_run(args, acc, task, model, [{"params": list(model.parameters())}], batches,
@@ -114,6 +127,29 @@ def test_resume_mid_run_is_bitwise_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
     assert [r["loss"] for r in read_metrics(tmp_path / "full")[3:]] == \
         [r["loss"] for r in read_metrics(tmp_path / "part")[3:]]
+
+
+def test_channels_last_lays_out_the_weights_and_trains_the_same_model(tmp_path):
+    common = ("--max_train_steps", "4", "--logging_steps", "1", "--checkpointing_steps", "2")
+    plain, _ = _train(tmp_path / "plain", *common, model_class=ConvRegressor)
+    nhwc, _ = _train(tmp_path / "nhwc", *common, "--channels_last", model_class=ConvRegressor)
+    weights = [p for p in nhwc.unwrapped_model.parameters() if p.dim() == 4]
+    assert len(weights) == 2 and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                      for p in weights)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc.ema.shadow_params if p.dim() == 4)
+    assert not any(p.is_contiguous(memory_format=torch.channels_last) for p in plain.unwrapped_model.parameters()
+                   if p.dim() == 4)
+    assert [r["loss"] for r in read_metrics(tmp_path / "nhwc")] == \
+        pytest.approx([r["loss"] for r in read_metrics(tmp_path / "plain")], rel=1e-5)
+    saved = ConvRegressor.from_pretrained(str(tmp_path / "nhwc" / "final"))  # a plain diffusers folder
+    for a, b in zip(saved.parameters(), plain.unwrapped_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    longer = ("--max_train_steps", "6", "--logging_steps", "1", "--checkpointing_steps", "2", "--channels_last")
+    full, _ = _train(tmp_path / "full", *longer, model_class=ConvRegressor)
+    resumed, _ = _train(tmp_path / "nhwc", *longer, "--resume_from_checkpoint", "latest", model_class=ConvRegressor)
+    assert resumed.state.global_step == 6
+    for a, b in zip(full.unwrapped_model.parameters(), resumed.unwrapped_model.parameters()):
+        assert torch.equal(a, b) and a.stride() == b.stride()
 
 
 def test_cuda_graphs_fall_back_to_eager_with_one_reason(tmp_path, caplog):

@@ -275,6 +275,8 @@ def prepare_run(args, accelerator, task: TrainingTask, model: torch.nn.Module, p
         args.learning_rate *= scale
     if args.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
+    if getattr(args, "channels_last", False):  # before the optimizer and the EMA copy the parameters
+        model.to(memory_format=torch.channels_last)
     model.train()
     max_steps = max_train_steps_of(args, batches.batches_per_epoch)
     args.max_train_steps = max_steps

@@ -1,0 +1,117 @@
+"""GPU time of the parts of the tiny-decoder training step, in three layouts: NCHW eager, channels_last eager
+(``--channels_last``), NCHW under ``torch.compile``.
+
+Parts, at the emoji recipe's sizes (batch 64, 128² images, 16×16×16 latents): the frozen emoji autoencoder's encoder
+forward (bf16), the TinyDecoder's forward + backward (bf16 autocast, fp32 weights) and three patch-discriminator passes
+with their backward (the GAN step's real, fake and generator passes). Each part is timed with CUDA events over
+``--iters`` calls after 3 warm-up calls; cuDNN benchmark mode is on. Prints one line per layout and the JSON.
+
+    python benchmarks/bench_reconstruction_parts.py --out benchmarks/results    # CUDA
+    python benchmarks/bench_reconstruction_parts.py --smoke                     # CPU, tiny sizes, no timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train_loop import EMOJI_VAE  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+
+from diffusers_snapgen import TinyDecoder  # noqa: E402
+from diffusers_snapgen.training.discriminator import PatchDiscriminator  # noqa: E402
+
+LAYOUTS = ("nchw", "channels_last", "compiled")
+
+
+def _time_ms(fn, iters: int, cuda: bool) -> float | None:
+    for _ in range(3):
+        fn()
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / iters, 2)
+
+
+def measure(layout: str, batch: int, size: int, iters: int, device: str) -> dict:
+    cuda = device == "cuda"
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    vae = AutoencoderKL(**EMOJI_VAE).to(device, torch.bfloat16).eval().requires_grad_(False)
+    vae = vae.to(memory_format=memory_format)
+    decoder = TinyDecoder(latent_channels=16).to(device).to(memory_format=memory_format)
+    disc = PatchDiscriminator(3, 64, 3, norm_num_groups=32).to(device).to(memory_format=memory_format)
+    if layout == "compiled":
+        vae.encoder.compile()
+        decoder.compile()
+        disc.compile()
+    pixels = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    latents = torch.randn(batch, 16, size // 8, size // 8, device=device).contiguous(memory_format=memory_format)
+
+    def encoder_forward():
+        with torch.no_grad():
+            vae.encode(pixels.bfloat16()).latent_dist.sample()
+
+    def decoder_forward_backward():
+        with torch.autocast(device, torch.bfloat16):
+            out = decoder(latents).sample
+        out.float().square().mean().backward()
+
+    def discriminator_passes():
+        x = pixels.detach().requires_grad_()
+        with torch.autocast(device, torch.bfloat16):
+            loss = disc(pixels).mean() + disc(pixels.detach()).mean() + disc(x).mean()
+        loss.backward()
+
+    return {"encoder_fwd_ms": _time_ms(encoder_forward, iters, cuda),
+            "decoder_fwd_bwd_ms": _time_ms(decoder_forward_backward, iters, cuda),
+            "disc_3x_fwd_bwd_ms": _time_ms(discriminator_passes, iters, cuda)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20, help="timed calls per part")
+    p.add_argument("--smoke", action="store_true", help="CPU, batch 2 at 32²: checks that every part runs")
+    p.add_argument("--out", type=Path, default=None, help="folder for reconstruction_parts_<gpu>.json")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.resolution < 8 or args.resolution % 8 or args.iters < 1:
+        p.error("--batch and --iters must be positive, --resolution a multiple of 8 (at least 8)")
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    batch, size = (args.batch, args.resolution) if cuda else (2, 32)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    layouts = LAYOUTS if cuda else LAYOUTS[:2]  # compiling on the CPU says nothing about the GPU
+    rows = {}
+    for layout in layouts:
+        rows[layout] = measure(layout, batch, size, args.iters, device)
+        print(layout, rows[layout], flush=True)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "batch": batch,
+              "resolution": size, "iters": args.iters, "ms": rows}
+    print(json.dumps(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tag = result["device"].split()[1].lower() if cuda else "smoke"
+        path = args.out / f"reconstruction_parts_{tag}.json"
+        path.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".json.tmp").replace(path)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
