@@ -272,7 +272,8 @@ class StepProgram:
                             p.grad.zero_()
         if self.pool is None:
             self.pool = graph.pool()
-        logger.info("captured the training step%s in a CUDA graph", "" if variant is None else f" (variant {variant!r})")
+        logger.info("captured the training step%s in a CUDA graph",
+                    "" if variant is None else f" (variant {variant!r})")
         return _CapturedStep(graph, static)
 
     def _device_learning_rates(self, device):
