@@ -53,7 +53,7 @@ case "$PRESET" in
          # The shipped model's run (20.4 min) used TEACHER_STEPS=9000 STUDENT_STEPS=9000 NOKD_EXTRA_STEPS=15000;
          # these counts keep the shipped no-KD student's 24,000 steps and cut the teacher and KD work, and the no-KD
          # student trains them in one process (NOKD_ONE_RUN=1): 19.2 min from data to eval on one H100, peak GPU memory
-         # 31 GB (benchmarks/results/emoji_h100_recipe.md)
+         # 31 GiB (benchmarks/results/emoji_h100_recipe.md)
     RESOLUTION="${RESOLUTION:-128}"; BATCH="${BATCH:-128}"; VAE_BATCH="${VAE_BATCH:-32}"; DECODER_BATCH="${DECODER_BATCH:-64}"
     VAE_STEPS="${VAE_STEPS:-2500}"; VAE_LR="${VAE_LR:-4e-4}"; DECODER_STEPS="${DECODER_STEPS:-3000}"
     GAN_START="${GAN_START:-1500}"; ENCODER_STEPS="${ENCODER_STEPS:-1500}"; TEACHER_STEPS="${TEACHER_STEPS:-7500}"
