@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from bench_train_loop import EMOJI_VAE
+from common import write_atomically  # also puts the checkout's src/ on sys.path
+from diffusers import AutoencoderKL
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_train_loop import EMOJI_VAE  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-
-from diffusers_snapgen import TinyDecoder  # noqa: E402
-from diffusers_snapgen.training.discriminator import PatchDiscriminator  # noqa: E402
+from diffusers_snapgen import TinyDecoder
+from diffusers_snapgen.training.discriminator import PatchDiscriminator
 
 LAYOUTS = ("nchw", "channels_last", "compiled")
 
@@ -104,11 +100,9 @@ def main(argv=None) -> int:
               "resolution": size, "iters": args.iters, "ms": rows}
     print(json.dumps(result))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         tag = result["device"].split()[1].lower() if cuda else "smoke"
         path = args.out / f"reconstruction_parts_{tag}.json"
-        path.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".json.tmp").replace(path)
+        write_atomically(path, json.dumps(result, indent=2) + "\n")
         print(path)
     return 0
 
