@@ -235,3 +235,20 @@ def test_bench_reconstruction_parts_smoke_runs_every_part_in_each_layout(tmp_pat
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "bench_reconstruction_parts.py"), "--resolution", "30"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--resolution" in bad.stderr
+
+
+def test_blockwise_quant_emulation_ranks_widths_on_the_default_model(tmp_path):
+    prompts = tmp_path / "eval_prompts.json"
+    prompts.write_text(json.dumps({"seen": ["red apple"], "heldout_pair": ["red apple, noto style"]}))
+    _run("blockwise_quant_emulation.py", "--eval-prompts", str(prompts), "--pairs", "1", "--settings", "2:32", "8:32",
+         "--out", str(tmp_path))
+    result = json.loads((tmp_path / "blockwise_quant_emulation_cpu.json").read_text())
+    low, high = result["rows"]
+    assert result["pairs"] == 2 and (low["bits"], high["bits"]) == (2, 8)
+    # most UNet weights are quantized: their bits (b + 16/32) dominate the average, the rest count as fp16
+    assert 2.5 <= low["bits_per_weight"] < 4 and 8.5 <= high["bits_per_weight"] < 10
+    assert high["psnr_db"] > 35 > low["psnr_db"]  # more bits keep the image; 2 bits do not
+    assert "| 8 | 32 |" in (tmp_path / "blockwise_quant_emulation_cpu.md").read_text()
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "blockwise_quant_emulation.py"), "--eval-prompts",
+                          str(prompts), "--settings", "4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "BITS:BLOCK" in bad.stderr
