@@ -4,7 +4,7 @@ Each pipeline is built with random weights from its published config (``pipeline
 ``pipe(...)`` returning a tensor, with text encoding included (``pipe(prompt)``) and excluded (precomputed
 embeddings), plus text encoding alone. SnapGen is also timed through its fast sampler (``pipe.fast_sampler``:
 compiled UNet and decoder, the 4 steps and the decoder replayed as one CUDA graph), whose images are compared with
-the eager pipeline's from the same noise (``max_abs_diff``, images in [0, 1]).
+the eager pipeline's from the same noise (``max_abs_diff`` and ``psnr_db``, images in [0, 1]).
 
     python benchmarks/bench_pipeline.py --out benchmarks/results                      # GPU, full run
     python benchmarks/bench_pipeline.py --smoke --out smoke_out                      # CPU, tiny pipelines
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,15 @@ from common import attempt, device_name, markdown_table, time_ms, write_results 
 from pipeline_builders import BUILDERS, PROMPT, STEPS, call_kwargs, encode_text, text_embeddings  # noqa: E402
 
 PIPELINES = tuple(BUILDERS)
-COLUMNS = ["pipeline", "steps", "mode", "text", "ms", "compile_s", "max_abs_diff", "note", "error"]
+COLUMNS = ["pipeline", "steps", "mode", "text", "ms", "compile_s", "max_abs_diff", "psnr_db", "note", "error"]
+
+
+def compare(images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Largest pixel difference and PSNR (images in [0, 1], peak 1) of ``images`` against ``reference``."""
+    error = images.float() - reference
+    mse = error.square().mean().item()
+    return {"max_abs_diff": error.abs().max().item(),
+            "psnr_db": 10 * math.log10(1 / mse) if mse > 0 else float("inf")}
 
 
 def _sync_time(device) -> float:
@@ -87,7 +96,7 @@ def fast_rows(pipe, device, resolution, warmup=2, iters=5, latents=None, referen
         images = sampler(**embeds, latents=latents, output_type="pt").images  # compiles and captures
         out = {"compile_s": _sync_time(device) - start}
         if reference is not None:
-            out["max_abs_diff"] = (images.float() - reference).abs().max().item()
+            out.update(compare(images, reference))
         out["note"] = _sampler_note(sampler)
         state["sampler"] = sampler
         return out
@@ -102,8 +111,7 @@ def fast_rows(pipe, device, resolution, warmup=2, iters=5, latents=None, referen
     def with_text():
         out = {}
         if reference is not None:  # the graphed text encoders give the eager pipeline's images
-            images = sampler(PROMPT, latents=latents, output_type="pt").images
-            out["max_abs_diff"] = (images.float() - reference).abs().max().item()
+            out.update(compare(sampler(PROMPT, latents=latents, output_type="pt").images, reference))
         out["ms"] = time_ms(lambda: sampler(PROMPT, output_type="pt"), device, warmup=warmup, iters=iters)
         out["note"] = _sampler_note(sampler)  # again: the text graph is captured on the first text call
         return out
@@ -128,8 +136,8 @@ def table(meta, rows) -> str:
         f"{meta['resolution']}², batch 1, random weights\n\n`text`: `excluded` = precomputed embeddings, `included` = "
         "`pipe(prompt)`, `only` = text encoding alone. `fast` = SnapGen's fast sampler (compiled UNet and decoder, "
         "steps + decoder in one CUDA graph); `graph` = the same sampler without compilation (eager kernels in one CUDA "
-        "graph); `max_abs_diff` = the largest pixel difference from the eager pipeline on the same noise (images in "
-        "[0, 1]): `graph` replays the eager kernels, so it should be ~0; compiled bf16 kernels round differently and "
+        "graph); `max_abs_diff` and `psnr_db` = the largest pixel difference from the eager pipeline on the same noise "
+        "and the PSNR against it (images in [0, 1]): `graph` replays the eager kernels, so it should be ~0; compiled bf16 kernels round differently and "
         "random weights amplify that over the steps.\n"
     )
     return header + "\n" + markdown_table(rows, COLUMNS)

@@ -15,9 +15,10 @@ Measured in this order (most important first; optional parts are skipped when ``
    pipeline.
 8. The compiled UNet at batch 8 and 16: one more whole-model compile (dynamic batch) if the batch-1 compile time
    says it fits the budget, else regional compilation of a fresh UNet + CUDA graph.
-9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``, with inductor's defaults (and the fast
-   sampler around it) and with the community recipes' inductor options; variants (e)/(f) with regional
-   compilation; float8 (torchao) UNet at batch 16 (``--fp8``).
+9. Optional: the batch-1 compiled step after ``fuse_qkv_projections()``, once per compile recipe of
+   ``--fused-recipes`` (inductor's defaults, the community recipes' inductor options, freezing, max-autotune), with
+   the fast sampler around the fastest; variants (e)/(f) with regional compilation; the pipeline's UNet in float8
+   (torchao) at batch 1 and 16, and the fast sampler's images with it against the eager bf16 ones (``--fp8``).
 
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
@@ -57,10 +58,23 @@ TARGETS = [
 ]
 #: Rows of the UNet after ``fuse_qkv_projections()``.
 FUSED = "snapgen_unet_fused_qkv"
-FAST_MODES = ("fast", "fast-fused-qkv")  # the fast sampler's rows: separate and fused QKV projections
 #: Inductor options of the community's diffusers speed recipes (1x1 convolutions as matmuls, coordinate-descent
 #: tuning of the generated kernels, no epilogue fusion into matmuls).
 TUNED_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
+#: ``torch.compile`` keyword arguments of the fused step's recipes (``--fused-recipes``): inductor's defaults; the
+#: community options above; ``freezing`` (weights folded into the graph as constants, inference only); inductor's
+#: autotuning of matmul/convolution templates and kernel configs (CUDA graphs are added by the suite, not the mode).
+FUSED_RECIPES = {
+    "default": {},
+    "tuned": {"options": TUNED_OPTIONS},
+    "freezing": {"options": {"freezing": True}},
+    "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
+
+
+def is_fast_mode(mode) -> bool:
+    """The fast sampler's lossless rows (separate or fused QKV projections, any compile recipe), not float8."""
+    return mode == "fast" or str(mode).startswith("fast-fused-qkv")
 
 
 class Suite:
@@ -77,6 +91,7 @@ class Suite:
         self.pipe_warmup, self.pipe_iters = (0, 1) if self.smoke else (1, 3)
         self.budget = Budget(args.budget_s)
         self.fp8 = args.fp8
+        self.fused_recipes = args.fused_recipes
         self.skip_anchors = args.skip_anchors
         self.out = args.out
         self.meta = dict(device=device_name(self.device), torch=torch.__version__,
@@ -231,28 +246,33 @@ class Suite:
             bench_models.release(self.device)
 
     def section_fused_compiled(self):
-        """The batch-1 compiled step after ``fuse_qkv_projections()`` (fresh static compiles): with inductor's defaults,
-        then with the inductor options of the community's diffusers speed recipes (:data:`TUNED_OPTIONS`)."""
+        """The batch-1 compiled step after ``fuse_qkv_projections()``, one fresh static compile per recipe of
+        ``--fused-recipes`` (:data:`FUSED_RECIPES`); the fast sampler around every recipe that is the fastest so far."""
         if self.pipe is None:
             return
         estimate = self.recompile_estimate()
-        options = TUNED_OPTIONS if self.backend == "inductor" else {}  # smoke: dynamo only, nothing to tune
         self.pipe.unet.fuse_qkv_projections()
+        best = None
         try:
-            for name, extra in ((FUSED, {}), (FUSED + "_tuned", {"options": options} if options else {})):
-                if self.skip(f"compiled UNet {name}", estimate):
+            for recipe in self.fused_recipes:
+                extra = FUSED_RECIPES[recipe] if self.backend == "inductor" else {}  # smoke: dynamo only
+                name = FUSED if recipe == "default" else f"{FUSED}_{recipe}"
+                if self.skip(f"compiled UNet {name}", estimate * (3 if "mode" in extra else 1)):
                     break
                 self.log(f"SnapGen UNet {name}: compile {extra or ''} + CUDA graph, batch 1")
                 torch._dynamo.reset()
                 self.pipe.unet.compile(fullgraph=True, backend=self.backend, **extra)
-                self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name, call=self.pipe.unet,
-                               spec_name="snapgen_unet")
-                if name == FUSED:  # the fast sampler around this fused graph (the decoder's graph is cached)
-                    self.log("SnapGen fast sampler with the fused UNet")
-                    self.pipelines += bench_pipeline.fast_rows(
-                        self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1,
-                        iters=self.pipe_iters + 2, latents=self.latents, reference=self.reference,
-                        mode="fast-fused-qkv", compile="full", compile_kwargs={"backend": self.backend})
+                ms = self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name, call=self.pipe.unet,
+                                    spec_name="snapgen_unet")[0].get("ms")
+                if ms is None or (best is not None and ms >= best):
+                    continue
+                best = ms  # the fast sampler around the fastest step so far (the decoder's graph is cached)
+                self.log(f"SnapGen fast sampler with the fused UNet ({recipe})")
+                self.pipelines += bench_pipeline.fast_rows(
+                    self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1, iters=self.pipe_iters + 2,
+                    latents=self.latents, reference=self.reference,
+                    mode="fast-fused-qkv" + ("" if recipe == "default" else f"-{recipe}"), compile="full",
+                    compile_kwargs={"backend": self.backend})
         finally:
             self.pipe.unet.unfuse_qkv_projections()
 
@@ -293,28 +313,40 @@ class Suite:
         self.section_ablation(modes=("regional",))
 
     def section_fp8(self):
-        if not self.fp8 or self.skip("float8 UNet", 90 if not self.smoke else 0):
+        """The pipeline's UNet with its large linear layers in float8 (torchao, dynamic per-row scales), compiled + CUDA
+        graph at batch 1 and the largest batch, then the fast sampler around it: its images against the eager bf16
+        pipeline's (PSNR). Runs last: the pipeline's UNet stays quantized."""
+        if self.pipe is None or not self.fp8 or self.skip("float8 UNet", 90 if not self.smoke else 0):
             return
-        self.log("float8 (torchao) UNet, compiled + CUDA graph, batch 16")
+        self.log("float8 (torchao) UNet, compiled + CUDA graph, batch 1 and the largest batch; fast sampler")
 
-        def build():
+        def quantize():
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-            model = bench_models.build_model(self.specs["snapgen_unet"], self.device, self.dtype)
             def large_linear(module, _):
                 return isinstance(module, torch.nn.Linear) and min(module.in_features, module.out_features) >= 256
 
-            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=large_linear)
-            return {"m": model}
+            quantize_(self.pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                      filter_fn=large_linear)
+            return {}
 
-        model = attempt({}, build)
-        if "m" not in model:
-            self.steps.append(dict(model="snapgen_unet_fp8", batch=self.batch_sizes[-1], mode="compiled",
-                                   error=model["error"]))
+        quantized = attempt({}, quantize)
+        if "error" in quantized:
+            self.steps.append(dict(model="snapgen_unet_fp8", batch=1, mode="compiled", error=quantized["error"]))
             return
         torch._dynamo.reset()
-        self.unet_rows(model.pop("m"), self.batch_sizes[-1:], "compiled", name="snapgen_unet_fp8",
-                       spec_name="snapgen_unet")
+        self.pipe.unet.compile(fullgraph=True, backend=self.backend)
+        rows = self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name="snapgen_unet_fp8",
+                              call=self.pipe.unet, spec_name="snapgen_unet")
+        if "ms" in rows[0]:
+            self.log("SnapGen fast sampler with the float8 UNet")
+            self.pipelines += bench_pipeline.fast_rows(
+                self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1, iters=self.pipe_iters + 2,
+                latents=self.latents, reference=self.reference, mode="fp8-fast", compile="full",
+                compile_kwargs={"backend": self.backend})
+        if not self.skip("float8 UNet at the largest batch", self.recompile_estimate()):
+            self.unet_rows(self.pipe.unet, self.batch_sizes[-1:], "compiled", name="snapgen_unet_fp8",
+                           call=self.pipe.unet, spec_name="snapgen_unet")
 
     # ------------------------------------------------------------------ summary
 
@@ -324,8 +356,8 @@ class Suite:
                         and key in r), None)
             return row.get(key) if row else None
 
-        def pipeline(modes, text):
-            return min((r["ms"] for r in self.pipelines if r.get("pipeline") == "snapgen" and r.get("mode") in modes
+        def pipeline(text):
+            return min((r["ms"] for r in self.pipelines if r.get("pipeline") == "snapgen" and is_fast_mode(r.get("mode"))
                         and r.get("text") == text and "ms" in r), default=None)
 
         def cost(column):
@@ -335,7 +367,8 @@ class Suite:
 
         eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw"),
                                   step(FUSED, 1, "eager")]), default=None)
-        compiled = min(filter(None, [step(name, 1, "compiled") for name in ("snapgen_unet", FUSED, FUSED + "_tuned")]),
+        compiled = min(filter(None, [step(name, 1, "compiled") for name in
+                                     ["snapgen_unet", FUSED] + [f"{FUSED}_{recipe}" for recipe in FUSED_RECIPES]]),
                        default=None)
         sana = step("sana_1600m_transformer", 1, "eager")
         largest = self.batch_sizes[-1]
@@ -344,8 +377,8 @@ class Suite:
             "unet_b16_compiled_pct_peak": (step("snapgen_unet", largest, "compiled", "pct_peak")
                                            or step("snapgen_unet", largest, "regional", "pct_peak")),
             "unet_b1_eager_vs_sana": eager / sana if eager and sana else None,
-            "fast_image_ms": pipeline(FAST_MODES, "excluded"),
-            "fast_image_text_ms": pipeline(FAST_MODES, "included"),
+            "fast_image_ms": pipeline("excluded"),
+            "fast_image_text_ms": pipeline("included"),
             "variant_f_eager_cost_pct": cost("ms_eager"),
             "variant_f_graph_cost_pct": cost("ms_eager_graph"),
             "variant_f_regional_cost_pct": cost("ms_regional"),
@@ -404,7 +437,7 @@ class Suite:
 #: Every section, in the order they run (most important first).
 SECTIONS = ["peak", "snapgen_eager", "ablation", "anchor_steps", "anchors", "compiled_b1", "fast_pipeline",
             "compiled_batches", "fused_compiled", "regional_ablation", "fp8"]
-NEEDS_PIPELINE = {"compiled_b1", "fast_pipeline", "compiled_batches", "fused_compiled"}  # after snapgen_eager
+NEEDS_PIPELINE = {"compiled_b1", "fast_pipeline", "compiled_batches", "fused_compiled", "fp8"}  # after snapgen_eager
 
 
 def _fmt(value) -> str:
@@ -418,7 +451,10 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip optional parts past this many seconds (default 600; smoke: none)")
-    parser.add_argument("--fp8", action="store_true", help="also time a float8 (torchao) UNet at the largest batch")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time the UNet in float8 (torchao) at batch 1 and the largest batch, and its images")
+    parser.add_argument("--fused-recipes", default="default,tuned",
+                        help=f"compile recipes of the fused batch-1 step, in order, of: {', '.join(FUSED_RECIPES)}")
     parser.add_argument("--skip-anchors", action="store_true", help="no SANA/SDXL (saves ~30 s)")
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of the sections, run in the suite's order (default: all; peak, "
@@ -428,6 +464,10 @@ def main(argv=None):
         args.budget_s = 600.0
     if args.budget_s is not None and args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    fused_recipes = [name.strip() for name in args.fused_recipes.split(",") if name.strip()]
+    if not fused_recipes or set(fused_recipes) - set(FUSED_RECIPES):
+        parser.error(f"--fused-recipes must name some of {', '.join(FUSED_RECIPES)}; got {args.fused_recipes!r}")
+    args.fused_recipes = fused_recipes
     if args.smoke and args.device not in (None, "cpu"):
         parser.error("--smoke runs on the CPU: leave --device out")
 
