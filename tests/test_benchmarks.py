@@ -256,3 +256,46 @@ def test_blockwise_quant_emulation_ranks_widths_on_the_default_model(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "blockwise_quant_emulation.py"), "--eval-prompts",
                           str(prompts), "--settings", "4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "BITS:BLOCK" in bad.stderr
+
+
+def test_roofline_model_moves_each_tensor_of_a_fused_chain_once():
+    """Linear -> GELU -> x2 -> Linear: the matmuls read their inputs and weights and write their outputs; the
+    pointwise chain between them reads the first matmul's output and writes the second one's input, once each."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import roofline_unet
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.second(torch.nn.functional.gelu(self.first(x)) * 2)
+
+    with torch.device("meta"):
+        model = TwoLayers().to(torch.bfloat16)
+        ops, aten, returned = roofline_unet.record_forward(model, {"x": torch.randn(2, 8, dtype=torch.bfloat16)})
+    assert [op["family"] for op in ops] == ["matmul", "fused chains", "fused chains", "matmul"]
+    assert [op["flops"] for op in ops] == [2 * 2 * 8 * 16, 0, 0, 2 * 2 * 16 * 4]
+    bf16 = 2
+    first = (16 + 2 * 8 + 8 * 16 + 2 * 16) * bf16  # bias, input, weight, output
+    second = (4 + 2 * 16 + 16 * 4 + 2 * 4) * bf16
+    assert roofline_unet.floor_bytes(ops, aten, returned) == [first, 2 * 16 * bf16, 2 * 16 * bf16, second]
+
+
+def test_roofline_smoke_writes_floors_and_the_profile_comparison(tmp_path):
+    profile = BENCHMARKS / "results" / "profile_unet_h200.json"
+    _run("roofline_unet.py", "--smoke", "--batch-sizes", "1,4", "--profile", str(profile), "--out", str(tmp_path))
+    results = json.loads((tmp_path / "roofline_unet_smoke.json").read_text())["results"]
+    assert [(r["qkv"], r["batch"]) for r in results] == [("separate", 1), ("separate", 4), ("fused", 1), ("fused", 4)]
+    for result in results:
+        *families, total = result["families"]
+        assert math.isclose(total["gflop"], sum(f["gflop"] for f in families))
+        assert all(total[f"floor_ms_{gpu}"] > 0 for gpu in ("H100", "H200"))
+        assert total["floor_ms_H200"] <= total["floor_ms_H100"]  # same peak, more bandwidth
+    ops = {(r["qkv"], r["batch"]): {f["family"]: f for f in r["families"]} for r in results}
+    assert ops["fused", 1]["matmul"]["ops"] < ops["separate", 1]["matmul"]["ops"]
+    assert ops["separate", 4]["total"]["gflop"] > 3.9 * ops["separate", 1]["total"]["gflop"]
+    assert "Against the kernel profile" in (tmp_path / "roofline_unet_smoke.md").read_text()
