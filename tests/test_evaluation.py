@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,52 @@ def test_snapgen_eval_cli_trains_then_compares(data_dir, saved_models, tmp_path,
     table = json.loads((skipped / "eval_quality.json").read_text())
     assert [p["prompt"] for p in table["prompts"]] == read_eval_prompts(data_dir)["heldout"][1:2]
     assert table["settings"]["skip_prompts"] == 1
+
+
+def test_a_model_that_fails_mid_run_keeps_the_other_rows(classifier, tmp_path):
+    student = tiny_pipeline("generic")
+
+    def broken():
+        raise RuntimeError("weights are corrupt")
+
+    models = [("first", student, 2), ("broken", broken, 2), ("last", student, 2)]
+    with pytest.raises(RuntimeError, match="corrupt"):  # by default the error ends the evaluation
+        evaluate_models(models, ["artist", "red apple"], classifier)
+    result = evaluate_models(models, ["artist", "red apple"], classifier, continue_on_error=True)
+    assert [row["model"] for row in result.rows] == ["first", "broken", "last"]
+    assert result.failed == {"broken": "RuntimeError: weights are corrupt"}
+    assert list(result.images) == ["first", "last"] and torch.equal(result.images["first"], result.images["last"])
+    rows = {row["model"]: row for row in result.rows}
+    assert rows["last"]["top1_all"] == rows["first"]["top1_all"] and "error" not in rows["last"]
+    paths = write_report(result, tmp_path, cell_size=32, seed_grid_model="last")
+    table = json.loads(paths["json"].read_text())
+    assert table["columns"][-1] == "error" and table["rows"][1]["error"] == "RuntimeError: weights are corrupt"
+    assert table["rows"][2]["error"] is None
+    assert "| broken | 2 | — |" in paths["markdown"].read_text()
+    assert Image.open(paths["grid"]).size[0] == 150 + 2 * (32 + 4)  # the two evaluated models
+    healthy = evaluate_models(models[:1], ["artist"], classifier, continue_on_error=True)
+    assert healthy.failed == {} and "error" not in healthy.columns()
+
+
+def test_snapgen_eval_writes_the_table_when_a_model_breaks_mid_run(data_dir, saved_models, classifier, tmp_path,
+                                                                    capsys):
+    """A folder that passes the up-front check but whose weights do not load: the other models' rows are written
+    and the exit status is 1."""
+    clf = save_classifier(classifier, tmp_path / "clf.safetensors")
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_models["student"], broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:64])
+    out = tmp_path / "results"
+    code = main(["eval", "--data", str(data_dir), "--classifier", str(clf), "--out", str(out), "--device", "cpu",
+                 "--models", f"student={saved_models['student']}:2", f"broken={broken}:2", "--prompt-sets", "heldout",
+                 "--max-prompts", "1", "--no-rendered-row", "--seed-grid", "broken"])
+    err = capsys.readouterr().err
+    assert code == 1 and "broken could not be evaluated" in err
+    table = json.loads((out / "eval_quality.json").read_text())
+    assert [row["model"] for row in table["rows"]] == ["student", "broken"]
+    assert table["rows"][0]["top1_heldout"] is not None and table["rows"][1]["error"]
+    assert (out / "eval_quality_seeds.png").is_file()  # of the model that was evaluated
 
 
 @pytest.mark.parametrize(

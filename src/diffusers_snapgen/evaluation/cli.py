@@ -174,16 +174,22 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_models(
         models, prompt_sets, classifier, reference_features=reference, rendered=references, seed=args.seed,
         images_per_prompt=args.images_per_prompt, height=args.size, width=args.size, batch_size=args.batch_size,
-        encoder=encoder, decoder_images=decoder_images, autocast=autocast, progress=_say,
+        encoder=encoder, decoder_images=decoder_images, autocast=autocast, progress=_say, continue_on_error=True,
     )
     result.settings.update(data=str(data_dir), classifier=str(args.classifier), device=str(device),
                            dtype=str(dtype).replace("torch.", ""), encoder=args.encoder, base=args.base,
                            models={s.name: s.path for s in specs}, skip_prompts=args.skip_prompts)
+    evaluated = [s.name for s in specs if s.name not in result.failed]
+    seed_grid_model = args.seed_grid if args.seed_grid in evaluated else (evaluated or [None])[-1]
+    if args.seed_grid is not None and seed_grid_model != args.seed_grid:
+        _say(f"--seed-grid {args.seed_grid} failed; the seed grid shows {seed_grid_model} instead")
     paths = write_report(result, args.out, grid_prompts=args.grid_prompts, save_images=args.save_images,
-                         seed_grid_model=args.seed_grid or specs[-1].name, seed_grid_prompts=args.seed_grid_prompts)
+                         seed_grid_model=seed_grid_model, seed_grid_prompts=args.seed_grid_prompts)
     for path in paths.values():
         print(path)
-    return 0
+    for name, error in result.failed.items():  # the table holds every other row; the exit status says it is partial
+        print(f"snapgen eval: {name} could not be evaluated: {error}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 register_subcommand("eval", "measure models on the emoji set: prompt accuracy, FID, prompt/seed ratio, decoder "

@@ -38,7 +38,13 @@ class EvaluationResult:
         names = ["model", "steps", "guidance"]
         group_names = list(dict.fromkeys(self.groups))
         names += [f"top{k}_{g}" for g in group_names for k in (1, 5)]
-        return names + ["fid", "prompt_seed_ratio", "psnr", "ssim", "sec_per_image"]
+        names += ["fid", "prompt_seed_ratio", "psnr", "ssim", "sec_per_image"]
+        return names + (["error"] if self.failed else [])
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Model name -> error of the models that could not be evaluated (``continue_on_error=True``)."""
+        return {row["model"]: row["error"] for row in self.rows if row.get("error")}
 
     def to_json(self) -> dict:
         def clean(value):
@@ -53,6 +59,8 @@ class EvaluationResult:
         def cell(key, value):
             if value is None:
                 return "—"
+            if key == "error":
+                return str(value).replace("|", "/").replace("\n", " ")
             if key.startswith("top"):
                 return f"{100 * value:.1f}%"
             if key in ("ssim", "prompt_seed_ratio"):
@@ -179,6 +187,7 @@ def evaluate_models(
     decoder_images=None,
     autocast: torch.dtype | None = None,
     progress: Callable[[str], None] | None = None,
+    continue_on_error: bool = False,
 ) -> EvaluationResult:
     """Generate, for every model, the same images (copy j of every prompt uses seed ``seed + j``, so images of
     different prompts share their noise) and measure them.
@@ -195,6 +204,9 @@ def evaluate_models(
         encoder, decoder_images: an ``AutoencoderKL`` and held-out images: PSNR/SSIM of each model's ``vae``.
         autocast: ``torch.bfloat16`` to sample under autocast (see :func:`generate_images`).
         progress: called with one line per finished model (e.g. ``print``).
+        continue_on_error: a model that fails to load, sample or be measured gets a row with its ``error`` (and
+            no images) and the next model runs, instead of the exception ending the evaluation and losing the rows
+            before it. :attr:`EvaluationResult.failed` lists such models.
     """
     checked = _check_models(models)
     if not isinstance(classifier, EmojiClassifier):
@@ -249,23 +261,30 @@ def evaluate_models(
             decoded = to_uint8(round_trip(reference[list(first.values())].float() / 255, encoder, encoder, batch_size))
             all_images[RECONSTRUCTED] = decoded[[order[p] for p in prompts_rep]]
             rows.append(measure(RECONSTRUCTED, all_images[RECONSTRUCTED]))
-    for name, pipe, steps, guidance in checked:
+    def evaluate(name, pipe, steps, guidance) -> tuple[dict, torch.Tensor]:
         loaded = pipe if hasattr(pipe, "components") else pipe()
         _sync(loaded)
         start = time.perf_counter()
         images = generate_images(loaded, prompts_rep, seeds, steps, guidance, height, width, batch_size, autocast)
         _sync(loaded)
         seconds = (time.perf_counter() - start) / len(images)
-        all_images[name] = images
         if guidance is None:  # the row names the CFG the model sampled with (its own default)
             guidance = (getattr(loaded, "sampling_defaults", None) or {}).get("guidance_scale")
-        rows.append(measure(name, images, steps, guidance, seconds, getattr(loaded, "vae", None)))
-        if loaded is not pipe:
-            del loaded
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        return measure(name, images, steps, guidance, seconds, getattr(loaded, "vae", None)), images
+
+    for name, pipe, steps, guidance in checked:
+        try:
+            row, all_images[name] = evaluate(name, pipe, steps, guidance)
+        except Exception as error:
+            if not continue_on_error:
+                raise
+            row = {"model": name, "steps": steps, "guidance": guidance, "error": f"{type(error).__name__}: {error}"}
+        rows.append(row)
+        if torch.cuda.is_available():  # the loaded pipeline (if this call loaded it) is gone
+            torch.cuda.empty_cache()
         if progress is not None:
-            progress(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items()
+            progress(f"{name}: failed: {row['error']}" if "error" in row else
+                     f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()
                                              if isinstance(v, float) and k != "guidance"))
     settings = {"seed": seed, "images_per_prompt": images_per_prompt, "height": height, "width": width,
                 "batch_size": batch_size, "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
