@@ -46,6 +46,18 @@ def quantized_state(unet, bits: int, block: int) -> tuple[dict, float]:
     return state, stored / total
 
 
+def eval_pairs(eval_prompts: Path, pairs: int) -> list[tuple[str, int]]:
+    """``(prompt, seed)``: the first ``pairs`` prompts of the `seen` and `heldout_pair` sets, seed = pair index."""
+    prompts = json.loads(eval_prompts.read_text())
+    return [(prompt, seed) for seed, prompt in enumerate(prompts["seen"][:pairs] + prompts["heldout_pair"][:pairs])]
+
+
+def sample(pipe, pairs: list[tuple[str, int]]) -> torch.Tensor:
+    """The pipeline's images (its default steps and CFG) of every pair, float in [0, 1]."""
+    return torch.cat([pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+                      for prompt, seed in pairs]).float()
+
+
 def _setting(text: str) -> tuple[int, int]:
     try:
         bits, block = (int(v) for v in text.split(":"))
@@ -74,22 +86,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    prompts = json.loads(args.eval_prompts.read_text())
-    pairs = [(prompt, seed) for seed, prompt in enumerate(prompts["seen"][: args.pairs]
-                                                          + prompts["heldout_pair"][: args.pairs])]
+    pairs = eval_pairs(args.eval_prompts, args.pairs)
     pipe = load_default_pipeline()
     pipe.set_progress_bar_config(disable=True)
-
-    def images():
-        return torch.cat([pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt").images
-                          for prompt, seed in pairs]).float()
-
-    reference, fp32 = images(), {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    reference, fp32 = sample(pipe, pairs), {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     rows = []
     for bits, block in args.settings:
         state, bits_per_weight = quantized_state(pipe.unet, bits, block)
         pipe.unet.load_state_dict(state)
-        quality = psnr_ssim(reference, images())
+        quality = psnr_ssim(reference, sample(pipe, pairs))
         pipe.unet.load_state_dict(fp32)
         rows.append({"bits": bits, "block": block, "bits_per_weight": round(bits_per_weight, 3),
                      "psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)})

@@ -299,3 +299,29 @@ def test_roofline_smoke_writes_floors_and_the_profile_comparison(tmp_path):
     assert ops["fused", 1]["matmul"]["ops"] < ops["separate", 1]["matmul"]["ops"]
     assert ops["separate", 4]["total"]["gflop"] > 3.9 * ops["separate", 1]["total"]["gflop"]
     assert "Against the kernel profile" in (tmp_path / "roofline_unet_smoke.md").read_text()
+
+
+def test_float8_emulation_converts_the_chosen_linears_of_the_default_model(tmp_path):
+    prompts = tmp_path / "eval_prompts.json"
+    prompts.write_text(json.dumps({"seen": ["red apple"], "heldout_pair": ["red apple, noto style"]}))
+    _run("float8_emulation.py", "--eval-prompts", str(prompts), "--pairs", "1", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "float8_emulation_cpu.json").read_text())
+    bf16, every, large = result["rows"]
+    assert result["pairs"] == 2 and bf16["against"] == "fp32" and every["against"] == large["against"] == "bf16"
+    assert every["float8_linears"] == every["linears"] > large["float8_linears"] > 0
+    # float8 changes the images more than bf16 rounding does, and converting fewer layers changes them less
+    assert bf16["psnr_db"] > large["psnr_db"] > every["psnr_db"] > 15
+    assert "| float8 (min256) | bf16 |" in (tmp_path / "float8_emulation_cpu.md").read_text()
+
+
+def test_float8_rows_round_each_row_to_e4m3_with_its_own_scale():
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from float8_emulation import float8_rows
+
+    x = torch.tensor([[448.0, 1.0, -0.5, 0.3], [4.48, 0.01, 0.0, -4.48]])
+    q = float8_rows(x)
+    assert torch.equal(q[0, :3], x[0, :3])  # e4m3 holds these exactly at scale 1
+    assert torch.allclose(q[1], x[1], rtol=0.07, atol=0) and q[1, 2] == 0  # the second row scales by 100 first
+    assert q[0, 3] != x[0, 3] and abs(q[0, 3] - x[0, 3]) / x[0, 3] < 0.07  # 3 mantissa bits: within 2^-4
