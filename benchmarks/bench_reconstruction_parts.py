@@ -13,6 +13,7 @@ with their backward (the GAN step's real, fake and generator passes). Each part 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -42,38 +43,47 @@ def _time_ms(fn, iters: int, cuda: bool) -> float | None:
     return round(start.elapsed_time(end) / iters, 2)
 
 
-def measure(layout: str, batch: int, size: int, iters: int, device: str) -> dict:
-    cuda = device == "cuda"
+def build_parts(layout: str, batch: int, size: int, device: str, dtype: torch.dtype | None = None) -> dict:
+    """The three parts as callables. ``dtype`` None: as in training (fp32 weights under bf16 autocast, the encoder in
+    bf16); a dtype: every model and input in it, no autocast (e.g. bf16 on the ``meta`` device for the roofline)."""
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    vae = AutoencoderKL(**EMOJI_VAE).to(device, torch.bfloat16).eval().requires_grad_(False)
+    vae = AutoencoderKL(**EMOJI_VAE).to(device, dtype or torch.bfloat16).eval().requires_grad_(False)
     vae = vae.to(memory_format=memory_format)
-    decoder = TinyDecoder(latent_channels=16).to(device).to(memory_format=memory_format)
-    disc = PatchDiscriminator(3, 64, 3, norm_num_groups=32).to(device).to(memory_format=memory_format)
+    decoder = TinyDecoder(latent_channels=16).to(device, dtype).to(memory_format=memory_format)
+    disc = PatchDiscriminator(3, 64, 3, norm_num_groups=32).to(device, dtype).to(memory_format=memory_format)
     if layout == "compiled":
         vae.encoder.compile()
         decoder.compile()
         disc.compile()
-    pixels = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    latents = torch.randn(batch, 16, size // 8, size // 8, device=device).contiguous(memory_format=memory_format)
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    latents = torch.randn(batch, 16, size // 8, size // 8, device=device, dtype=dtype)
+    latents = latents.contiguous(memory_format=memory_format)
+
+    def mixed_precision():
+        return torch.autocast(device, torch.bfloat16) if dtype is None else contextlib.nullcontext()
 
     def encoder_forward():
         with torch.no_grad():
-            vae.encode(pixels.bfloat16()).latent_dist.sample()
+            vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
 
     def decoder_forward_backward():
-        with torch.autocast(device, torch.bfloat16):
+        with mixed_precision():
             out = decoder(latents).sample
         out.float().square().mean().backward()
 
     def discriminator_passes():
         x = pixels.detach().requires_grad_()
-        with torch.autocast(device, torch.bfloat16):
+        with mixed_precision():
             loss = disc(pixels).mean() + disc(pixels.detach()).mean() + disc(x).mean()
         loss.backward()
 
-    return {"encoder_fwd_ms": _time_ms(encoder_forward, iters, cuda),
-            "decoder_fwd_bwd_ms": _time_ms(decoder_forward_backward, iters, cuda),
-            "disc_3x_fwd_bwd_ms": _time_ms(discriminator_passes, iters, cuda)}
+    return {"encoder_fwd": encoder_forward, "decoder_fwd_bwd": decoder_forward_backward,
+            "disc_3x_fwd_bwd": discriminator_passes}
+
+
+def measure(layout: str, batch: int, size: int, iters: int, device: str) -> dict:
+    parts = build_parts(layout, batch, size, device)
+    return {f"{name}_ms": _time_ms(fn, iters, device == "cuda") for name, fn in parts.items()}
 
 
 def main(argv=None) -> int:

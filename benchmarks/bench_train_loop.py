@@ -228,12 +228,13 @@ def _reconstruction_run(kind, size, batch, args, accelerator, tiny):
 
 
 def _step_flops(run) -> int:
-    """FLOPs of one eager optimizer step (torch's FlopCounterMode: matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one eager optimizer step (torch's FlopCounterMode with grouped convolution backwards counted right:
+    matmuls, convolutions, attention)."""
+    from common import flop_counter
 
     batches = run.batches.epoch(0, 0)
     micro_batches = [next(batches) for _ in range(run.args.gradient_accumulation_steps)]
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run.program(run.state.global_step, micro_batches)
     return counter.get_total_flops()
 
@@ -420,7 +421,7 @@ def markdown(info: dict) -> str:
     lines += ["", "`step_mode` is what ran (a mode whose CUDA graph could not be captured says `eager`); `warmup_s` "
               "includes compilation and capture; `gpu_busy` is the union of kernel intervals over wall time in "
               "torch.profiler; `tflop_per_step` counts one eager step's matmul, convolution and attention FLOPs (torch's "
-              "FlopCounterMode) and `tflops` is that count times steps/s (a rate far below the GPU's peak: the step is "
+              "FlopCounterMode, with the backward of grouped convolutions counted right) and `tflops` is that count times steps/s (a rate far below the GPU's peak: the step is "
               "bound by something other than arithmetic)."]
     return "\n".join(lines)
 

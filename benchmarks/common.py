@@ -7,6 +7,7 @@ Importing it puts the checkout's ``src/`` first on ``sys.path``, so every script
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -154,6 +155,24 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16
     b = torch.randn(size, size, device=device, dtype=dtype)
     ms = time_ms(lambda: torch.mm(a, b), device, warmup=3, iters=iters)
     return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def conv_backward_flops(grad_output_shape, input_shape, weight_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, **_) -> int:
+    """FLOPs of ``aten.convolution_backward`` (from shapes) for any ``groups``: the input gradient and the weight
+    gradient each cost what the forward convolution costs, ``2 * batch * positions * weight elements``. torch's own
+    formula (``torch.utils.flop_counter``, torch 2.11-2.13) leaves ``groups`` out and counts the backward of a
+    depthwise convolution as if it were dense: ``groups`` times too much."""
+    shape = input_shape if transposed else grad_output_shape  # the positions each weight element visits
+    forward = 2 * shape[0] * math.prod(shape[2:]) * math.prod(weight_shape)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def flop_counter():
+    """torch's ``FlopCounterMode`` (multiply-add = 2) with :func:`conv_backward_flops` for convolution backwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
 
 
 def count_flops(build: Callable[[], torch.nn.Module], make_inputs: Callable[..., dict], call=None) -> int:

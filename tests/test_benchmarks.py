@@ -264,7 +264,7 @@ def test_roofline_model_moves_each_tensor_of_a_fused_chain_once():
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    import roofline_unet
+    import roofline
 
     class TwoLayers(torch.nn.Module):
         def __init__(self):
@@ -275,19 +275,44 @@ def test_roofline_model_moves_each_tensor_of_a_fused_chain_once():
             return self.second(torch.nn.functional.gelu(self.first(x)) * 2)
 
     with torch.device("meta"):
-        model = TwoLayers().to(torch.bfloat16)
-        ops, aten, returned = roofline_unet.record_forward(model, {"x": torch.randn(2, 8, dtype=torch.bfloat16)})
+        model, x = TwoLayers().to(torch.bfloat16), torch.randn(2, 8, dtype=torch.bfloat16)
+    ops, aten = roofline.record(lambda: model(x))
     assert [op["family"] for op in ops] == ["matmul", "fused chains", "fused chains", "matmul"]
     assert [op["flops"] for op in ops] == [2 * 2 * 8 * 16, 0, 0, 2 * 2 * 16 * 4]
     bf16 = 2
     first = (16 + 2 * 8 + 8 * 16 + 2 * 16) * bf16  # bias, input, weight, output
     second = (4 + 2 * 16 + 16 * 4 + 2 * 4) * bf16
-    assert roofline_unet.floor_bytes(ops, aten, returned) == [first, 2 * 16 * bf16, 2 * 16 * bf16, second]
+    assert roofline.floor_bytes(ops, aten) == [first, 2 * 16 * bf16, 2 * 16 * bf16, second]
 
 
-def test_roofline_smoke_writes_floors_and_the_profile_comparison(tmp_path):
-    profile = BENCHMARKS / "results" / "profile_unet_h200.json"
-    _run("roofline_unet.py", "--smoke", "--batch-sizes", "1,4", "--profile", str(profile), "--out", str(tmp_path))
+def test_grouped_convolution_backward_costs_twice_its_forward():
+    """torch's counter charges a depthwise convolution's backward as a dense one (groups times too much);
+    benchmarks count it as input gradient + weight gradient, each the forward's cost."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import flop_counter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for groups, transposed in ((1, False), (64, False), (64, True), (8, True)):
+        layer = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+        with torch.device("meta"):
+            conv = layer(64, 64, 3, stride=2, padding=1, groups=groups)
+            x = torch.randn(4, 64, 16, 16, requires_grad=True)
+        costs = {}
+        for name, counter in (("ours", flop_counter()), ("torch", FlopCounterMode(display=False))):
+            with counter:
+                y = conv(x)
+                forward = counter.get_total_flops()
+                y.sum().backward()
+            costs[name] = (forward, counter.get_total_flops() - forward)
+        assert costs["ours"][1] == 2 * costs["ours"][0] and costs["ours"][0] == costs["torch"][0]
+        assert costs["torch"] == costs["ours"] if groups == 1 else costs["torch"][1] > 4 * costs["ours"][1]
+
+
+def test_roofline_smoke_writes_floors_and_the_measured_comparison(tmp_path):
+    _run("roofline.py", "unet", "--smoke", "--batch-sizes", "1,4", "--profile",
+         str(BENCHMARKS / "results" / "profile_unet_h200.json"), "--out", str(tmp_path))
     results = json.loads((tmp_path / "roofline_unet_smoke.json").read_text())["results"]
     assert [(r["qkv"], r["batch"]) for r in results] == [("separate", 1), ("separate", 4), ("fused", 1), ("fused", 4)]
     for result in results:
@@ -298,7 +323,18 @@ def test_roofline_smoke_writes_floors_and_the_profile_comparison(tmp_path):
     ops = {(r["qkv"], r["batch"]): {f["family"]: f for f in r["families"]} for r in results}
     assert ops["fused", 1]["matmul"]["ops"] < ops["separate", 1]["matmul"]["ops"]
     assert ops["separate", 4]["total"]["gflop"] > 3.9 * ops["separate", 1]["total"]["gflop"]
-    assert "Against the kernel profile" in (tmp_path / "roofline_unet_smoke.md").read_text()
+    assert "## Against `profile_unet_h200.json`" in (tmp_path / "roofline_unet_smoke.md").read_text()
+
+    measured = BENCHMARKS / "results" / "reconstruction_parts_h100.json"
+    _run("roofline.py", "reconstruction", "--smoke", "--measured", str(measured), "--gpu", "H100",
+         "--out", str(tmp_path))
+    parts = json.loads((tmp_path / "roofline_reconstruction_smoke.json").read_text())["results"]
+    assert [p["part"] for p in parts] == ["encoder_fwd", "decoder_fwd_bwd", "disc_3x_fwd_bwd"]
+    assert all(p["families"][-1]["gflop"] > 0 and p["families"][1]["ops"] > 0 for p in parts)  # convolutions
+    assert "| decoder_fwd_bwd | 15.6 |" in (tmp_path / "roofline_reconstruction_smoke.md").read_text()
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "roofline.py"), "unet", "--measured", str(measured),
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--measured is not for the unet workload" in bad.stderr
 
 
 def test_float8_emulation_converts_the_chosen_linears_of_the_default_model(tmp_path):
