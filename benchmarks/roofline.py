@@ -21,7 +21,8 @@ H100 989 TFLOP/s and 3.35 TB/s, H200 989 TFLOP/s and 4.8 TB/s. Workloads:
   projections; ``--profile`` sets a ``profile_unet.py`` kernel profile beside the floors;
 - ``reconstruction``: the parts of the tiny-decoder training step that ``bench_reconstruction_parts.py`` times
   (batch 64, 128²: frozen encoder forward, tiny decoder forward + backward, three discriminator passes + backward);
-  ``--measured`` sets that script's JSON beside the floors.
+  ``--measured`` sets that script's JSON beside the floors;
+- ``autoencoder``: one forward + backward of ``bench_train_loop.py``'s autoencoder128 step (batch 32, 128², MSE + KL).
 
     python benchmarks/roofline.py unet --profile benchmarks/results/profile_unet_h200.json --out benchmarks/results
     python benchmarks/roofline.py reconstruction --measured benchmarks/results/reconstruction_parts_h100.json \
@@ -227,6 +228,25 @@ def reconstruction_workloads(smoke: bool) -> list[tuple[dict, object]]:
     return [({"part": name, "batch": batch, "resolution": size}, fn) for name, fn in parts.items()]
 
 
+def autoencoder_workloads(smoke: bool) -> list[tuple[dict, object]]:
+    """``({"part"}, workload)``: one step of ``bench_train_loop.py``'s autoencoder128 in bf16: the emoji
+    AutoencoderKL's encoder, a posterior sample and decoder forward, then the backward of MSE + KL (batch 32, 128²)."""
+    from bench_train_loop import EMOJI_VAE, TINY_VAE
+    from diffusers import AutoencoderKL
+
+    batch, size = (2, 32) if smoke else (32, 128)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**(TINY_VAE if smoke else EMOJI_VAE)).to(torch.bfloat16)
+        pixels = torch.randn(batch, 3, size, size, dtype=torch.bfloat16)
+
+    def forward_backward():
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        ((reconstruction - pixels).float().square().mean() + 1e-6 * posterior.kl().mean()).backward()
+
+    return [({"part": "autoencoder_fwd_bwd", "batch": batch, "resolution": size}, forward_backward)]
+
+
 def compare(rows: list[dict], measured_ms: dict, gpu: str) -> list[dict]:
     """Measured time against the floor, one row per key of ``measured_ms`` (keys name rows of ``rows``)."""
     by_name = {r["name"]: r for r in rows}
@@ -236,7 +256,7 @@ def compare(rows: list[dict], measured_ms: dict, gpu: str) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=["unet", "reconstruction"])
+    parser.add_argument("workload", choices=["unet", "reconstruction", "autoencoder"])
     parser.add_argument("--out", type=Path, required=True, help="folder for roofline_<workload>.{json,md}")
     parser.add_argument("--batch-sizes", default="1,16", help="unet: comma-separated batch sizes (default 1,16)")
     parser.add_argument("--profile", type=Path, default=None,
@@ -253,15 +273,16 @@ def main(argv=None):
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if not batch_sizes or min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes!r}")
-    given = args.profile if args.workload == "unet" else args.measured
-    wrong = args.measured if args.workload == "unet" else args.profile
-    if wrong is not None:
-        parser.error(f"--{'measured' if args.workload == 'unet' else 'profile'} is not for the {args.workload} workload")
+    given = {"unet": args.profile, "reconstruction": args.measured}.get(args.workload)
+    for flag, value, workload in (("--profile", args.profile, "unet"), ("--measured", args.measured, "reconstruction")):
+        if value is not None and args.workload != workload:
+            parser.error(f"{flag} is not for the {args.workload} workload")
     if given is not None and not given.is_file():
         parser.error(f"no such file {given}")
 
-    workloads = (unet_workloads(args.smoke, batch_sizes) if args.workload == "unet"
-                 else reconstruction_workloads(args.smoke))
+    workloads = {"unet": lambda: unet_workloads(args.smoke, batch_sizes),
+                 "reconstruction": lambda: reconstruction_workloads(args.smoke),
+                 "autoencoder": lambda: autoencoder_workloads(args.smoke)}[args.workload]()
     results = []
     for labels, workload in workloads:
         results.append(dict(labels, families=floors(workload)))

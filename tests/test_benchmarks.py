@@ -332,6 +332,11 @@ def test_roofline_smoke_writes_floors_and_the_measured_comparison(tmp_path):
     assert [p["part"] for p in parts] == ["encoder_fwd", "decoder_fwd_bwd", "disc_3x_fwd_bwd"]
     assert all(p["families"][-1]["gflop"] > 0 and p["families"][1]["ops"] > 0 for p in parts)  # convolutions
     assert "| decoder_fwd_bwd | 15.6 |" in (tmp_path / "roofline_reconstruction_smoke.md").read_text()
+    _run("roofline.py", "autoencoder", "--smoke", "--out", str(tmp_path))
+    (step,) = json.loads((tmp_path / "roofline_autoencoder_smoke.json").read_text())["results"]
+    convolutions = step["families"][1]
+    assert step["part"] == "autoencoder_fwd_bwd" and convolutions["family"] == "convolution"
+    assert convolutions["gflop"] == step["families"][-1]["gflop"] > 0  # no matmuls or attention in this VAE
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "roofline.py"), "unet", "--measured", str(measured),
                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--measured is not for the unet workload" in bad.stderr
