@@ -46,6 +46,38 @@ def quantized_state(unet, bits: int, block: int) -> tuple[dict, float]:
     return state, stored / total
 
 
+def add_pair_args(p: argparse.ArgumentParser) -> None:
+    """The prompt-pair and run flags shared by the emulation scripts."""
+    p.add_argument("--eval-prompts", type=Path, required=True, help="eval_prompts.json of the emoji data")
+    p.add_argument("--pairs", type=int, default=8, help="prompts per set (seen, heldout_pair); default 8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+
+
+def check_pair_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.pairs < 1:
+        p.error("--pairs must be at least 1")
+    if not args.eval_prompts.is_file():
+        p.error(f"--eval-prompts: {args.eval_prompts} is not a file (training_examples/data/prepare_emoji.py)")
+
+
+def default_pipeline(dtype=None):
+    """The embedded default model's pipeline (``dtype``: default fp32), without progress bars."""
+    from diffusers_snapgen import load_default_pipeline
+
+    pipe = load_default_pipeline(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_payload(args: argparse.Namespace, pipe, pairs: list, start: float, rows: list[dict]) -> dict:
+    """The JSON of an emulation run: machine, sampling settings, wall time and ``rows``."""
+    return {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "pairs": len(pairs),
+            "steps": pipe.sampling_defaults["num_inference_steps"],
+            "guidance_scale": pipe.sampling_defaults["guidance_scale"],
+            "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
+
+
 def eval_pairs(eval_prompts: Path, pairs: int) -> list[tuple[str, int]]:
     """``(prompt, seed)``: the first ``pairs`` prompts of the `seen` and `heldout_pair` sets, seed = pair index."""
     prompts = json.loads(eval_prompts.read_text())
@@ -70,25 +102,17 @@ def _setting(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--eval-prompts", type=Path, required=True, help="eval_prompts.json of the emoji data")
-    p.add_argument("--pairs", type=int, default=8, help="prompts per set (seen, heldout_pair); default 8")
+    add_pair_args(p)
     p.add_argument("--settings", type=_setting, nargs="+", default=[(4, 32), (4, 16), (6, 32), (8, 32)],
                    metavar="BITS:BLOCK", help="default: 4:32 4:16 6:32 8:32")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.pairs < 1:
-        p.error("--pairs must be at least 1")
-    if not args.eval_prompts.is_file():
-        p.error(f"--eval-prompts: {args.eval_prompts} is not a file (training_examples/data/prepare_emoji.py)")
-    from diffusers_snapgen import load_default_pipeline
+    check_pair_args(p, args)
     from diffusers_snapgen.evaluation import psnr_ssim
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pairs = eval_pairs(args.eval_prompts, args.pairs)
-    pipe = load_default_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = default_pipeline()
     reference, fp32 = sample(pipe, pairs), {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     rows = []
     for bits, block in args.settings:
@@ -99,10 +123,7 @@ def main(argv=None) -> int:
         rows.append({"bits": bits, "block": block, "bits_per_weight": round(bits_per_weight, 3),
                      "psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)})
         print(rows[-1], flush=True)
-    payload = {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "pairs": len(pairs),
-               "steps": pipe.sampling_defaults["num_inference_steps"],
-               "guidance_scale": pipe.sampling_defaults["guidance_scale"],
-               "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
+    payload = run_payload(args, pipe, pairs, start, rows)
     table = ("# Per-block linear quantization of the embedded model's UNet, emulated in PyTorch (CPU)\n\n"
              f"`benchmarks/blockwise_quant_emulation.py`: {len(pairs)} prompt/seed pairs, {payload['steps']} steps, CFG "
              f"{payload['guidance_scale']:g}, image PSNR/SSIM against fp32; torch {torch.__version__}, "

@@ -17,14 +17,19 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
-from blockwise_quant_emulation import eval_pairs, sample
+from blockwise_quant_emulation import (
+    add_pair_args,
+    check_pair_args,
+    default_pipeline,
+    eval_pairs,
+    run_payload,
+    sample,
+)
 from common import markdown_table, write_results
 from torch import nn
 
-RESULTS = Path(__file__).resolve().parent / "results"
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 #: Which ``nn.Linear`` layers are converted: every one, or those the inference suite converts on the paper UNet.
 FILTERS = {"all": lambda layer: True,
@@ -63,28 +68,18 @@ def convert(model: nn.Module, keep) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--eval-prompts", type=Path, required=True, help="eval_prompts.json of the emoji data")
-    p.add_argument("--pairs", type=int, default=8, help="prompts per set (seen, heldout_pair); default 8")
+    add_pair_args(p)
     p.add_argument("--filters", nargs="+", choices=list(FILTERS), default=list(FILTERS),
                    help="which Linear layers become float8: all, or min(in, out) >= 256 (default: both)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.pairs < 1:
-        p.error("--pairs must be at least 1")
-    if not args.eval_prompts.is_file():
-        p.error(f"--eval-prompts: {args.eval_prompts} is not a file (training_examples/data/prepare_emoji.py)")
-    from diffusers_snapgen import load_default_pipeline
+    check_pair_args(p, args)
     from diffusers_snapgen.evaluation import psnr_ssim
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pairs = eval_pairs(args.eval_prompts, args.pairs)
-    pipe = load_default_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    fp32 = sample(pipe, pairs)
-    pipe = load_default_pipeline(dtype=torch.bfloat16)
-    pipe.set_progress_bar_config(disable=True)
+    fp32 = sample(default_pipeline(), pairs)
+    pipe = default_pipeline(torch.bfloat16)
     bf16 = sample(pipe, pairs)
     quality = psnr_ssim(fp32, bf16)
     linears = sum(isinstance(m, nn.Linear) for m in pipe.unet.modules())
@@ -98,10 +93,7 @@ def main(argv=None) -> int:
         rows.append({"unet": f"float8 ({name})", "against": "bf16", "float8_linears": converted, "linears": linears,
                      "psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)})
         print(rows[-1], flush=True)
-    payload = {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "pairs": len(pairs),
-               "steps": pipe.sampling_defaults["num_inference_steps"],
-               "guidance_scale": pipe.sampling_defaults["guidance_scale"],
-               "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
+    payload = run_payload(args, pipe, pairs, start, rows)
     table = ("# Float8 (e4m3, per-row weights and activations) in the embedded model's UNet, emulated (CPU)\n\n"
              f"`benchmarks/float8_emulation.py`: {len(pairs)} prompt/seed pairs (the first {args.pairs} prompts of the "
              f"emoji eval sets `seen` and `heldout_pair`, seed = pair index), {payload['steps']} steps, CFG "
