@@ -39,12 +39,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (  # also puts the checkout's src/ on sys.path
+    flop_counter,
+    markdown_table,
+    write_results,
+)
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-from common import flop_counter, markdown_table, write_results  # also puts the checkout's src/ on sys.path
-
 
 #: (name, dense bf16 TFLOP/s, memory TB/s) from NVIDIA's data sheets (SXM parts).
 GPUS = [("H100", 989.0, 3.35), ("H200", 989.0, 4.8)]
