@@ -73,10 +73,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class OpRecorder(TorchFunctionMode):
-    """Records every op of a forward: family, FLOPs, and input/output tensors (kept alive so ids stay unique).
+    """Records every op of a workload: family, FLOPs, and input/output tensors (kept alive so ids stay unique).
 
-    Attention is taken at ``F.scaled_dot_product_attention`` (one fused kernel); everything else at the aten level
-    through :class:`_AtenRecorder`.
+    Attention is taken at ``F.scaled_dot_product_attention`` as one fused kernel (forward only: its output has no
+    gradient, so a workload that backpropagates through attention is not supported); everything else at the aten
+    level through :class:`_AtenRecorder`, backward ops included.
     """
 
     def __init__(self):
@@ -119,9 +120,9 @@ class _AtenRecorder(TorchDispatchMode):
             return out
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if func.is_view:
+        if func.is_view and inputs:  # a view reads and writes nothing: it stands for the tensor it views
             for t in outputs:
-                self.alias[id(t)] = self.base(inputs[0]) if inputs else id(t)
+                self.alias[id(t)] = self.base(inputs[0])
             self.recorder.keep += outputs
             return out
         family = _library_family(func)
