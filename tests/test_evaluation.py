@@ -267,6 +267,8 @@ def test_a_model_that_fails_mid_run_keeps_the_other_rows(classifier, tmp_path):
     assert Image.open(paths["grid"]).size[0] == 150 + 2 * (32 + 4)  # the two evaluated models
     healthy = evaluate_models(models[:1], ["artist"], classifier, continue_on_error=True)
     assert healthy.failed == {} and "error" not in healthy.columns()
+    with pytest.raises(TypeError, match="continue_on_error"):
+        evaluate_models(models[:1], ["artist"], classifier, continue_on_error="yes")
 
 
 def test_snapgen_eval_writes_the_table_when_a_model_breaks_mid_run(data_dir, saved_models, classifier, tmp_path,

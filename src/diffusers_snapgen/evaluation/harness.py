@@ -221,6 +221,8 @@ def evaluate_models(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"`seed` must be an integer, got {type(seed).__name__}.")
+    if not isinstance(continue_on_error, bool):
+        raise TypeError(f"`continue_on_error` must be True or False, got {continue_on_error!r}.")
     if (encoder is None) != (decoder_images is None):
         raise ValueError("pass both `encoder` and `decoder_images` (decoder PSNR/SSIM), or neither.")
     prompts_rep = [p for p in flat for _ in range(images_per_prompt)]
