@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,11 @@ COLUMNS = ["pipeline", "steps", "mode", "text", "ms", "compile_s", "max_abs_diff
 
 
 def compare(images: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Largest pixel difference and PSNR (images in [0, 1], peak 1) of ``images`` against ``reference``."""
-    error = images.float() - reference
-    mse = error.square().mean().item()
-    return {"max_abs_diff": error.abs().max().item(),
-            "psnr_db": 10 * math.log10(1 / mse) if mse > 0 else float("inf")}
+    """Largest pixel difference and mean PSNR (images in [0, 1], peak 1) of ``images`` against ``reference``."""
+    from diffusers_snapgen.training.reconstruction import psnr
+
+    return {"max_abs_diff": (images.float() - reference).abs().max().item(),
+            "psnr_db": psnr(images.float(), reference).mean().item()}
 
 
 def _sync_time(device) -> float:
@@ -136,9 +135,9 @@ def table(meta, rows) -> str:
         f"{meta['resolution']}², batch 1, random weights\n\n`text`: `excluded` = precomputed embeddings, `included` = "
         "`pipe(prompt)`, `only` = text encoding alone. `fast` = SnapGen's fast sampler (compiled UNet and decoder, "
         "steps + decoder in one CUDA graph); `graph` = the same sampler without compilation (eager kernels in one CUDA "
-        "graph); `max_abs_diff` and `psnr_db` = the largest pixel difference from the eager pipeline on the same noise "
-        "and the PSNR against it (images in [0, 1]): `graph` replays the eager kernels, so it should be ~0; compiled bf16 kernels round differently and "
-        "random weights amplify that over the steps.\n"
+        "graph); `max_abs_diff` and `psnr_db` = the largest pixel difference from the eager pipeline on the same "
+        "noise and the PSNR against it (images in [0, 1]): `graph` replays the eager kernels, so it should be ~0; "
+        "compiled bf16 kernels round differently and random weights amplify that over the steps.\n"
     )
     return header + "\n" + markdown_table(rows, COLUMNS)
 

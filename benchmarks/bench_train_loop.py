@@ -421,8 +421,8 @@ def markdown(info: dict) -> str:
     lines += ["", "`step_mode` is what ran (a mode whose CUDA graph could not be captured says `eager`); `warmup_s` "
               "includes compilation and capture; `gpu_busy` is the union of kernel intervals over wall time in "
               "torch.profiler; `tflop_per_step` counts one eager step's matmul, convolution and attention FLOPs (torch's "
-              "FlopCounterMode, with the backward of grouped convolutions counted right) and `tflops` is that count times steps/s (a rate far below the GPU's peak: the step is "
-              "bound by something other than arithmetic)."]
+              "FlopCounterMode, with the backward of grouped convolutions counted right) and `tflops` is that count "
+              "times steps/s (a rate far below the GPU's peak: the step is bound by something other than arithmetic)."]
     return "\n".join(lines)
 
 

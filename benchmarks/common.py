@@ -168,6 +168,12 @@ def conv_backward_flops(grad_output_shape, input_shape, weight_shape, _bias, _st
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
+def is_large_linear(module: torch.nn.Module, _name: str = "") -> bool:
+    """The ``nn.Linear`` layers the float8 recipe converts (``filter_fn`` of torchao's ``quantize_``): both sides at
+    least 256 features, where a float8 matmul can beat its scaling overhead."""
+    return isinstance(module, torch.nn.Linear) and min(module.in_features, module.out_features) >= 256
+
+
 def flop_counter():
     """torch's ``FlopCounterMode`` (multiply-add = 2) with :func:`conv_backward_flops` for convolution backwards."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -27,13 +27,12 @@ from blockwise_quant_emulation import (
     run_payload,
     sample,
 )
-from common import markdown_table, write_results
+from common import is_large_linear, markdown_table, write_results
 from torch import nn
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 #: Which ``nn.Linear`` layers are converted: every one, or those the inference suite converts on the paper UNet.
-FILTERS = {"all": lambda layer: True,
-           "min256": lambda layer: min(layer.in_features, layer.out_features) >= 256}
+FILTERS = {"all": lambda layer: True, "min256": is_large_linear}
 
 
 def float8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +43,8 @@ def float8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class Float8LinearEmulation(nn.Module):
-    """``nn.Linear`` with float8 e4m3 per-row weights and per-row dynamic activations (fp32 product, input dtype out)."""
+    """``nn.Linear`` with float8 e4m3 per-row weights and per-row dynamic activations (fp32 product, the input's
+    dtype out)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

@@ -41,7 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_table  # noqa: E402
 import bench_models  # noqa: E402
 import bench_pipeline  # noqa: E402
-from common import Budget, attempt, device_name, markdown_table, matmul_peak_tflops, write_results  # noqa: E402
+from common import (  # noqa: E402
+    Budget,
+    attempt,
+    device_name,
+    is_large_linear,
+    markdown_table,
+    matmul_peak_tflops,
+    write_results,
+)
 from pipeline_builders import BUILDERS  # noqa: E402
 
 #: (key, what, target, comparison) for the summary; values are filled in from the rows.
@@ -323,11 +331,8 @@ class Suite:
         def quantize():
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-            def large_linear(module, _):
-                return isinstance(module, torch.nn.Linear) and min(module.in_features, module.out_features) >= 256
-
             quantize_(self.pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                      filter_fn=large_linear)
+                      filter_fn=is_large_linear)
             return {}
 
         quantized = attempt({}, quantize)
@@ -357,8 +362,8 @@ class Suite:
             return row.get(key) if row else None
 
         def pipeline(text):
-            return min((r["ms"] for r in self.pipelines if r.get("pipeline") == "snapgen" and is_fast_mode(r.get("mode"))
-                        and r.get("text") == text and "ms" in r), default=None)
+            return min((r["ms"] for r in self.pipelines if r.get("pipeline") == "snapgen"
+                        and is_fast_mode(r.get("mode")) and r.get("text") == text and "ms" in r), default=None)
 
         def cost(column):
             rows = {r["variant"]: r.get(column) for r in self.ablation}
