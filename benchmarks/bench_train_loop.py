@@ -276,7 +276,7 @@ def _gpu_busy(run, steps: int, table_path: Path | None = None) -> float | None:
 
 
 def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mode: str | None,
-               table_dir: Path | None = None) -> list[dict]:
+               table_dir: Path | None = None, extra=()) -> list[dict]:
     import torch
 
     from diffusers_snapgen.training import setup_accelerator, train
@@ -290,7 +290,7 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
         for mode in modes:
             row = {"config": name, "mode": mode, "batch": batch, "size": size}
             try:
-                args = _args(kind, batch, size, mode, out, warmup, steps, CONFIG_FLAGS.get(name, ()))
+                args = _args(kind, batch, size, mode, out, warmup, steps, [*CONFIG_FLAGS.get(name, ()), *extra])
                 accelerator = setup_accelerator(args)
                 build = _reconstruction_run if kind in RECONSTRUCTION else _denoiser_run
                 t0 = time.perf_counter()
@@ -327,7 +327,7 @@ def run_config(name: str, modes, warmup: int, steps: int, tiny: bool, profile_mo
     return rows
 
 
-def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "graph") -> dict:
+def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "graph", extra=()) -> dict:
     """Trains ``2 * half`` steps in step mode ``mode``, then resumes a new run from the step-``half`` checkpoint: the largest
     relative difference of the windows' mean losses after ``half`` (bitwise on the CPU; kernels with atomics make
     CUDA runs differ in the last bits)."""
@@ -342,9 +342,9 @@ def resume_check(name: str, half: int, window: int, tiny: bool, mode: str = "gra
     with tempfile.TemporaryDirectory() as tmp, fallbacks:
         out = Path(tmp)
         for part in ("uninterrupted", "resumed"):
-            extra = ["--checkpointing_steps", str(half), *CONFIG_FLAGS.get(name, ())] + (
+            flags = ["--checkpointing_steps", str(half), *CONFIG_FLAGS.get(name, ()), *extra] + (
                 ["--resume_from_checkpoint", "latest"] if part == "resumed" else [])
-            args = _args(kind, batch, size, mode, out, window, 2 * half - window, extra)
+            args = _args(kind, batch, size, mode, out, window, 2 * half - window, flags)
             args.output_dir = str(out / part)
             if part == "resumed":
                 shutil.copytree(out / "uninterrupted" / f"checkpoint-{half}", out / part / f"checkpoint-{half}")
@@ -386,9 +386,10 @@ class _FallbackLog(logging.Handler):
 def markdown(info: dict) -> str:
     from common import markdown_table
 
+    cudnn = "cuDNN benchmark mode on (--cudnn_benchmark), " if info.get("cudnn_benchmark") else ""
     lines = [f"# Training-step throughput of the engine ({info['device']})", "",
              f"torch {info['torch']}, {'bf16 autocast, ' if info['cuda'] else ''}fp32 master weights, AdamW "
-             f"(fused on CUDA), EMA on, synthetic data on the device; {info['steps']} timed steps after {info['warmup']} "
+             f"(fused on CUDA), EMA on, {cudnn}synthetic data on the device; {info['steps']} timed steps after {info['warmup']} "
              f"warm-up steps per mode. Written by `benchmarks/bench_train_loop.py` in {info['wall_s']} s.", ""]
     rows = []
     by_config = {}
@@ -446,6 +447,8 @@ def main(argv=None):
     p.add_argument("--resume_mode", type=str, default="graph", help=f"Step mode of the resume check, of {list(MODES)}.")
     p.add_argument("--deadline", type=float, default=None,
                    help="Unix time after which no config starts (a running one is stopped then): rows say 'skipped'.")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="Pass --cudnn_benchmark to every config (cuDNN times its convolution algorithms per shape).")
     p.add_argument("--_one", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -458,13 +461,15 @@ def main(argv=None):
             p.error(f"{flag}: unknown mode {mode!r}; choose from {list(MODES)}")
     if args.warmup < 1 or args.steps < args.warmup or args.steps % args.warmup:
         p.error("--steps must be a positive multiple of --warmup (the timing windows)")
+    extra = ["--cudnn_benchmark"] if args.cudnn_benchmark else []
     if args._one is not None:  # the child process of one config
         if args._one.startswith("resume:"):
-            rows = [resume_check(args._one[7:], args.resume_steps, args.warmup, args.smoke, args.resume_mode)]
+            rows = [resume_check(args._one[7:], args.resume_steps, args.warmup, args.smoke, args.resume_mode, extra)]
         else:
             profiled = args._one in args.profile_config.split(",")
             rows = run_config(args._one, modes, args.warmup, args.steps, args.smoke,
-                              args.profile_mode if profiled else None, args.out if args.profile_tables else None)
+                              args.profile_mode if profiled else None, args.out if args.profile_tables else None,
+                              extra)
         print("ROWS " + json.dumps(rows), flush=True)
         return
     import torch
@@ -481,7 +486,7 @@ def main(argv=None):
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile_config", args.profile_config,
                "--profile_mode", args.profile_mode, "--resume_steps", str(args.resume_steps),
                "--resume_mode", args.resume_mode] + \
-            (["--smoke"] if args.smoke else []) + (["--profile_tables"] if args.profile_tables else [])
+            (["--smoke"] if args.smoke else []) + (["--profile_tables"] if args.profile_tables else []) + extra
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         timeout = None if args.deadline is None else args.deadline - time.time()
         if timeout is not None and timeout < 5:
@@ -505,7 +510,8 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     info = {"device": device, "torch": torch.__version__, "cuda": cuda, "warmup": args.warmup, "steps": args.steps,
-            "smoke": args.smoke, "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "resume": resume}
+            "smoke": args.smoke, "cudnn_benchmark": args.cudnn_benchmark, "wall_s": round(time.perf_counter() - start, 1),
+            "rows": rows, "resume": resume}
     from common import write_results
 
     tag = args.tag or ("smoke" if args.smoke else device.split()[-1].lower())

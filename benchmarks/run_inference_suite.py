@@ -103,7 +103,9 @@ class Suite:
         self.skip_anchors = args.skip_anchors
         self.out = args.out
         self.meta = dict(device=device_name(self.device), torch=torch.__version__,
-                         dtype=str(self.dtype).replace("torch.", ""), resolution=self.resolution, smoke=self.smoke)
+                         dtype=str(self.dtype).replace("torch.", ""), resolution=self.resolution, smoke=self.smoke,
+                         cudnn_benchmark=args.cudnn_benchmark)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
         self.steps: list[dict] = []
         self.pipelines: list[dict] = []
         self.ablation: list[dict] = []
@@ -410,7 +412,8 @@ class Suite:
         self.meta["wall_s"] = self.budget.elapsed()
         header = (
             f"# SnapGen inference suite — {self.meta['device']}, torch {self.meta['torch']}, {self.meta['dtype']}, "
-            f"{self.resolution}² images, random weights{' (smoke: tiny models, CPU)' if self.smoke else ''}\n\n"
+            f"{self.resolution}² images, random weights{' (smoke: tiny models, CPU)' if self.smoke else ''}"
+            f"{', cuDNN benchmark mode on' if self.meta['cudnn_benchmark'] else ''}\n\n"
             f"{self.meta['dtype']} matmul peak measured in this run: {_fmt(self.meta.get('matmul_peak_tflops'))} "
             "TFLOP/s; "
             f"whole run {self.meta['wall_s']:.0f} s. Graphs compiled per section (the fast sampler should reuse the "
@@ -460,6 +463,8 @@ def main(argv=None):
                         help="also time the UNet in float8 (torchao) at batch 1 and the largest batch, and its images")
     parser.add_argument("--fused-recipes", default="default,tuned",
                         help=f"compile recipes of the fused batch-1 step, in order, of: {', '.join(FUSED_RECIPES)}")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True: cuDNN times its convolution algorithms per shape")
     parser.add_argument("--skip-anchors", action="store_true", help="no SANA/SDXL (saves ~30 s)")
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of the sections, run in the suite's order (default: all; peak, "

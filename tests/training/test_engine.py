@@ -152,6 +152,17 @@ def test_channels_last_lays_out_the_weights_and_trains_the_same_model(tmp_path):
         assert torch.equal(a, b) and a.stride() == b.stride()
 
 
+def test_cudnn_benchmark_flag_sets_torchs_switch_and_trains_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    common = ("--max_train_steps", "2", "--logging_steps", "1")
+    _train(tmp_path / "plain", *common, model_class=ConvRegressor)
+    assert torch.backends.cudnn.benchmark is False
+    _train(tmp_path / "tuned", *common, "--cudnn_benchmark", model_class=ConvRegressor)
+    assert torch.backends.cudnn.benchmark is True
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name)] for name in ("plain", "tuned")}
+    assert losses["tuned"] == losses["plain"]
+
+
 def test_cuda_graphs_fall_back_to_eager_with_one_reason(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="diffusers_snapgen.training"):
         run, _ = _train(tmp_path / "g", "--max_train_steps", "2", "--cuda_graphs")

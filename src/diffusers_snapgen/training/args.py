@@ -164,7 +164,8 @@ def add_optimization_args(p: argparse.ArgumentParser, default_lr: float = 1e-4, 
 
 
 def add_speed_args(p: argparse.ArgumentParser):
-    """``--compile``, ``--cuda_graphs`` and ``--channels_last``: the fast training step (docs/training_speed.md)."""
+    """``--compile``, ``--cuda_graphs``, ``--channels_last`` and ``--cudnn_benchmark``: the fast training step
+    (docs/training_speed.md)."""
     g = p.add_argument_group("speed")
     a = g.add_argument
     a("--compile", action="store_true",
@@ -179,6 +180,10 @@ def add_speed_args(p: argparse.ArgumentParser):
       help="Keep the trained model's 4-D weights in channels_last memory format, so its convolutions run NHWC "
            "(faster for convolution-bound models such as the tiny decoder; docs/training_speed.md). Frozen models "
            "and discriminators keep their format; checkpoints and saved models are the same files.")
+    a("--cudnn_benchmark", action="store_true",
+      help="Let cuDNN time its convolution algorithms for each new shape and keep the fastest "
+           "(torch.backends.cudnn.benchmark): the first steps are slower, later ones can be faster for "
+           "convolution-bound models at a fixed --resolution; results may differ in the last bits between runs.")
     a("--start_after", type=str, default=None, metavar="PATH",
       help="Set everything up (with --cuda_graphs: compile and capture the first step, leaving no trace), then wait "
            "until PATH exists before the first optimizer step: a stage compiles while an earlier one still trains "

@@ -177,6 +177,8 @@ def setup_accelerator(args):
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    if getattr(args, "cudnn_benchmark", False):  # process-wide, as torch has it; no effect without cuDNN
+        torch.backends.cudnn.benchmark = True
     args.hub_repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
