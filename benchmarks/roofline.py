@@ -22,7 +22,10 @@ H100 989 TFLOP/s and 3.35 TB/s, H200 989 TFLOP/s and 4.8 TB/s. Workloads:
 - ``reconstruction``: the parts of the tiny-decoder training step that ``bench_reconstruction_parts.py`` times
   (batch 64, 128²: frozen encoder forward, tiny decoder forward + backward, three discriminator passes + backward);
   ``--measured`` sets that script's JSON beside the floors;
-- ``autoencoder``: one forward + backward of ``bench_train_loop.py``'s autoencoder128 step (batch 32, 128², MSE + KL).
+- ``autoencoder``: one forward + backward of ``bench_train_loop.py``'s autoencoder128 step (batch 32, 128², MSE + KL);
+- ``student``: one optimizer step of ``bench_train_loop.py``'s student16 config (the emoji student UNet, flow
+  matching, batch 128 at 16x16 latents: forward, backward, clipping, AdamW, EMA); ``--measured`` sets a
+  ``bench_train_loop.py`` JSON's fastest student16 step beside the floor.
 
     python benchmarks/roofline.py unet --profile benchmarks/results/profile_unet_h200.json --out benchmarks/results
     python benchmarks/roofline.py reconstruction --measured benchmarks/results/reconstruction_parts_h100.json \
@@ -33,6 +36,7 @@ H100 989 TFLOP/s and 3.35 TB/s, H200 989 TFLOP/s and 4.8 TB/s. Workloads:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -75,9 +79,10 @@ def _nbytes(t: torch.Tensor) -> int:
 class OpRecorder(TorchFunctionMode):
     """Records every op of a workload: family, FLOPs, and input/output tensors (kept alive so ids stay unique).
 
-    Attention is taken at ``F.scaled_dot_product_attention`` as one fused kernel (forward only: its output has no
-    gradient, so a workload that backpropagates through attention is not supported); everything else at the aten
-    level through :class:`_AtenRecorder`, backward ops included.
+    Attention is taken at ``F.scaled_dot_product_attention`` as one fused kernel, and its backward (when Q, K or V
+    needs a gradient) as one more: Q, K, V, the output and its gradient in, the three gradients out, 2.5x the
+    forward's FLOPs (a flash backward recomputes the scores: five matrix products to the forward's two). Everything
+    else is recorded at the aten level through :class:`_AtenRecorder`, backward ops included.
     """
 
     def __init__(self):
@@ -91,11 +96,13 @@ class OpRecorder(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]])[:3]
-        self.aten.paused = True  # the output's allocation is part of the attention kernel
-        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
-        self.aten.paused = False
         batch_heads = query.numel() // (query.shape[-2] * query.shape[-1])
         flops = 4 * batch_heads * query.shape[-2] * key.shape[-2] * query.shape[-1]
+        with self.aten.pause():  # the output's allocation is part of the attention kernel
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+                out = _AttentionStandIn.apply(self, flops, query, key, value)
+            else:
+                out = query.new_empty(query.shape[:-1] + value.shape[-1:])
         self.add("attention", flops, [query, key, value], [out])
         return out
 
@@ -104,6 +111,25 @@ class OpRecorder(TorchFunctionMode):
         outs = [t for t in outputs if isinstance(t, torch.Tensor)]
         self.keep += tensors + outs
         self.ops.append(dict(family=family, flops=flops, inputs=tensors, outputs=outs))
+
+
+class _AttentionStandIn(torch.autograd.Function):
+    """An attention output on ``meta`` whose backward records the fused attention backward kernel."""
+
+    @staticmethod
+    def forward(ctx, recorder, flops, query, key, value):
+        ctx.recorder, ctx.flops = recorder, flops
+        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
+        ctx.save_for_backward(query, key, value, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out = ctx.saved_tensors
+        with ctx.recorder.aten.pause():
+            grads = [t.new_empty(t.shape) for t in (query, key, value)]
+        ctx.recorder.add("attention", 5 * ctx.flops // 2, [query, key, value, out, grad_out], grads)
+        return None, None, *grads
 
 
 class _AtenRecorder(TorchDispatchMode):
@@ -116,14 +142,15 @@ class _AtenRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.paused:
-            return out
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.recorder.keep += inputs + outputs  # every tensor seen stays alive: ids are never reused
+        if self.paused:
+            return out
         if func.is_view and inputs:  # a view reads and writes nothing: it stands for the tensor it views
             for t in outputs:
-                self.alias[id(t)] = self.base(inputs[0])
-            self.recorder.keep += outputs
+                if t is not inputs[0]:  # aten.lift_fresh returns its input: no alias to itself
+                    self.alias[id(t)] = self.base(inputs[0])
             return out
         family = _library_family(func)
         flops = 0
@@ -131,6 +158,15 @@ class _AtenRecorder(TorchDispatchMode):
             flops = FLOPS[func.overloadpacket](*args, **kwargs, out_val=out)
         self.recorder.add(family or "fused chains", flops, inputs, outputs)
         return out
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Ops inside are not recorded (allocations that belong to a fused kernel recorded as one op)."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def base(self, t: torch.Tensor) -> int:
         key = id(t)
@@ -250,6 +286,40 @@ def autoencoder_workloads(smoke: bool) -> list[tuple[dict, object]]:
     return [({"part": "autoencoder_fwd_bwd", "batch": batch, "resolution": size}, forward_backward)]
 
 
+def student_workloads(smoke: bool) -> list[tuple[dict, object]]:
+    """``({"part"}, workload)``: one optimizer step of ``bench_train_loop.py``'s student16 config (the emoji
+    student, flow matching at 16x16 latents, batch 128, 20 text tokens): bf16 forward and backward, then what the
+    engine's step does with fp32 master weights (gradient norm and clipping, AdamW, EMA update)."""
+    from bench_train_loop import EMOJI_STUDENT, TEXT_TOKENS, TEXT_WIDTH, TINY_UNET
+
+    from diffusers_snapgen import SnapGenUNet2DModel
+
+    config, batch, size, tokens = (TINY_UNET, 4, 8, 8) if smoke else (EMOJI_STUDENT, 128, 16, TEXT_TOKENS)
+    width = config["joint_attention_dim"] if smoke else TEXT_WIDTH
+    with torch.device("meta"):
+        model = SnapGenUNet2DModel(**config, sample_size=size).to(torch.bfloat16)
+        master = [p.detach().float() for p in model.parameters()]
+        ema = [p.clone() for p in master]
+        optimizer = torch.optim.AdamW(master, lr=1e-4, foreach=False)  # no foreach kernels on meta
+        inputs = dict(sample=torch.randn(batch, 16, size, size, dtype=torch.bfloat16),
+                      timestep=torch.rand(batch) * 1000,
+                      encoder_hidden_states=torch.randn(batch, tokens, width, dtype=torch.bfloat16),
+                      pooled_projections=torch.randn(batch, config["pooled_projection_dim"], dtype=torch.bfloat16))
+        target = torch.randn(batch, 16, size, size, dtype=torch.bfloat16)
+
+    def step():
+        prediction = model(**inputs).sample
+        (prediction.float() - target.float()).square().mean().backward()
+        for weight, p in zip(master, model.parameters()):
+            weight.grad = p.grad.float()
+        torch.nn.utils.clip_grad_norm_(master, 1.0)
+        optimizer.step()
+        for average, weight in zip(ema, master):
+            average.lerp_(weight, 1e-4)
+
+    return [({"part": "student16_step", "batch": batch, "resolution": size}, step)]
+
+
 def compare(rows: list[dict], measured_ms: dict, gpu: str) -> list[dict]:
     """Measured time against the floor, one row per key of ``measured_ms`` (keys name rows of ``rows``)."""
     by_name = {r["name"]: r for r in rows}
@@ -259,13 +329,14 @@ def compare(rows: list[dict], measured_ms: dict, gpu: str) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=["unet", "reconstruction", "autoencoder"])
+    parser.add_argument("workload", choices=["unet", "reconstruction", "autoencoder", "student"])
     parser.add_argument("--out", type=Path, required=True, help="folder for roofline_<workload>.{json,md}")
     parser.add_argument("--batch-sizes", default="1,16", help="unet: comma-separated batch sizes (default 1,16)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="unet: a profile_unet.py JSON (batch 1, separate projections) to set beside the floors")
     parser.add_argument("--measured", type=Path, default=None,
-                        help="reconstruction: a bench_reconstruction_parts.py JSON to set beside the floors")
+                        help="reconstruction: a bench_reconstruction_parts.py JSON; student: a bench_train_loop.py "
+                             "JSON (its fastest student16 step); set beside the floors")
     parser.add_argument("--gpu", default="H200", choices=[g for g, _, _ in GPUS],
                         help="the GPU that --profile / --measured was measured on (default H200)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the code path)")
@@ -276,16 +347,18 @@ def main(argv=None):
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if not batch_sizes or min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes!r}")
-    given = {"unet": args.profile, "reconstruction": args.measured}.get(args.workload)
-    for flag, value, workload in (("--profile", args.profile, "unet"), ("--measured", args.measured, "reconstruction")):
-        if value is not None and args.workload != workload:
+    given = {"unet": args.profile, "reconstruction": args.measured, "student": args.measured}.get(args.workload)
+    for flag, value, workloads in (("--profile", args.profile, ("unet",)),
+                                   ("--measured", args.measured, ("reconstruction", "student"))):
+        if value is not None and args.workload not in workloads:
             parser.error(f"{flag} is not for the {args.workload} workload")
     if given is not None and not given.is_file():
         parser.error(f"no such file {given}")
 
     workloads = {"unet": lambda: unet_workloads(args.smoke, batch_sizes),
                  "reconstruction": lambda: reconstruction_workloads(args.smoke),
-                 "autoencoder": lambda: autoencoder_workloads(args.smoke)}[args.workload]()
+                 "autoencoder": lambda: autoencoder_workloads(args.smoke),
+                 "student": lambda: student_workloads(args.smoke)}[args.workload]()
     results = []
     for labels, workload in workloads:
         results.append(dict(labels, families=floors(workload)))
@@ -310,6 +383,16 @@ def main(argv=None):
             named = [dict(r, name=r["family"]) for r in rows]
             note = ("The profile's attention family includes inductor's fused QK-norm + RoPE kernels, which the model "
                     "counts in fused chains.")
+        elif args.workload == "student":  # the fastest measured mode of the whole step against its floor
+            rows = measured.get("rows") or measured.get("bench", {}).get("rows", [])
+            timed = [r for r in rows if r.get("config") == "student16" and r.get("step_ms")]
+            if not timed:
+                parser.error(f"{given} has no timed student16 row")
+            fastest = min(timed, key=lambda r: r["step_ms"])
+            named = [dict(results[0]["families"][-1], name="student16_step")]
+            kernel_ms = {"student16_step": fastest["step_ms"]}
+            note = (f"The fastest student16 row of that run, `{fastest['mode']}` mode: the whole step's wall time "
+                    "(kernels and the gaps between them).")
         else:  # every layout's time of each part against its floor
             named = [dict(r["families"][-1], name=r["part"]) for r in results]
             kernel_ms = {}

@@ -285,6 +285,35 @@ def test_roofline_model_moves_each_tensor_of_a_fused_chain_once():
     assert roofline.floor_bytes(ops, aten) == [first, 2 * 16 * bf16, 2 * 16 * bf16, second]
 
 
+def test_roofline_records_attention_and_its_backward_as_one_kernel_each():
+    """Forward: Q, K, V in, the output out; backward: those and the output's gradient in, three gradients out, at
+    2.5x the forward's FLOPs. Without gradients there is no backward kernel."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import roofline
+
+    with torch.device("meta"):
+        q = torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(2, 4, 32, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    forward_flops = 4 * (2 * 4) * 16 * 32 * 8
+    ops, aten = roofline.record(  # square(): the output's gradient is a whole tensor, not a broadcast one
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).square().sum().backward())
+    attention = [(op, moved) for op, moved in zip(ops, roofline.floor_bytes(ops, aten)) if op["family"] == "attention"]
+    assert [op["flops"] for op, _ in attention] == [forward_flops, 5 * forward_flops // 2]
+    q_bytes, kv_bytes = 2 * 4 * 16 * 8 * 2, 2 * 4 * 32 * 8 * 2
+    forward_bytes = 2 * q_bytes + 2 * kv_bytes  # Q, K, V, output
+    assert [moved for _, moved in attention] == [forward_bytes, 2 * forward_bytes]  # + output gradient, 3 gradients
+    assert q.grad is not None and q.grad.shape == q.shape and k.grad.shape == k.shape
+
+    def forward_only():
+        with torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    ops, _ = roofline.record(forward_only)
+    assert [op["flops"] for op in ops if op["family"] == "attention"] == [forward_flops]
+
+
 def test_grouped_convolution_backward_costs_twice_its_forward():
     """torch's counter charges a depthwise convolution's backward as a dense one (groups times too much);
     benchmarks count it as input gradient + weight gradient, each the forward's cost."""
@@ -337,6 +366,13 @@ def test_roofline_smoke_writes_floors_and_the_measured_comparison(tmp_path):
     convolutions = step["families"][1]
     assert step["part"] == "autoencoder_fwd_bwd" and convolutions["family"] == "convolution"
     assert convolutions["gflop"] == step["families"][-1]["gflop"] > 0  # no matmuls or attention in this VAE
+    _run("roofline.py", "student", "--smoke", "--measured", str(BENCHMARKS / "results" / "bench_train_loop_h200.json"),
+         "--out", str(tmp_path))
+    (step,) = json.loads((tmp_path / "roofline_student_smoke.json").read_text())["results"]
+    families = {f["family"]: f for f in step["families"]}
+    assert step["part"] == "student16_step" and all(families[f]["gflop"] > 0 for f in ("matmul", "convolution"))
+    assert families["attention"]["ops"] % 2 == 0 and families["attention"]["ops"] > 0  # forward + backward kernels
+    assert "| student16_step | 12.1 |" in (tmp_path / "roofline_student_smoke.md").read_text()
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "roofline.py"), "unet", "--measured", str(measured),
                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--measured is not for the unet workload" in bad.stderr
