@@ -389,8 +389,8 @@ def markdown(info: dict) -> str:
     cudnn = "cuDNN benchmark mode on (--cudnn_benchmark), " if info.get("cudnn_benchmark") else ""
     lines = [f"# Training-step throughput of the engine ({info['device']})", "",
              f"torch {info['torch']}, {'bf16 autocast, ' if info['cuda'] else ''}fp32 master weights, AdamW "
-             f"(fused on CUDA), EMA on, {cudnn}synthetic data on the device; {info['steps']} timed steps after {info['warmup']} "
-             f"warm-up steps per mode. Written by `benchmarks/bench_train_loop.py` in {info['wall_s']} s.", ""]
+             f"(fused on CUDA), EMA on, {cudnn}synthetic data on the device; {info['steps']} timed steps after "
+             f"{info['warmup']} warm-up steps per mode. Written by `benchmarks/bench_train_loop.py` in {info['wall_s']} s.", ""]
     rows = []
     by_config = {}
     for row in info["rows"]:
@@ -510,8 +510,8 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     info = {"device": device, "torch": torch.__version__, "cuda": cuda, "warmup": args.warmup, "steps": args.steps,
-            "smoke": args.smoke, "cudnn_benchmark": args.cudnn_benchmark, "wall_s": round(time.perf_counter() - start, 1),
-            "rows": rows, "resume": resume}
+            "smoke": args.smoke, "cudnn_benchmark": args.cudnn_benchmark,
+            "wall_s": round(time.perf_counter() - start, 1), "rows": rows, "resume": resume}
     from common import write_results
 
     tag = args.tag or ("smoke" if args.smoke else device.split()[-1].lower())
