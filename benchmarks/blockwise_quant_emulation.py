@@ -90,6 +90,14 @@ def sample(pipe, pairs: list[tuple[str, int]]) -> torch.Tensor:
                       for prompt, seed in pairs]).float()
 
 
+def quality_columns(reference: torch.Tensor, images: torch.Tensor) -> dict:
+    """The result columns of ``images`` against ``reference``: mean image PSNR (dB) and SSIM, rounded."""
+    from diffusers_snapgen.evaluation import psnr_ssim
+
+    quality = psnr_ssim(reference, images)
+    return {"psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)}
+
+
 def _setting(text: str) -> tuple[int, int]:
     try:
         bits, block = (int(v) for v in text.split(":"))
@@ -107,8 +115,6 @@ def main(argv=None) -> int:
                    metavar="BITS:BLOCK", help="default: 4:32 4:16 6:32 8:32")
     args = p.parse_args(argv)
     check_pair_args(p, args)
-    from diffusers_snapgen.evaluation import psnr_ssim
-
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pairs = eval_pairs(args.eval_prompts, args.pairs)
@@ -118,10 +124,9 @@ def main(argv=None) -> int:
     for bits, block in args.settings:
         state, bits_per_weight = quantized_state(pipe.unet, bits, block)
         pipe.unet.load_state_dict(state)
-        quality = psnr_ssim(reference, sample(pipe, pairs))
+        quality = quality_columns(reference, sample(pipe, pairs))
         pipe.unet.load_state_dict(fp32)
-        rows.append({"bits": bits, "block": block, "bits_per_weight": round(bits_per_weight, 3),
-                     "psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)})
+        rows.append({"bits": bits, "block": block, "bits_per_weight": round(bits_per_weight, 3), **quality})
         print(rows[-1], flush=True)
     payload = run_payload(args, pipe, pairs, start, rows)
     table = ("# Per-block linear quantization of the embedded model's UNet, emulated in PyTorch (CPU)\n\n"

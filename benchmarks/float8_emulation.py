@@ -24,6 +24,7 @@ from blockwise_quant_emulation import (
     check_pair_args,
     default_pipeline,
     eval_pairs,
+    quality_columns,
     run_payload,
     sample,
 )
@@ -73,25 +74,21 @@ def main(argv=None) -> int:
                    help="which Linear layers become float8: all, or min(in, out) >= 256 (default: both)")
     args = p.parse_args(argv)
     check_pair_args(p, args)
-    from diffusers_snapgen.evaluation import psnr_ssim
-
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pairs = eval_pairs(args.eval_prompts, args.pairs)
     fp32 = sample(default_pipeline(), pairs)
     pipe = default_pipeline(torch.bfloat16)
     bf16 = sample(pipe, pairs)
-    quality = psnr_ssim(fp32, bf16)
     linears = sum(isinstance(m, nn.Linear) for m in pipe.unet.modules())
     rows = [{"unet": "bf16", "against": "fp32", "float8_linears": 0, "linears": linears,
-             "psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)}]
+             **quality_columns(fp32, bf16)}]
     original = pipe.unet
     for name in args.filters:
         pipe.unet = copy.deepcopy(original)
         converted = convert(pipe.unet, FILTERS[name])
-        quality = psnr_ssim(bf16, sample(pipe, pairs))
         rows.append({"unet": f"float8 ({name})", "against": "bf16", "float8_linears": converted, "linears": linears,
-                     "psnr_db": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4)})
+                     **quality_columns(bf16, sample(pipe, pairs))})
         print(rows[-1], flush=True)
     payload = run_payload(args, pipe, pairs, start, rows)
     table = ("# Float8 (e4m3, per-row weights and activations) in the embedded model's UNet, emulated (CPU)\n\n"

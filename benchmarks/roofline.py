@@ -109,7 +109,6 @@ class OpRecorder(TorchFunctionMode):
     def add(self, family, flops, inputs, outputs):
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         outs = [t for t in outputs if isinstance(t, torch.Tensor)]
-        self.keep += tensors + outs
         self.ops.append(dict(family=family, flops=flops, inputs=tensors, outputs=outs))
 
 
