@@ -8,8 +8,9 @@ a tiny latent, counts the ops of one forward (``TorchDispatchMode``), splits the
 a GPU) and views / no-op casts (host work only), counts module calls, and times the forward on this CPU (best of
 several interleaved rounds' medians, one thread, batch 1). SANA-1.6B's transformer, built the same way, is the anchor
 of the same run. The UNet is also counted after ``fuse_qkv_projections()`` (one matmul for Q/K/V), and ablation
-variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add. Counts depend only on the code, not on the
-machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
+variant (e) (no QK-norm, no RoPE) shows what (f)'s QK-norm + RoPE add; the ``_text_kv`` rows are the steps a sampler
+runs with the text's cross-attention keys and values precomputed once per prompt. Counts depend only on the code, not
+on the machine; CPU times are a rough proxy for the GPU's host time, not a GPU measurement.
 
     python benchmarks/bench_host_overhead.py [--out benchmarks/results] [--iters 30] [--rounds 5]
 """
@@ -57,7 +58,7 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def snapgen(variant: str | None = None, fuse_qkv: bool = False):
+def snapgen(variant: str | None = None, fuse_qkv: bool = False, text_kv: bool = False):
     from diffusers_snapgen import SnapGenUNet2DModel
     from diffusers_snapgen.models.unet_variants import ablation_variants
 
@@ -68,6 +69,9 @@ def snapgen(variant: str | None = None, fuse_qkv: bool = False):
     inputs = dict(sample=torch.randn(1, 16, 4, 4), timestep=torch.full((), 500.0).expand(1),
                   encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 64), pooled_projections=torch.randn(1, 64),
                   return_dict=False)
+    if text_kv:  # what a sampler's steps after the first dispatch: the text's keys and values come precomputed
+        with torch.no_grad():
+            inputs["cross_attention_kv"] = model.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
     return model, inputs
 
 
@@ -83,6 +87,10 @@ MODELS = {
     "snapgen_unet": ("SnapGen UNet (paper config, variant f)", lambda: snapgen()),
     "snapgen_unet_fused_qkv": ("SnapGen UNet after `fuse_qkv_projections()`", lambda: snapgen(fuse_qkv=True)),
     "snapgen_unet_variant_e": ("SnapGen UNet, variant (e): no QK-norm, no RoPE", lambda: snapgen("e")),
+    "snapgen_unet_text_kv": ("SnapGen UNet, text keys/values precomputed (`cross_attention_kv`)",
+                             lambda: snapgen(text_kv=True)),
+    "snapgen_unet_fused_qkv_text_kv": ("... and fused QKV", lambda: snapgen(fuse_qkv=True, text_kv=True)),
+    "snapgen_unet_variant_e_text_kv": ("variant (e), text keys/values precomputed", lambda: snapgen("e", text_kv=True)),
     "sana_1600m_transformer": ("SANA-1.6B transformer (anchor)", sana),
 }
 
@@ -148,6 +156,9 @@ def main(argv=None):
         "fused_qkv_cpu_ms_vs_sana": round(by_name["snapgen_unet_fused_qkv"]["cpu_ms"] / anchor["cpu_ms"], 3),
         "variant_f_extra_compute_ops": final["compute_ops"] - variant_e["compute_ops"],
         "variant_f_extra_ops": final["ops"] - variant_e["ops"],
+        "text_kv_cpu_ms_vs_sana": round(by_name["snapgen_unet_fused_qkv_text_kv"]["cpu_ms"] / anchor["cpu_ms"], 3),
+        "text_kv_variant_f_extra_compute_ops": (by_name["snapgen_unet_text_kv"]["compute_ops"]
+                                                - by_name["snapgen_unet_variant_e_text_kv"]["compute_ops"]),
     }
     meta = dict(torch=torch.__version__, machine=platform.platform(), processor=platform.machine(), threads=1,
                 iters=args.iters, rounds=args.rounds,

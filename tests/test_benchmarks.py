@@ -84,7 +84,8 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     steps = {(r["model"], r["batch"], r["mode"]): r for r in result["steps"]}
     for key in [("snapgen_unet", 1, "eager"), ("snapgen_unet", 2, "eager"), ("snapgen_unet", 1, "compiled"),
                 ("snapgen_unet", 2, "compiled"), ("snapgen_unet_fused_qkv", 1, "eager"),
-                ("snapgen_unet_fused_qkv", 1, "compiled"), ("snapgen_unet_fused_qkv_tuned", 1, "compiled")]:
+                ("snapgen_unet_fused_qkv", 1, "compiled"), ("snapgen_unet_fused_qkv_tuned", 1, "compiled"),
+                ("snapgen_unet_text_kv", 1, "compiled"), ("snapgen_unet_fused_qkv_text_kv", 1, "compiled")]:
         assert steps[key]["ms"] > 0 and "error" not in steps[key], key
     assert steps["snapgen_unet_fp8", 1, "compiled"]["error"].startswith("failed:")  # no torchao / no CUDA here
     pipelines = {(r["pipeline"], r["mode"], r["text"]): r for r in result["pipelines"]}
@@ -100,7 +101,8 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     ablation = {r["variant"]: r for r in result["ablation"]}
     assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
     targets = {r["target"]: r for r in result["targets"]}
-    assert len(targets) == 8 and all(r["status"] != "missed" for r in targets.values())
+    assert len(targets) == 9 and all(r["status"] != "missed" for r in targets.values())
+    assert targets["... with the text's keys and values precomputed, as the fast sampler runs it (ms)"]["value"] > 0
 
 
 def test_inference_suite_runs_only_the_chosen_sections(tmp_path):
@@ -214,7 +216,8 @@ def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
     _run("bench_host_overhead.py", "--iters", "2", "--rounds", "2", "--out", str(tmp_path))
     result = json.loads((tmp_path / "bench_host_overhead.json").read_text())
     rows = {row["model"]: row for row in result["rows"]}
-    assert set(rows) == {"snapgen_unet", "snapgen_unet_fused_qkv", "snapgen_unet_variant_e", "sana_1600m_transformer"}
+    assert set(rows) == {"snapgen_unet", "snapgen_unet_fused_qkv", "snapgen_unet_variant_e", "sana_1600m_transformer",
+                         "snapgen_unet_text_kv", "snapgen_unet_fused_qkv_text_kv", "snapgen_unet_variant_e_text_kv"}
     for row in rows.values():
         assert row["ops"] == row["compute_ops"] + row["view_or_noop_ops"] and row["module_calls"] > 0
         assert row["cpu_ms"] > 0
@@ -226,6 +229,10 @@ def test_bench_host_overhead_counts_ops_of_every_model(tmp_path):
     # Fused projections: fewer matmuls, same QK-norm and RoPE.
     assert rows["snapgen_unet_fused_qkv"]["top_ops"]["linear"] < rows["snapgen_unet"]["top_ops"]["linear"]
     assert rows["snapgen_unet_fused_qkv"]["top_ops"]["rms_norm"] == rows["snapgen_unet"]["top_ops"]["rms_norm"]
+    # Precomputed text keys and values: no text projection or K-norm in the step (39 cross-attentions, 1 embedder).
+    assert rows["snapgen_unet"]["top_ops"]["linear"] - rows["snapgen_unet_text_kv"]["top_ops"]["linear"] == 2 * 39 + 1
+    assert rows["snapgen_unet"]["top_ops"]["rms_norm"] - rows["snapgen_unet_text_kv"]["top_ops"]["rms_norm"] == 39
+    assert result["summary"]["text_kv_variant_f_extra_compute_ops"] < extra
     assert "| snapgen_unet |" in (tmp_path / "bench_host_overhead.md").read_text()
 
 

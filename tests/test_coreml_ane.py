@@ -55,6 +55,18 @@ def test_ane_unet_matches_original(overrides):
     assert any(isinstance(m, ANESnapGenAttention) for m in ane.modules())
 
 
+def test_ane_unet_projects_the_text_in_every_step():
+    """The ANE attentions project the text themselves: pipelines keep the per-step projection for an ANE UNet, and
+    precomputed keys and values are refused with a message that says so."""
+    from diffusers_snapgen.pipelines.pipeline_snapgen import projects_text_once
+
+    unet = tiny_unet()
+    ane = to_ane_unet(unet)
+    assert projects_text_once(unet) and not projects_text_once(ane)
+    with pytest.raises(ValueError, match="cross-attentions were replaced"):
+        ane.precompute_cross_attention_kv(_unet_inputs(unet)[2])
+
+
 def test_ane_attention_folds_nondefault_scale_into_query():
     attn = _randomize_norms(SnapGenAttention(32, heads=4, dim_head=8, kv_heads=1))
     attn.scale = 0.5  # a non-default softmax scale, applied by the reference below

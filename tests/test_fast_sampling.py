@@ -46,6 +46,63 @@ def test_cfg_batches_and_embeddings_match_the_pipeline(pipe):
     torch.testing.assert_close(images, expected)
 
 
+def _projections_and_images(pipe, run):
+    """How often ``run()`` projects the text (``context_embedder`` calls), and its images."""
+    projections = []
+    handle = pipe.unet.context_embedder.register_forward_pre_hook(lambda module, args: projections.append(1))
+    try:
+        images = run()
+    finally:
+        handle.remove()
+    return len(projections), images
+
+
+def test_text_keys_and_values_are_projected_once_per_call(pipe, monkeypatch):
+    """Pipeline and sampler project the text once per call, not in each of the 3 steps: the images of the per-step
+    projection, bit for bit."""
+    from diffusers_snapgen.pipelines import pipeline_snapgen
+
+    def pipeline():
+        return pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
+
+    fast = pipe.fast_sampler(height=H, width=W)
+    once, images = _projections_and_images(pipe, pipeline)
+    fast_once, fast_images = _projections_and_images(
+        pipe, lambda: fast("a red apple", generator=gen(), output_type="pt").images
+    )
+    monkeypatch.setattr(pipeline_snapgen, "projects_text_once", lambda unet: False)
+    per_step, expected = _projections_and_images(pipe, pipeline)
+    assert (once, fast_once, per_step) == (1, 1, 3) and fast.precompute_text_kv
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fast_images, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hooks", ["layerwise_casting", "block_offloading"])
+def test_hooks_above_the_projections_keep_the_per_step_projection(hooks):
+    """Block offloading moves weights in a block's forward hook, which a once-per-call projection would bypass: there
+    pipeline and sampler project in every step. Hooks on the layers themselves (layerwise casting) do not stop the
+    precomputation. Either way the sampler gives the pipeline's images."""
+    from diffusers.hooks import apply_group_offloading
+
+    pipe = tiny_pipeline("clip", num_inference_steps=3)
+    if hooks == "layerwise_casting":
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float32, compute_dtype=torch.float32)
+    else:
+        apply_group_offloading(pipe.unet, onload_device=torch.device("cpu"), offload_type="block_level",
+                               num_blocks_per_group=1)
+    calls, expected = _projections_and_images(
+        pipe, lambda: pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
+    )
+    fast = pipe.fast_sampler(height=H, width=W)
+    fast_calls, images = _projections_and_images(
+        pipe, lambda: fast("a red apple", generator=gen(), output_type="pt").images
+    )
+    projects_once = hooks == "layerwise_casting"
+    assert fast.precompute_text_kv == projects_once
+    assert calls == fast_calls == (1 if projects_once else 3)
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+
+
 def test_compiled_loop_matches_the_pipeline():
     torch._dynamo.reset()
     pipe = tiny_pipeline("clip", num_inference_steps=2, block_out_channels=(16, 32),

@@ -117,6 +117,29 @@ def test_prompt_embeds_give_the_same_images_as_the_prompt(pipe):
     torch.testing.assert_close(from_embeds, from_text)
 
 
+def test_callback_that_replaces_prompt_embeds_is_followed(pipe):
+    """The text keys and values are computed once per call: a callback that swaps ``prompt_embeds`` mid-loop gets
+    them computed again, so the later steps follow the new text as they did with per-step projections."""
+    other = pipe.encode_prompt("a blue bird", do_classifier_free_guidance=False)[0]
+
+    def switch_text(pipeline, step, timestep, callback_kwargs):
+        return {"prompt_embeds": other} if step == 0 else {}
+
+    switched = latents_of(pipe, num_inference_steps=3, callback_on_step_end=switch_text,
+                          callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    generator = gen(0)
+    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, H, W, torch.float32, pipe.device, generator)
+    embeds, _, pooled, _ = pipe.encode_prompt("a red apple", do_classifier_free_guidance=False)
+    pipe.scheduler.set_timesteps(3)
+    with torch.no_grad():
+        for step, t in enumerate(pipe.scheduler.timesteps):
+            text = embeds if step == 0 else other
+            velocity = pipe.unet(latents, t.expand(1), encoder_hidden_states=text, pooled_projections=pooled).sample
+            latents = pipe.scheduler.step(velocity, t, latents).prev_sample
+    torch.testing.assert_close(switched, latents, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(switched, latents_of(pipe, num_inference_steps=3), atol=1e-4)
+
+
 def test_callback_sees_requested_tensors_and_can_edit_latents(pipe):
     seen = []
 

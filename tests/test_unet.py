@@ -295,6 +295,48 @@ def test_fuse_qkv_projections_gives_the_same_outputs_with_fewer_matmuls():
     torch.testing.assert_close(forward_and_matmuls()[0], separate, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("config", [{}, dict(kv_heads=None, qk_norm=None, use_rope=False)], ids=["mqa", "mha"])
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_precomputed_cross_attention_kv_gives_the_same_outputs_without_text_projections(config, fused):
+    """``precompute_cross_attention_kv`` once, then every step skips ``context_embedder`` and the cross-attentions'
+    K/V projections: the same outputs, masked tokens included, and a list of text-only matmuls fewer per step."""
+    unet = tiny_unet(**config).eval()
+    if fused:
+        unet.fuse_qkv_projections()
+    inputs = dict(_inputs(unet), encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    cross = [m for m in unet.modules() if isinstance(m, SnapGenAttention) and m.is_cross_attention]
+    assert sorted(m.cross_attention_index for m in cross) == list(range(len(cross)))
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda module, args: calls.append(module))
+               for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        reference = unet(**inputs).sample
+        per_step = len(calls)
+        cross_attention_kv = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
+        calls.clear()
+        out = unet(**inputs, cross_attention_kv=cross_attention_kv).sample
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    projections_per_attention = 1 if fused else 2
+    assert per_step - len(calls) == 1 + projections_per_attention * len(cross)
+    assert unet.context_embedder not in calls
+    key, value = cross_attention_kv[0]
+    assert key.shape == value.shape == (2, 5, cross[0].kv_heads, cross[0].head_dim)
+
+
+def test_precomputed_cross_attention_kv_is_checked():
+    unet = tiny_unet()
+    inputs = _inputs(unet)
+    cross_attention_kv = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
+    other_batch = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"][:1])
+    for bad in (cross_attention_kv[:-1], other_batch, [(k,) for k, v in cross_attention_kv], "kv"):
+        with pytest.raises(ValueError, match="cross_attention_kv"):
+            unet(**inputs, cross_attention_kv=bad)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        unet.precompute_cross_attention_kv(torch.randn(2, 5, 3))
+
+
 def test_fuse_qkv_projections_refuses_unmerged_lora_and_keeps_merged_lora():
     from peft import LoraConfig
 

@@ -83,7 +83,7 @@ def test_fullgraph_compile_forward_and_backward_match_eager_without_recompiling(
         compiled(**_inputs(unet, seed=1)).sample.sum().backward()
 
 
-def test_fused_qkv_projections_compile_in_one_graph():
+def test_fused_qkv_projections_and_precomputed_text_kv_compile_in_full_graphs():
     torch._dynamo.reset()
     unet = _small_unet().eval()
     inputs = _inputs(unet)
@@ -92,6 +92,9 @@ def test_fused_qkv_projections_compile_in_one_graph():
         unet.fuse_qkv_projections()
         compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(**inputs).sample, reference, rtol=1e-5, atol=1e-5)
+        cross_attention_kv = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
+        torch.testing.assert_close(compiled(**inputs, cross_attention_kv=cross_attention_kv).sample, reference,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_export_keeps_the_rope_tables_in_the_graph():
@@ -115,6 +118,14 @@ def test_regional_compilation_compiles_once_per_block_shape():
         second = unet(**_inputs(unet)).sample
     assert _graphs() - before == 3
     torch.testing.assert_close(first, second)
+    # Precomputed text keys and values (what the fast sampler passes) reuse the same three block graphs' shapes:
+    # three more graphs, one per stage, not one per block.
+    inputs = _inputs(unet)
+    with torch._dynamo.config.patch(recompile_limit=6), torch.no_grad():
+        cross_attention_kv = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
+        cached = unet(**inputs, cross_attention_kv=cross_attention_kv).sample
+    assert _graphs() - before == 6
+    torch.testing.assert_close(cached, first)
 
 
 

@@ -121,7 +121,10 @@ class ANESnapGenAttention(nn.Module):
         half = self.head_dim // 2  # channels in half-split order: the sign sits in the table's first half
         return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
-    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                context_kv=None):
+        if context_kv is not None:
+            raise ValueError("The Core ML attention projects the text itself: pass no `cross_attention_kv`.")
         is_cross = encoder_hidden_states is not None
         context = encoder_hidden_states if is_cross else hidden_states
         batch, seq, _ = hidden_states.shape

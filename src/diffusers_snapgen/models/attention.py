@@ -16,7 +16,8 @@ class SnapGenAttnProcessor:
     Order (paper Fig. 2 (f)): project, RMSNorm on Q and K, RoPE on Q (self- and cross-attention) and on K
     (self-attention only: text tokens have no 2D position), attention, output projection. After
     ``fuse_qkv_projections()`` the projections are one ``to_qkv`` (self-attention) or ``to_q`` + ``to_kv``
-    (cross-attention) matmul.
+    (cross-attention) matmul. A cross-attention takes its keys and values from ``context_kv`` when given (computed
+    once per prompt by :meth:`SnapGenAttention.project_context`), else projects ``encoder_hidden_states``.
 
     With one K/V head (multi-query attention) the query heads are folded into the query sequence,
     ``(B, S, heads, D) -> (B, S * heads, 1, D)``: single-head attention against the one K/V head, the same maths
@@ -34,31 +35,28 @@ class SnapGenAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        is_cross_attention = encoder_hidden_states is not None
-        context = encoder_hidden_states if is_cross_attention else hidden_states
-
-        kv_dim = attn.kv_heads * attn.head_dim
-        if not attn.fused_projections:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        elif is_cross_attention:
+        if attn.is_cross_attention:
             query = attn.to_q(hidden_states)
-            key, value = attn.to_kv(context).split(kv_dim, dim=-1)
+            key, value = context_kv if context_kv is not None else attn.project_context(encoder_hidden_states)
         else:
-            query, key, value = attn.to_qkv(hidden_states).split([attn.inner_dim, kv_dim, kv_dim], dim=-1)
+            kv_dim = attn.kv_heads * attn.head_dim
+            if attn.fused_projections:
+                query, key, value = attn.to_qkv(hidden_states).split([attn.inner_dim, kv_dim, kv_dim], dim=-1)
+            else:
+                query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            key = key.unflatten(-1, (attn.kv_heads, attn.head_dim))
+            value = value.unflatten(-1, (attn.kv_heads, attn.head_dim))
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if image_rotary_emb is not None:
+                key = apply_rotary_emb_interleaved(key, image_rotary_emb)
         query = query.unflatten(-1, (attn.heads, attn.head_dim))
-        key = key.unflatten(-1, (attn.kv_heads, attn.head_dim))
-        value = value.unflatten(-1, (attn.kv_heads, attn.head_dim))
-
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
         if image_rotary_emb is not None:
             query = apply_rotary_emb_interleaved(query, image_rotary_emb)
-            if not is_cross_attention:
-                key = apply_rotary_emb_interleaved(key, image_rotary_emb)
 
         batch, seq = query.shape[:2]
         fold_heads = attn.kv_heads == 1 and attn.heads > 1 and self._parallel_config is None
@@ -102,6 +100,8 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = SnapGenAttnProcessor
     _available_processors = [SnapGenAttnProcessor]
+    # Set by SnapGenUNet2DModel on its cross-attentions: this one's entry in ``cross_attention_kv``.
+    cross_attention_index: int | None = None
 
     def __init__(
         self,
@@ -158,17 +158,36 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
                 )
         super().fuse_projections()
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (QK-normed) and values of this cross-attention for ``context`` tokens, ``(B, L, kv_heads, dim_head)``
+        each. They depend on the text alone, so a sampler computes them once per prompt and passes them to every
+        step (``SnapGenUNet2DModel.precompute_cross_attention_kv``)."""
+        kv_dim = self.kv_heads * self.head_dim
+        if self.fused_projections:
+            key, value = self.to_kv(context).split(kv_dim, dim=-1)
+        else:
+            key, value = self.to_k(context), self.to_v(context)
+        key = key.unflatten(-1, (self.kv_heads, self.head_dim))
+        value = value.unflatten(-1, (self.kv_heads, self.head_dim))
+        if self.norm_k is not None:
+            key = self.norm_k(key)
+        return key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        # ``context_kv`` only when given, so processors written for the older signature keep working.
+        extra = {} if context_kv is None else {"context_kv": context_kv}
         return self.processor(
             self,
             hidden_states,
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=attention_mask,
             image_rotary_emb=image_rotary_emb,
+            **extra,
         )

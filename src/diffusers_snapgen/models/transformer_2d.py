@@ -51,6 +51,7 @@ class SnapGenTransformerBlock(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if self.attn1 is not None:
             hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), image_rotary_emb=image_rotary_emb)
@@ -59,6 +60,7 @@ class SnapGenTransformerBlock(nn.Module):
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=encoder_attention_mask,
             image_rotary_emb=image_rotary_emb,
+            context_kv=context_kv,
         )
         return hidden_states + self.ff(self.norm3(hidden_states))
 
@@ -68,7 +70,8 @@ class SnapGenSpatialTransformer(nn.Module):
 
     Flattens the ``(B, C, H, W)`` map to ``H * W`` tokens (linear projections, as SDXL's ``use_linear_projection``).
     ``rotary_embs`` maps ``(H, W)`` to that grid's 2D RoPE table; the UNet builds one per stage resolution and
-    forward pass, so the table is not rebuilt in every transformer.
+    forward pass, so the table is not rebuilt in every transformer. ``cross_attention_kv``, when given, holds the
+    precomputed text keys and values of every cross-attention of the UNet; each block reads its own entry.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class SnapGenSpatialTransformer(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         rotary_embs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cross_attention_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
     ) -> torch.Tensor:
         batch, channels, height, width = hidden_states.shape
         residual = hidden_states
@@ -124,12 +128,16 @@ class SnapGenSpatialTransformer(nn.Module):
         rotary_emb = rotary_embs[(int(height), int(width))] if rotary_embs is not None else None
 
         for block in self.transformer_blocks:
+            # Selected here, not in the block: regionally compiled blocks share one graph per shape.
+            context_kv = None if cross_attention_kv is None else cross_attention_kv[block.attn2.cross_attention_index]
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_emb
+                    block, hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_emb, context_kv
                 )
             else:
-                hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_emb)
+                hidden_states = block(
+                    hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_emb, context_kv
+                )
 
         hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(batch, height, width, channels).permute(0, 3, 1, 2)

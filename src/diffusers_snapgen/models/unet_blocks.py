@@ -53,13 +53,14 @@ class SnapGenDownBlock2D(_StageMixin, nn.Module):
             nn.ModuleList([SnapGenDownsample2D(out_channels, conv_type=conv_type)]) if add_downsample else None
         )
 
-    def forward(self, hidden_states, temb, encoder_hidden_states, encoder_attention_mask=None, rotary_embs=None):
+    def forward(self, hidden_states, temb, encoder_hidden_states, encoder_attention_mask=None, rotary_embs=None,
+                cross_attention_kv=None):
         skips = ()
         for i, resnet in enumerate(self.resnets):
             hidden_states = self._resnet(resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](
-                    hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_embs
+                    hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_embs, cross_attention_kv
                 )
             skips += (hidden_states,)
         if self.downsamplers is not None:
@@ -80,11 +81,12 @@ class SnapGenMidBlock2D(_StageMixin, nn.Module):
         )
         self.attentions = _make_attentions(1, transformer_layers, channels, transformer_kwargs)
 
-    def forward(self, hidden_states, temb, encoder_hidden_states, encoder_attention_mask=None, rotary_embs=None):
+    def forward(self, hidden_states, temb, encoder_hidden_states, encoder_attention_mask=None, rotary_embs=None,
+                cross_attention_kv=None):
         hidden_states = self._resnet(self.resnets[0], hidden_states, temb)
         if self.attentions is not None:
             hidden_states = self.attentions[0](
-                hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_embs
+                hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_embs, cross_attention_kv
             )
         return self._resnet(self.resnets[1], hidden_states, temb)
 
@@ -119,14 +121,15 @@ class SnapGenUpBlock2D(_StageMixin, nn.Module):
             nn.ModuleList([SnapGenUpsample2D(out_channels, conv_type=conv_type)]) if add_upsample else None
         )
 
-    def forward(self, hidden_states, skips, temb, encoder_hidden_states, encoder_attention_mask=None, rotary_embs=None):
+    def forward(self, hidden_states, skips, temb, encoder_hidden_states, encoder_attention_mask=None, rotary_embs=None,
+                cross_attention_kv=None):
         for i, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, skips[-1]], dim=1)
             skips = skips[:-1]
             hidden_states = self._resnet(resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](
-                    hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_embs
+                    hidden_states, encoder_hidden_states, encoder_attention_mask, rotary_embs, cross_attention_kv
                 )
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states)

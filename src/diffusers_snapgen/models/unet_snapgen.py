@@ -185,6 +185,33 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_out = make_conv(conv_type, block_out_channels[0], out_channels)
         self.gradient_checkpointing = False
+        for index, attention in enumerate(self._cross_attentions()):
+            attention.cross_attention_index = index
+        self._num_cross_attentions = index + 1
+
+    def _cross_attentions(self) -> list[SnapGenAttention]:
+        return [m for m in self.modules() if isinstance(m, SnapGenAttention) and m.is_cross_attention]
+
+    def precompute_cross_attention_kv(
+        self, encoder_hidden_states: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        r"""The text keys and values of every cross-attention, for ``forward(..., cross_attention_kv=...)``.
+
+        They depend on the text alone, not on the latents or the timestep, so a sampler computes them once per prompt
+        instead of once per step (``context_embedder``, then each cross-attention's K/V projection and K-norm):
+        fewer kernels per step, the same outputs. ``encoder_hidden_states`` is ``(B, L, joint_attention_dim)``, as
+        for ``forward``; the result holds one ``(key, value)`` pair of ``(B, L, kv_heads, attention_head_dim)``
+        tensors per cross-attention. Compute it again after changing weights (LoRA scale, ``fuse_qkv_projections``).
+        """
+        self._check_encoder_hidden_states(encoder_hidden_states, batch=None)
+        attentions = self._cross_attentions()
+        if len(attentions) != self._num_cross_attentions:
+            raise ValueError(
+                f"This UNet's cross-attentions were replaced ({len(attentions)} of {self._num_cross_attentions} left, "
+                "e.g. by the Core ML export's attention): call it without `cross_attention_kv`."
+            )
+        context = self.context_embedder(encoder_hidden_states)
+        return tuple(attention.project_context(context) for attention in attentions)
 
     def compile_repeated_blocks(self, *args, **kwargs):
         """Regional compilation: ``torch.compile`` each :class:`SnapGenTransformerBlock` (``_repeated_blocks``).
@@ -235,6 +262,35 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         """Latent height and width must be multiples of this (4 for three stages)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
+    def _check_encoder_hidden_states(self, encoder_hidden_states, batch: int | None) -> None:
+        width = self.config.joint_attention_dim
+        if (
+            not isinstance(encoder_hidden_states, torch.Tensor)
+            or encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[-1] != width
+            or (batch is not None and encoder_hidden_states.shape[0] != batch)
+        ):
+            raise ValueError(
+                f"`encoder_hidden_states` must be a ({'batch' if batch is None else batch}, sequence, {width}) tensor, "
+                f"got {getattr(encoder_hidden_states, 'shape', type(encoder_hidden_states).__name__)}."
+            )
+
+    def _check_cross_attention_kv(self, cross_attention_kv, encoder_hidden_states) -> None:
+        expected = self._num_cross_attentions
+        pairs_ok = isinstance(cross_attention_kv, (tuple, list)) and len(cross_attention_kv) == expected
+        pairs_ok = pairs_ok and all(
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(t, torch.Tensor) and t.shape[:2] == encoder_hidden_states.shape[:2] for t in pair)
+            for pair in cross_attention_kv
+        )
+        if not pairs_ok:
+            raise ValueError(
+                f"`cross_attention_kv` must be the {expected} (key, value) pairs that "
+                "`unet.precompute_cross_attention_kv(encoder_hidden_states)` returns for this call's "
+                f"{tuple(encoder_hidden_states.shape[:2])} text tokens."
+            )
+
     def _check_inputs(self, sample, encoder_hidden_states, pooled_projections, encoder_attention_mask) -> None:
         config = self.config
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4 or sample.shape[1] != config.in_channels:
@@ -249,16 +305,7 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
                 f"with an f=8 autoencoder), got {tuple(sample.shape[-2:])}."
             )
         batch = sample.shape[0]
-        if (
-            not isinstance(encoder_hidden_states, torch.Tensor)
-            or encoder_hidden_states.ndim != 3
-            or encoder_hidden_states.shape[-1] != config.joint_attention_dim
-            or encoder_hidden_states.shape[0] != batch
-        ):
-            raise ValueError(
-                f"`encoder_hidden_states` must be a ({batch}, sequence, {config.joint_attention_dim}) tensor, got "
-                f"{getattr(encoder_hidden_states, 'shape', type(encoder_hidden_states).__name__)}."
-            )
+        self._check_encoder_hidden_states(encoder_hidden_states, batch)
         if pooled_projections is not None and tuple(pooled_projections.shape) != (batch, config.pooled_projection_dim):
             raise ValueError(
                 f"`pooled_projections` must be a ({batch}, {config.pooled_projection_dim}) tensor, "
@@ -282,6 +329,7 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         encoder_attention_mask: torch.Tensor | None = None,
         attention_kwargs: dict | None = None,
         return_dict: bool = True,
+        cross_attention_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
     ) -> SnapGenUNet2DOutput | tuple[torch.Tensor]:
         r"""Predict the flow-matching velocity for ``sample`` at ``timestep``.
 
@@ -294,8 +342,13 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
             attention_kwargs: accepted for API compatibility with diffusers models (LoRA ``scale`` is set through
                 peft's ``set_adapters``); unused.
             return_dict: return a :class:`SnapGenUNet2DOutput` instead of a tuple.
+            cross_attention_kv: the text keys and values that :meth:`precompute_cross_attention_kv` returned for
+                these ``encoder_hidden_states``; the cross-attentions then skip their projections (a sampler computes
+                them once per prompt). ``encoder_hidden_states`` is still required, for its shape.
         """
         self._check_inputs(sample, encoder_hidden_states, pooled_projections, encoder_attention_mask)
+        if cross_attention_kv is not None:
+            self._check_cross_attention_kv(cross_attention_kv, encoder_hidden_states)
         batch = sample.shape[0]
 
         timesteps = torch.as_tensor(timestep, device=sample.device)
@@ -308,7 +361,7 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         else:
             temb = temb + self.add_embedding(temb.new_zeros(batch, self.config.pooled_projection_dim))
 
-        context = self.context_embedder(encoder_hidden_states)
+        context = self.context_embedder(encoder_hidden_states) if cross_attention_kv is None else None
         mask = None
         if encoder_attention_mask is not None:
             # (B, L) keep-mask -> boolean (B, 1, 1, L), broadcast over heads and query tokens.
@@ -327,15 +380,15 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         hidden_states = self.conv_in(sample)
         skips = (hidden_states,)
         for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, temb, context, mask, rotary_embs)
+            hidden_states, block_skips = block(hidden_states, temb, context, mask, rotary_embs, cross_attention_kv)
             skips += block_skips
 
-        hidden_states = self.mid_block(hidden_states, temb, context, mask, rotary_embs)
+        hidden_states = self.mid_block(hidden_states, temb, context, mask, rotary_embs, cross_attention_kv)
 
         for block in self.up_blocks:
             num_resnets = len(block.resnets)
             block_skips, skips = skips[-num_resnets:], skips[:-num_resnets]
-            hidden_states = block(hidden_states, block_skips, temb, context, mask, rotary_embs)
+            hidden_states = block(hidden_states, block_skips, temb, context, mask, rotary_embs, cross_attention_kv)
 
         hidden_states = self.conv_out(F.silu(self.conv_norm_out(hidden_states)))
         if not return_dict:

@@ -60,6 +60,20 @@ def snapgen_scheduler(
     return scheduler
 
 
+def projects_text_once(unet) -> bool:
+    """Whether a sampling loop may compute the text's cross-attention keys and values once per prompt
+    (``unet.precompute_cross_attention_kv``) instead of once per step. Not where a hook on a module above the
+    projections (model or block offloading) expects every weight to be reached through that module's forward, nor
+    where the UNet's attentions were swapped for others (the Core ML export's), nor for other denoisers (a teacher)."""
+    if not hasattr(unet, "precompute_cross_attention_kv"):
+        return False
+    hooked = any(
+        (hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")) and next(module.children(), None)
+        for module in unet.modules()
+    )
+    return not hooked and len(unet._cross_attentions()) == unet._num_cross_attentions
+
+
 def _sampling_defaults_dict(num_inference_steps, guidance_scale, max_sequence_length=None) -> dict:
     defaults = {}
     if max_sequence_length is not None:
@@ -470,10 +484,16 @@ class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextE
         )
         self._num_timesteps = len(timesteps)
 
+        # The text's cross-attention keys and values do not change between steps: computed once (again only if a
+        # callback replaces ``prompt_embeds``), unless offloading hooks must see every weight used in a forward call.
+        project_once = projects_text_once(self.unet)
+        text_kv, text_kv_source = None, None
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
+                if project_once and text_kv_source is not prompt_embeds:
+                    text_kv, text_kv_source = self.unet.precompute_cross_attention_kv(prompt_embeds), prompt_embeds
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 velocity = self.unet(
                     model_input,
@@ -482,6 +502,7 @@ class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextE
                     pooled_projections=pooled_prompt_embeds,
                     attention_kwargs=self.attention_kwargs,
                     return_dict=False,
+                    **({} if text_kv is None else {"cross_attention_kv": text_kv}),
                 )[0]
                 if self.do_classifier_free_guidance:
                     uncond, cond = velocity.chunk(2)
