@@ -335,6 +335,12 @@ def test_precomputed_cross_attention_kv_is_checked():
             unet(**inputs, cross_attention_kv=bad)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         unet.precompute_cross_attention_kv(torch.randn(2, 5, 3))
+    convolutions_only = tiny_unet(transformer_layers_per_block=(0, 0, 0)).eval()  # no cross-attention: nothing to keep
+    inputs = _inputs(convolutions_only)
+    assert convolutions_only.precompute_cross_attention_kv(inputs["encoder_hidden_states"]) == ()
+    with torch.no_grad():
+        torch.testing.assert_close(convolutions_only(**inputs, cross_attention_kv=()).sample,
+                                   convolutions_only(**inputs).sample, rtol=0, atol=0)
 
 
 def test_fuse_qkv_projections_refuses_unmerged_lora_and_keeps_merged_lora():

@@ -185,9 +185,10 @@ class SnapGenUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMix
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_out = make_conv(conv_type, block_out_channels[0], out_channels)
         self.gradient_checkpointing = False
-        for index, attention in enumerate(self._cross_attentions()):
+        cross_attentions = self._cross_attentions()
+        for index, attention in enumerate(cross_attentions):
             attention.cross_attention_index = index
-        self._num_cross_attentions = index + 1
+        self._num_cross_attentions = len(cross_attentions)
 
     def _cross_attentions(self) -> list[SnapGenAttention]:
         return [m for m in self.modules() if isinstance(m, SnapGenAttention) and m.is_cross_attention]
