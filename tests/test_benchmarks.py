@@ -102,7 +102,7 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
     targets = {r["target"]: r for r in result["targets"]}
     assert len(targets) == 9 and all(r["status"] != "missed" for r in targets.values())
-    assert targets["... with the text's keys and values precomputed, as the fast sampler runs it (ms)"]["value"] > 0
+    assert targets["UNet step, batch 1, compiled + CUDA graph, text keys and values precomputed (ms)"]["value"] > 0
 
 
 def test_inference_suite_runs_only_the_chosen_sections(tmp_path):
