@@ -69,7 +69,7 @@ def snapgen(variant: str | None = None, fuse_qkv: bool = False, text_kv: bool = 
     inputs = dict(sample=torch.randn(1, 16, 4, 4), timestep=torch.full((), 500.0).expand(1),
                   encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 64), pooled_projections=torch.randn(1, 64),
                   return_dict=False)
-    if text_kv:  # what a sampler's steps after the first dispatch: the text's keys and values come precomputed
+    if text_kv:  # the step a sampler runs: the text's keys and values precomputed once per prompt
         with torch.no_grad():
             inputs["cross_attention_kv"] = model.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
     return model, inputs

@@ -118,8 +118,8 @@ def test_regional_compilation_compiles_once_per_block_shape():
         second = unet(**_inputs(unet)).sample
     assert _graphs() - before == 3
     torch.testing.assert_close(first, second)
-    # Precomputed text keys and values (what the fast sampler passes) reuse the same three block graphs' shapes:
-    # three more graphs, one per stage, not one per block.
+    # Precomputed text keys and values (what the fast sampler passes) are new block inputs: one more graph per stage
+    # (three), not one per block.
     inputs = _inputs(unet)
     with torch._dynamo.config.patch(recompile_limit=6), torch.no_grad():
         cross_attention_kv = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
