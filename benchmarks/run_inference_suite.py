@@ -366,10 +366,14 @@ class Suite:
         if "error" in quantized:
             self.steps.append(dict(model="snapgen_unet_fp8", batch=1, mode="compiled", error=quantized["error"]))
             return
+        # Progress lines: a float8 compile once ran past 525 s with nothing printed to show which phase it was in.
+        self.log("float8: UNet quantized; compiling the batch-1 step (first call)")
         torch._dynamo.reset()
         self.pipe.unet.compile(fullgraph=True, backend=self.backend)
         rows = self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name="snapgen_unet_fp8",
                               call=self.pipe.unet, spec_name="snapgen_unet")
+        self.log(f"float8: batch-1 step {rows[0].get('ms', rows[0].get('error'))} ms after a "
+                 f"{rows[0].get('compile_s')} s first call")
         if "ms" in rows[0]:
             self.log("SnapGen fast sampler with the float8 UNet")
             self.pipelines += bench_pipeline.fast_rows(
