@@ -160,6 +160,12 @@ class Suite:
         self.steps += rows
         return rows
 
+    def text_kv_row(self, name: str):
+        """The compiled batch-1 step of ``pipe.unet`` reading precomputed text keys and values, as row ``name`` +
+        :data:`TEXT_KV`: the graph the fast sampler replays (one more compile, which the sampler then reuses)."""
+        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name + TEXT_KV,
+                       call=with_text_kv(self.pipe.unet), spec_name="snapgen_unet")
+
     def recompile_estimate(self) -> float:
         """Seconds one more whole-UNet compile is expected to take, from the batch-1 compile of this run."""
         first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
@@ -236,9 +242,7 @@ class Suite:
             self.notes.append(f"UNet compile: {compiled['error']}")
             return
         self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", call=self.pipe.unet)
-        # The graph the fast sampler replays (text keys and values as inputs): one more compile, reused there.
-        self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name="snapgen_unet" + TEXT_KV,
-                       call=with_text_kv(self.pipe.unet), spec_name="snapgen_unet")
+        self.text_kv_row("snapgen_unet")
 
     def section_fast_pipeline(self):
         if self.pipe is None:
@@ -300,8 +304,7 @@ class Suite:
                 if ms is None or (best is not None and ms >= best):
                     continue
                 best = ms  # the fast sampler around the fastest step so far (the decoder's graph is cached)
-                self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name + TEXT_KV,
-                               call=with_text_kv(self.pipe.unet), spec_name="snapgen_unet")  # the sampler's graph
+                self.text_kv_row(name)
                 self.log(f"SnapGen fast sampler with the fused UNet ({recipe})")
                 self.pipelines += bench_pipeline.fast_rows(
                     self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1, iters=self.pipe_iters + 2,
@@ -403,12 +406,9 @@ class Suite:
 
         eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw"),
                                   step(FUSED, 1, "eager")]), default=None)
-        compiled = min(filter(None, [step(name, 1, "compiled") for name in
-                                     ["snapgen_unet", FUSED] + [f"{FUSED}_{recipe}" for recipe in FUSED_RECIPES]]),
-                       default=None)
-        text_kv = min(filter(None, [step(name + TEXT_KV, 1, "compiled") for name in
-                                    ["snapgen_unet", FUSED] + [f"{FUSED}_{recipe}" for recipe in FUSED_RECIPES]]),
-                      default=None)
+        compiled_names = ["snapgen_unet", FUSED] + [f"{FUSED}_{recipe}" for recipe in FUSED_RECIPES]
+        compiled = min(filter(None, [step(name, 1, "compiled") for name in compiled_names]), default=None)
+        text_kv = min(filter(None, [step(name + TEXT_KV, 1, "compiled") for name in compiled_names]), default=None)
         sana = step("sana_1600m_transformer", 1, "eager")
         largest = self.batch_sizes[-1]
         return {
