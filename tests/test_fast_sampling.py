@@ -77,16 +77,18 @@ def test_text_keys_and_values_are_projected_once_per_call(pipe, monkeypatch):
     torch.testing.assert_close(fast_images, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("hooks", ["layerwise_casting", "block_offloading"])
+@pytest.mark.parametrize("hooks", ["layerwise_casting", "leaf_offloading", "block_offloading"])
 def test_hooks_above_the_projections_keep_the_per_step_projection(hooks):
     """Block offloading moves weights in a block's forward hook, which a once-per-call projection would bypass: there
-    pipeline and sampler project in every step. Hooks on the layers themselves (layerwise casting) do not stop the
-    precomputation. Either way the sampler gives the pipeline's images."""
+    pipeline and sampler project in every step. Hooks on the layers themselves (layerwise casting, leaf-level
+    offloading) do not stop the precomputation. Either way the sampler gives the pipeline's images."""
     from diffusers.hooks import apply_group_offloading
 
     pipe = tiny_pipeline("clip", num_inference_steps=3)
     if hooks == "layerwise_casting":
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float32, compute_dtype=torch.float32)
+    elif hooks == "leaf_offloading":
+        apply_group_offloading(pipe.unet, onload_device=torch.device("cpu"), offload_type="leaf_level")
     else:
         apply_group_offloading(pipe.unet, onload_device=torch.device("cpu"), offload_type="block_level",
                                num_blocks_per_group=1)
@@ -97,7 +99,7 @@ def test_hooks_above_the_projections_keep_the_per_step_projection(hooks):
     fast_calls, images = _projections_and_images(
         pipe, lambda: fast("a red apple", generator=gen(), output_type="pt").images
     )
-    projects_once = hooks == "layerwise_casting"
+    projects_once = hooks != "block_offloading"
     assert fast.precompute_text_kv == projects_once
     assert calls == fast_calls == (1 if projects_once else 3)
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
