@@ -67,6 +67,7 @@ case "$PRESET" in
     TEACHER_DTYPE="${TEACHER_DTYPE:-bf16}"; DATA="${DATA:-data/emoji128}"; SETS="${SETS:-all}"
     FAST="${FAST---compile --cuda_graphs}"; TEACHER_FAST="${TEACHER_FAST---cuda_graphs}"
     KD_FAST="${KD_FAST---compile --cuda_graphs}"; ASD_FAST="${ASD_FAST---cuda_graphs}"; LOGGING_STEPS="${LOGGING_STEPS:-100}"
+    DECODER_FAST="${DECODER_FAST---compile --cuda_graphs --channels_last}"  # NHWC decoder: 16.9 ms a step, not 25.2
     DEVICE="${DEVICE:-cuda}"; EVAL_BATCH="${EVAL_BATCH:-256}"; TEXT_TOKENS="${TEXT_TOKENS:-20}"  # fxemoji captions reach 18
     CLASSIFIER_ARGS="${CLASSIFIER_ARGS:---classifier-batch-size 256 --classifier-lr 4e-3 --classifier-max-seconds 40}"
     SHIP_DIR="${SHIP_DIR:-$ROOT/src/diffusers_snapgen/default_model}" ;;
@@ -118,6 +119,7 @@ read -r -a SPEED <<<"${FAST:-}"             # e.g. "--compile --cuda_graphs" (do
 read -r -a TEACHER_SPEED <<<"${TEACHER_FAST-${FAST:-}}"   # per-stage overrides of FAST: the teacher, KD and ASD
 read -r -a KD_SPEED <<<"${KD_FAST-${FAST:-}}"             # stages compile a second (teacher) model
 read -r -a ASD_SPEED <<<"${ASD_FAST-${FAST:-}}"
+read -r -a DECODER_SPEED <<<"${DECODER_FAST-${FAST:-}}"   # the tiny decoder: --channels_last pays there
 read -r -a CLASSIFIER_EXTRA <<<"${CLASSIFIER_ARGS:-}"
 ENGINE=(--logging_steps "$LOGGING_STEPS" "${SPEED[@]}")
 LOGGING=(--logging_steps "$LOGGING_STEPS")
@@ -226,8 +228,8 @@ step_decoder() {  # TinyDecoder against the frozen encoder of $RUNS/vae (MSE + p
     --lpips_weight 0 --gan_weight 0.1 --gan_start_step "$GAN_START" --use_ema --max_train_steps "$DECODER_STEPS" \
     --checkpointing_steps "$CKPT_STEPS" --resume_from_checkpoint latest --validation_steps "$VALIDATION_STEPS" \
     --cache_images --cache_latents --dataloader_num_workers "$WORKERS" \
-    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${ENGINE[@]}" "${START_AFTER[@]}" \
-    --output_dir "$RUNS/tiny_decoder"
+    --seed "$SEED" --report_to "$REPORT_TO" "${PRECISION[@]}" "${LOGGING[@]}" "${DECODER_SPEED[@]}" \
+    "${START_AFTER[@]}" --output_dir "$RUNS/tiny_decoder"
 }
 
 step_encoder() {  # TinyEncoder distilled from $RUNS/vae: ships with the model so it can be a fine-tuning base
