@@ -161,6 +161,54 @@ def test_each_part_is_captured_once_per_shape_and_falls_back_alone(pipe, monkeyp
     assert len(captures) == 2  # a shorter text sequence: the loop is captured again
 
 
+@pytest.mark.parametrize("hooked", ["unet_layerwise_casting", "vae_accelerate_hook", "text_encoder_offloading"])
+def test_parts_with_forward_hooks_run_without_a_graph(hooked, monkeypatch):
+    """Offloading, layerwise casting and cache hooks run Python code in every forward, which a replayed graph would
+    skip (weights not moved or cast): the part whose models carry them, wherever in the module tree, runs without a
+    graph (one log line, named in ``cuda_graph_errors``) and the other part still replays. (A stand-in replaces CUDA
+    graph capture so the logic runs on the CPU.)"""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from diffusers.hooks import apply_group_offloading
+
+    from diffusers_snapgen.pipelines import fast_sampling
+
+    pipe = tiny_pipeline("clip", num_inference_steps=2)
+    if hooked == "unet_layerwise_casting":
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float32, compute_dtype=torch.float32)
+        part, module = "denoise", "unet."
+    elif hooked == "vae_accelerate_hook":
+        add_hook_to_module(pipe.vae.up_blocks[0].resnets[0].conv1, ModelHook())
+        part, module = "denoise", "vae.up_blocks.0.resnets.0.conv1"
+    else:
+        apply_group_offloading(pipe.text_encoder, onload_device=torch.device("cpu"), offload_type="leaf_level")
+        part, module = "text", "text_encoder."
+    captured_parts = []
+
+    class StandInCapture:
+        def __init__(self, fn, inputs):
+            captured_parts.append("text" if fn.__name__ == "encode" else "denoise")
+            self.fn = fn
+
+        def matches(self, inputs):
+            return True
+
+        def __call__(self, *inputs):
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(fast_sampling, "CapturedCall", StandInCapture)
+    fast = pipe.fast_sampler(height=H, width=W)
+    fast.use_cuda_graph = True
+    logger = logging.get_logger("diffusers_snapgen.pipelines.fast_sampling")
+    with CaptureLogger(logger) as captured:
+        images = fast("a red apple", generator=gen(), output_type="pt").images
+        fast("a green pear", generator=gen(1), output_type="pt")
+    assert captured_parts == [{"denoise": "text", "text": "denoise"}[part]]
+    assert list(fast.cuda_graph_errors) == [part] and module in fast.cuda_graph_errors[part]
+    assert captured.out.count(f"The {part} runs without a CUDA graph") == 1
+    expected = pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+
+
 def test_bad_arguments_name_the_argument(pipe):
     with pytest.raises(ValueError, match="compile"):
         pipe.fast_sampler(compile="everything")

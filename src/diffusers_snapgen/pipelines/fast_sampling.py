@@ -48,8 +48,10 @@ class SnapGenFastSampler:
         compile_kwargs (`dict`, *optional*): extra ``torch.compile`` arguments, e.g.
             ``{"mode": "max-autotune-no-cudagraphs"}`` (``fullgraph=True`` and ``dynamic=False`` unless given).
         cuda_graph (`bool`, *optional*): capture the loop and decoder in one CUDA graph, and the text encoders in
-            another; default: on CUDA. Elsewhere, with CPU offload hooks, or when a capture fails, that part runs
-            without a graph (one log line says why; ``cuda_graph_errors`` keeps the reason).
+            another; default: on CUDA. Elsewhere, when a part's models carry hooks that run in every forward
+            (accelerate's CPU offloading or device maps, diffusers' group offloading, layerwise casting or caches:
+            a replay would skip them), or when a capture fails, that part runs without a graph (one log line says
+            why; ``cuda_graph_errors`` keeps the reason).
 
     The sampler fixes the pipeline's device and dtype when it is built: build a new one after ``pipe.to(...)``.
     Calls take the text arguments of ``pipe(...)`` (``prompt``, ``negative_prompt``, the four ``*_embeds``,
@@ -115,11 +117,8 @@ class SnapGenFastSampler:
         if self.use_cuda_graph and not on_cuda:
             logger.warning(f"CUDA graphs need a CUDA device; the fast loop runs without one on {self.device}.")
             self.use_cuda_graph = False
-        if self.use_cuda_graph and getattr(pipe.unet, "_hf_hook", None) is not None:
-            logger.warning("CUDA graphs cannot hold offloaded weights; the fast loop runs without a graph.")
-            self.use_cuda_graph = False
         self.precompute_text_kv = projects_text_once(pipe.unet)  # text keys and values once per call, not per step
-        self.cuda_graph_errors: dict[str, str] = {}  # part ("denoise" or "text") -> why its capture failed
+        self.cuda_graph_errors: dict[str, str] = {}  # part ("denoise" or "text") -> why it runs without a graph
         self._graphs: dict[tuple, CapturedCall] = {}
         self._steps = self._schedule()  # kept alive: a captured graph reads these tensors by address
         self._unet, self._decode = self._compiled_components()
@@ -130,7 +129,7 @@ class SnapGenFastSampler:
 
     @property
     def cuda_graph_error(self) -> str | None:
-        """Why a CUDA graph capture failed (parts joined), or ``None``."""
+        """Why a part runs without its CUDA graph (hooks, or a failed capture; parts joined), or ``None``."""
         return "; ".join(f"{part}: {error}" for part, error in self.cuda_graph_errors.items()) or None
 
     # ------------------------------------------------------------------ building blocks
@@ -184,6 +183,12 @@ class SnapGenFastSampler:
         graph = self._graphs.get(key)
         if graph is None or not graph.matches(inputs):
             self._graphs.pop(key, None)  # release the previous graph's memory first
+            hooked = _hooked_module(self._part_models(part))
+            if hooked is not None:
+                self.cuda_graph_errors[part] = f"{hooked} has forward hooks that a graph's replay would skip"
+                logger.warning(f"The {part} runs without a CUDA graph: {hooked} has hooks (offloading, layerwise "
+                               "casting or a cache) that run in every forward, which a replay would skip.")
+                return fn(*inputs)
             try:
                 graph = self._graphs[key] = CapturedCall(fn, inputs)
             except Exception as error:  # capture is an optimisation: fall back to running fn
@@ -191,6 +196,12 @@ class SnapGenFastSampler:
                 logger.warning(f"CUDA graph capture of the {part} failed ({error}); it runs without a graph.")
                 return fn(*inputs)
         return graph(*inputs)
+
+    def _part_models(self, part: str) -> list[tuple[str, torch.nn.Module]]:
+        """The pipeline components a part's graph would run: the UNet and VAE, or the text encoders."""
+        wanted = ("unet", "vae") if part == "denoise" else ("text_encoder",)
+        return [(name, module) for name, module in self.pipe.components.items()
+                if name.startswith(wanted) and isinstance(module, torch.nn.Module)]
 
     def _run(self, latents, prompt_embeds, pooled_prompt_embeds, decode: bool):
         def denoise(*inputs):
@@ -284,3 +295,15 @@ class SnapGenFastSampler:
         if not return_dict:
             return (images,)
         return SnapGenPipelineOutput(images=images)
+
+
+def _hooked_module(components: list[tuple[str, torch.nn.Module]]) -> str | None:
+    """The name of the first module carrying hooks that run Python code in each forward: accelerate's (``_hf_hook``:
+    CPU offloading, device maps) or diffusers' (a non-empty ``_diffusers_hook`` registry: group offloading,
+    layerwise casting, caches). ``None`` when there is none."""
+    for component, model in components:
+        for name, module in model.named_modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if getattr(module, "_hf_hook", None) is not None or (registry is not None and registry.hooks):
+                return f"{component}.{name}" if name else component
+    return None
