@@ -123,20 +123,21 @@ def test_cuda_graph_request_falls_back_off_cuda_with_one_log_line(pipe):
     assert captured.out.count("CUDA graphs need a CUDA device") == 1
 
 
-def test_each_part_is_captured_once_per_shape_and_falls_back_alone(pipe, monkeypatch):
-    """The loop+decoder and the text encoders are separate graphs: a text encoder that cannot be captured runs
-    eagerly (one log line, named in ``cuda_graph_errors``) while the loop still replays; same shapes reuse a graph,
-    new ones capture again. (A stand-in replaces CUDA graph capture so the logic runs on the CPU.)"""
+def _sampler_with_stand_in_capture(pipe, monkeypatch, failing_part: str | None = None):
+    """A sampler with graphs on whose CUDA graph capture is a stand-in that runs the function directly (so the
+    capture logic runs on the CPU), and the list of its captures as (part, input shapes); capturing ``failing_part``
+    raises as a capture that hits a host sync would."""
     from diffusers_snapgen.pipelines import fast_sampling
 
     captures = []
 
     class StandInCapture:
         def __init__(self, fn, inputs):
-            if fn.__name__ == "encode":
+            part = "text" if fn.__name__ == "encode" else "denoise"
+            if part == failing_part:
                 raise RuntimeError("operation not permitted when stream is capturing")
-            captures.append(tuple(t.shape for t in inputs))
-            self.fn, self.shapes = fn, captures[-1]
+            captures.append((part, tuple(t.shape for t in inputs)))
+            self.fn, self.shapes = fn, captures[-1][1]
 
         def matches(self, inputs):
             return self.shapes == tuple(t.shape for t in inputs)
@@ -147,14 +148,27 @@ def test_each_part_is_captured_once_per_shape_and_falls_back_alone(pipe, monkeyp
     monkeypatch.setattr(fast_sampling, "CapturedCall", StandInCapture)
     fast = pipe.fast_sampler(height=H, width=W)
     fast.use_cuda_graph = True
-    logger = logging.get_logger("diffusers_snapgen.pipelines.fast_sampling")
-    with CaptureLogger(logger) as captured:
+    return fast, captures
+
+
+def _two_calls(fast):
+    """The first call's images and what both calls (two prompts) logged."""
+    with CaptureLogger(logging.get_logger("diffusers_snapgen.pipelines.fast_sampling")) as captured:
         images = fast("a red apple", generator=gen(), output_type="pt").images
         fast("a green pear", generator=gen(1), output_type="pt")
+    return images, captured.out
+
+
+def test_each_part_is_captured_once_per_shape_and_falls_back_alone(pipe, monkeypatch):
+    """The loop+decoder and the text encoders are separate graphs: a text encoder that cannot be captured runs
+    eagerly (one log line, named in ``cuda_graph_errors``) while the loop still replays; same shapes reuse a graph,
+    new ones capture again. (A stand-in replaces CUDA graph capture so the logic runs on the CPU.)"""
+    fast, captures = _sampler_with_stand_in_capture(pipe, monkeypatch, failing_part="text")
+    images, log = _two_calls(fast)
     expected = pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
     torch.testing.assert_close(images, expected)
-    assert len(captures) == 1 and list(fast.cuda_graph_errors) == ["text"]
-    assert captured.out.count("CUDA graph capture of the text failed") == 1
+    assert [part for part, _ in captures] == ["denoise"] and list(fast.cuda_graph_errors) == ["text"]
+    assert log.count("CUDA graph capture of the text failed") == 1
     assert "text: RuntimeError" in fast.cuda_graph_error
     embeds = pipe.encode_prompt("a red apple", do_classifier_free_guidance=False, max_sequence_length=8)
     fast(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[2], generator=gen(), output_type="pt")
@@ -170,8 +184,6 @@ def test_parts_with_forward_hooks_run_without_a_graph(hooked, monkeypatch):
     from accelerate.hooks import ModelHook, add_hook_to_module
     from diffusers.hooks import apply_group_offloading
 
-    from diffusers_snapgen.pipelines import fast_sampling
-
     pipe = tiny_pipeline("clip", num_inference_steps=2)
     if hooked == "unet_layerwise_casting":
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float32, compute_dtype=torch.float32)
@@ -182,29 +194,11 @@ def test_parts_with_forward_hooks_run_without_a_graph(hooked, monkeypatch):
     else:
         apply_group_offloading(pipe.text_encoder, onload_device=torch.device("cpu"), offload_type="leaf_level")
         part, module = "text", "text_encoder."
-    captured_parts = []
-
-    class StandInCapture:
-        def __init__(self, fn, inputs):
-            captured_parts.append("text" if fn.__name__ == "encode" else "denoise")
-            self.fn = fn
-
-        def matches(self, inputs):
-            return True
-
-        def __call__(self, *inputs):
-            return self.fn(*inputs)
-
-    monkeypatch.setattr(fast_sampling, "CapturedCall", StandInCapture)
-    fast = pipe.fast_sampler(height=H, width=W)
-    fast.use_cuda_graph = True
-    logger = logging.get_logger("diffusers_snapgen.pipelines.fast_sampling")
-    with CaptureLogger(logger) as captured:
-        images = fast("a red apple", generator=gen(), output_type="pt").images
-        fast("a green pear", generator=gen(1), output_type="pt")
-    assert captured_parts == [{"denoise": "text", "text": "denoise"}[part]]
+    fast, captures = _sampler_with_stand_in_capture(pipe, monkeypatch)
+    images, log = _two_calls(fast)
+    assert [captured for captured, _ in captures] == [{"denoise": "text", "text": "denoise"}[part]]
     assert list(fast.cuda_graph_errors) == [part] and module in fast.cuda_graph_errors[part]
-    assert captured.out.count(f"The {part} runs without a CUDA graph") == 1
+    assert log.count(f"The {part} runs without a CUDA graph") == 1
     expected = pipe("a red apple", height=H, width=W, generator=gen(), output_type="pt").images
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
 
