@@ -20,6 +20,7 @@ from diffusers.utils import logging
 from .._registration import quiet_transformers
 from .checks import check_guidance, check_positive_int
 from .cuda_graphs import CapturedCall
+from .hooks import modules_with_forward_hooks
 from .text_encoding import _as_prompt_list
 
 with quiet_transformers():
@@ -298,12 +299,8 @@ class SnapGenFastSampler:
 
 
 def _hooked_module(components: list[tuple[str, torch.nn.Module]]) -> str | None:
-    """The name of the first module carrying hooks that run Python code in each forward: accelerate's (``_hf_hook``:
-    CPU offloading, device maps) or diffusers' (a non-empty ``_diffusers_hook`` registry: group offloading,
-    layerwise casting, caches). ``None`` when there is none."""
+    """The name of the first module of these components whose forward runs hooks, or ``None``."""
     for component, model in components:
-        for name, module in model.named_modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            if getattr(module, "_hf_hook", None) is not None or (registry is not None and registry.hooks):
-                return f"{component}.{name}" if name else component
+        for name, _ in modules_with_forward_hooks(model):
+            return f"{component}.{name}" if name else component
     return None

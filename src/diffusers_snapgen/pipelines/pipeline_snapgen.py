@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from .._registration import quiet_transformers
 from .checks import check_embeds, check_finite, check_guidance, check_positive_int, check_sigmas
+from .hooks import modules_with_forward_hooks
 from .lora import SnapGenLoraLoaderMixin
 from .serialization import SnapGenSerializationMixin
 from .text_encoding import SnapGenTextEncodingMixin, _as_prompt_list
@@ -67,11 +68,8 @@ def projects_text_once(unet) -> bool:
     where the UNet's attentions were swapped for others (the Core ML export's), nor for other denoisers (a teacher)."""
     if not hasattr(unet, "precompute_cross_attention_kv"):
         return False
-    hooked = any(
-        (hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")) and next(module.children(), None)
-        for module in unet.modules()
-    )
-    return not hooked and len(unet._cross_attentions()) == unet._num_cross_attentions
+    hooked_above = any(next(module.children(), None) is not None for _, module in modules_with_forward_hooks(unet))
+    return not hooked_above and len(unet._cross_attentions()) == unet._num_cross_attentions
 
 
 def _sampling_defaults_dict(num_inference_steps, guidance_scale, max_sequence_length=None) -> dict:
