@@ -46,10 +46,7 @@ class SnapGenAttnProcessor:
                 query, key, value = attn.to_qkv(hidden_states).split([attn.inner_dim, kv_dim, kv_dim], dim=-1)
             else:
                 query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-            key = key.unflatten(-1, (attn.kv_heads, attn.head_dim))
-            value = value.unflatten(-1, (attn.kv_heads, attn.head_dim))
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
+            key, value = attn.split_kv_heads(key, value)
             if image_rotary_emb is not None:
                 key = apply_rotary_emb_interleaved(key, image_rotary_emb)
         query = query.unflatten(-1, (attn.heads, attn.head_dim))
@@ -162,16 +159,18 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
         """Keys (QK-normed) and values of this cross-attention for ``context`` tokens, ``(B, L, kv_heads, dim_head)``
         each. They depend on the text alone, so a sampler computes them once per prompt and passes them to every
         step (``SnapGenUNet2DModel.precompute_cross_attention_kv``)."""
-        kv_dim = self.kv_heads * self.head_dim
         if self.fused_projections:
-            key, value = self.to_kv(context).split(kv_dim, dim=-1)
+            key, value = self.to_kv(context).split(self.kv_heads * self.head_dim, dim=-1)
         else:
             key, value = self.to_k(context), self.to_v(context)
+        return self.split_kv_heads(key, value)
+
+    def split_kv_heads(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values ``(B, L, kv_heads * dim_head)`` as ``(B, L, kv_heads, dim_head)``, the keys
+        RMS-normed (QK-norm) when the attention has ``norm_k``."""
         key = key.unflatten(-1, (self.kv_heads, self.head_dim))
         value = value.unflatten(-1, (self.kv_heads, self.head_dim))
-        if self.norm_k is not None:
-            key = self.norm_k(key)
-        return key, value
+        return (self.norm_k(key) if self.norm_k is not None else key), value
 
     def forward(
         self,
