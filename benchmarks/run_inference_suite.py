@@ -167,6 +167,15 @@ class Suite:
         self.unet_rows(self.pipe.unet, self.batch_sizes[:1], "compiled", name=name + TEXT_KV,
                        call=with_text_kv(self.pipe.unet), spec_name="snapgen_unet")
 
+    def fresh_unet(self, purpose: str):
+        """A new paper-config UNet with random weights on the device (the pipeline's stays as it is), or ``None``
+        with a note naming ``purpose`` when it cannot be built."""
+        built = attempt({}, lambda: {"m": bench_models.build_model(self.specs["snapgen_unet"], self.device,
+                                                                   self.dtype)})
+        if "m" not in built:
+            self.notes.append(f"{purpose}: {built['error']}")
+        return built.get("m")
+
     def recompile_estimate(self) -> float:
         """Seconds one more whole-UNet compile is expected to take, from the batch-1 compile of this run."""
         first = next((r for r in self.steps if r["model"] == "snapgen_unet" and r["mode"] == "compiled"
@@ -274,12 +283,9 @@ class Suite:
                 return
             sizes = larger if self.smoke or self.budget.allows(80) else larger[-1:]
             self.log(f"SnapGen UNet regional compile + CUDA graph, batch {sizes} (fresh UNet)")
-            built = attempt({}, lambda: {"m": bench_models.build_model(self.specs["snapgen_unet"], self.device,
-                                                                       self.dtype)})
-            if "m" not in built:
-                self.notes.append(f"regional UNet: {built['error']}")
+            model = self.fresh_unet("regional UNet")
+            if model is None:
                 return
-            model = built.pop("m")
             compiled = attempt({}, lambda: {"ok": model.compile_repeated_blocks(fullgraph=True, backend=self.backend)})
             if "error" in compiled:
                 self.notes.append(f"regional compile: {compiled['error']}")
@@ -378,13 +384,11 @@ class Suite:
             return
         # the bf16 reference (after quantizing, so a missing torchao costs nothing): a fresh UNet compiled the same way
         self.log("float8: the bf16 reference, a fresh UNet with regional compile + CUDA graph, batch 1")
-        built = attempt({}, lambda: {"m": bench_models.build_model(self.specs["snapgen_unet"], self.device,
-                                                                   self.dtype)})
-        if "m" in built:
-            self.unet_rows(built.pop("m"), self.batch_sizes[:1], "regional")  # compiles the fresh UNet's blocks
+        reference = self.fresh_unet("float8 bf16 reference UNet")
+        if reference is not None:
+            self.unet_rows(reference, self.batch_sizes[:1], "regional")  # compiles the fresh UNet's blocks
+            del reference
             bench_models.release(self.device)
-        else:
-            self.notes.append(f"float8 bf16 reference UNet: {built['error']}")
         # Progress lines: a float8 compile once ran past 525 s with nothing printed to show which phase it was in.
         self.log("float8: UNet quantized; regional compile of the batch-1 step (first call)")
         torch._dynamo.reset()
