@@ -30,11 +30,16 @@ COLUMNS = ["pipeline", "steps", "mode", "text", "ms", "compile_s", "max_abs_diff
 
 
 def compare(images: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Largest pixel difference and mean PSNR (images in [0, 1], peak 1) of ``images`` against ``reference``."""
+    """Largest pixel difference and mean PSNR (images in [0, 1], peak 1) of ``images`` against ``reference``; an
+    ``error`` where the images hold NaN or inf (a broken numeric path, e.g. float8 scales of all-zero rows)."""
     from diffusers_snapgen.training.reconstruction import psnr
 
-    return {"max_abs_diff": (images.float() - reference).abs().max().item(),
-            "psnr_db": psnr(images.float(), reference).mean().item()}
+    out = {"max_abs_diff": (images.float() - reference).abs().max().item(),
+           "psnr_db": psnr(images.float(), reference).mean().item()}
+    nonfinite = (~torch.isfinite(images)).sum().item()
+    if nonfinite:
+        out["error"] = f"{nonfinite} of {images.numel()} pixel values are NaN or inf"
+    return out
 
 
 def _sync_time(device) -> float:

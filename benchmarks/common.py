@@ -168,6 +168,17 @@ def conv_backward_flops(grad_output_shape, input_shape, weight_shape, _bias, _st
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
+def float8_config():
+    """torchao's dynamic float8 recipe of docs/performance.md: e4m3 weights and activations, one scale per row.
+
+    ``activation_value_lb`` keeps an all-zero activation row finite: its scale would be 0 and the row 0 / 0 = NaN.
+    SD3-layout prompt embeddings hold such rows (CLIP's channels padded to 4096, the absent T5 tokens zero), and
+    without the bound the whole image turned NaN (one H100 run)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
+
+
 def is_large_linear(module: torch.nn.Module, _name: str = "") -> bool:
     """The ``nn.Linear`` layers the float8 recipe converts (``filter_fn`` of torchao's ``quantize_``): both sides at
     least 256 features, where a float8 matmul can beat its scaling overhead."""

@@ -1,9 +1,10 @@
 """Float8 inference of the embedded default model's UNet, emulated in PyTorch: end-to-end image PSNR against the bf16
 pipeline (CPU).
 
-The arithmetic of torchao's ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``, the float8 recipe
-of docs/performance.md: each selected ``nn.Linear`` keeps its weight as float8 e4m3 with one scale per output
-channel, and casts every input row (token) to e4m3 with its own scale at run time; the product accumulates in fp32
+The arithmetic of torchao's ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+activation_value_lb=1e-12)``, the float8 recipe of docs/performance.md: each selected ``nn.Linear`` keeps its weight
+as float8 e4m3 with one scale per output channel, and casts every input row (token) to e4m3 with its own scale at run
+time (a row's largest magnitude bounded below by 1e-12, so an all-zero row stays zero); the product accumulates in fp32
 and returns bf16, plus the bf16 bias. Here the e4m3 values are decoded back to fp32 for the product (a CPU has no
 float8 matmul), so only the rounding of ``torch._scaled_mm``'s accumulation can differ from the GPU. The pipeline runs
 in bf16 as on the GPU and samples the first ``--pairs`` prompts of the `seen` and `heldout_pair` sets (seed = pair

@@ -1,9 +1,13 @@
 """Where the SnapGen UNet step spends its GPU time: top kernels of one compiled forward (bf16, batch 1, 1024²).
 
-Compiled with the default inductor mode (no CUDA graphs) so the profiler sees each kernel; kernels are also grouped into coarse families
-(matmul, convolution, attention, normalisation, elementwise/fused) to show what a fusion effort should target.
+Compiled with the default inductor mode (no CUDA graphs) so the profiler sees each kernel; kernels are also grouped
+into coarse families (matmul, convolution, attention, normalisation, elementwise/fused) to show what a fusion effort
+should target. The same compiled forward is then captured in one CUDA graph and timed as replays: the step once host
+work is gone.
 
     python benchmarks/profile_unet.py --out benchmarks/results
+    # as the fast sampler runs it: fused projections, text keys/values computed once per prompt
+    python benchmarks/profile_unet.py --fuse_qkv --text_kv --tag fused_text_kv --out benchmarks/results
     python benchmarks/profile_unet.py --smoke --out smoke_out      # CPU ops of a tiny eager UNet, seconds
 """
 
@@ -44,6 +48,12 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--fuse_qkv", action="store_true", help="profile after `unet.fuse_qkv_projections()`")
+    parser.add_argument(
+        "--text_kv", action="store_true",
+        help="pass the text keys and values precomputed (`cross_attention_kv`), as the pipeline and fast sampler do",
+    )
+    parser.add_argument("--tag", default=None, help="suffix of the result files' names")
     parser.add_argument("--smoke", action="store_true", help="tiny UNet, eager, CPU ops (tests the wiring)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -59,6 +69,8 @@ def main(argv=None):
         unet = SnapGenUNet2DModel().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         run = torch.compile(unet)  # default inductor: no CUDA graphs, so the profiler sees every kernel
         activity, kind = torch.profiler.ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA
+    if args.fuse_qkv:
+        unet.fuse_qkv_projections()
     config = unet.config
     inputs = dict(
         sample=torch.randn(args.batch, 16, latent, latent, device=device, dtype=dtype),
@@ -66,6 +78,9 @@ def main(argv=None):
         encoder_hidden_states=torch.randn(args.batch, 333, config.joint_attention_dim, device=device, dtype=dtype),
         pooled_projections=torch.randn(args.batch, config.pooled_projection_dim, device=device, dtype=dtype),
     )
+    if args.text_kv:
+        with torch.inference_mode():
+            inputs["cross_attention_kv"] = unet.precompute_cross_attention_kv(inputs["encoder_hidden_states"])
     with torch.inference_mode():
         step_ms = time_ms(lambda: run(**inputs), device, warmup=1 if args.smoke else 3, iters=2 if args.smoke else 10)
         with torch.profiler.profile(activities=[activity]) as profiler:
@@ -73,6 +88,14 @@ def main(argv=None):
                 run(**inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+        # The same compiled forward captured in one CUDA graph and replayed, as the fast sampler runs it: the step's
+        # time once host work is gone (no input copies, unlike mode="reduce-overhead").
+        graph_ms = None
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run(**inputs)
+            graph_ms = time_ms(graph.replay, device, warmup=3, iters=50)
 
     kernels = defaultdict(lambda: [0.0, 0])
     for event in profiler.events():
@@ -81,12 +104,15 @@ def main(argv=None):
             kernels[event.name][0] += total / 5 / 1e3  # ms per forward
             kernels[event.name][1] += 1
     total = sum(ms for ms, _ in kernels.values())
-    families = defaultdict(float)
-    for name, (ms, _) in kernels.items():
-        families[family(name)] += ms
+    families = defaultdict(lambda: [0.0, 0])
+    for name, (ms, count) in kernels.items():
+        families[family(name)][0] += ms
+        families[family(name)][1] += count
     family_rows = [
-        dict(family=name, ms=ms, share=f"{ms / total:.0%}") for name, ms in sorted(families.items(), key=lambda x: -x[1])
+        dict(family=name, ms=ms, launches=count // 5, share=f"{ms / total:.0%}")
+        for name, (ms, count) in sorted(families.items(), key=lambda x: -x[1][0])
     ]
+    graph_note = "" if graph_ms is None else f", {graph_ms:.2f} ms replayed as one CUDA graph"
     kernel_rows = [
         dict(kernel=name[:90], family=family(name), ms=ms, launches=count // 5, share=f"{ms / total:.1%}")
         for name, (ms, count) in sorted(kernels.items(), key=lambda x: -x[1][0])[: args.top]
@@ -94,20 +120,26 @@ def main(argv=None):
     what = "tiny UNet, eager CPU ops" if args.smoke else "torch.compile (default mode, no CUDA graphs)"
     title = (
         f"# SnapGen UNet kernel profile — {device_name(device)}, {str(dtype).replace('torch.', '')}, batch "
-        f"{args.batch}, {'smoke' if args.smoke else f'{args.resolution}²'}, {what}\n\nStep {step_ms:.2f} ms wall; {total:.2f} ms of kernel time "
+        f"{args.batch}, {'smoke' if args.smoke else f'{args.resolution}²'}, {what}"
+        f"{', fused QKV' if args.fuse_qkv else ''}{', text keys/values precomputed' if args.text_kv else ''}\n\n"
+        f"Step {step_ms:.2f} ms wall{graph_note}; {total:.2f} ms of kernel time "
         f"in {sum(c for _, c in kernels.values()) // 5} launches per forward.\n"
     )
     table = (
         title
         + "\n"
-        + markdown_table(family_rows, ["family", "ms", "share"])
+        + markdown_table(family_rows, ["family", "ms", "launches", "share"])
         + "\n\n"
         + markdown_table(kernel_rows, ["kernel", "family", "ms", "launches", "share"])
     )
     print(table)
     if args.out is not None:
-        payload = dict(step_ms=step_ms, kernel_ms=total, families=family_rows, kernels=kernel_rows)
-        write_results(args.out, f"profile_unet_{device.type}", payload, table)
+        payload = dict(
+            step_ms=step_ms, graph_ms=graph_ms, kernel_ms=total, fuse_qkv=args.fuse_qkv, text_kv=args.text_kv,
+            batch=args.batch, families=family_rows, kernels=kernel_rows,
+        )
+        stem = f"profile_unet_{device.type}" + (f"_{args.tag}" if args.tag else "")
+        write_results(args.out, stem, payload, table)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     Budget,
     attempt,
     device_name,
+    float8_config,
     is_large_linear,
     markdown_table,
     matmul_peak_tflops,
@@ -372,10 +373,9 @@ class Suite:
         self.log("float8 (torchao) UNet, regional compile + CUDA graph, batch 1 and the largest batch; fast sampler")
 
         def quantize():
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+            from torchao.quantization import quantize_
 
-            quantize_(self.pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                      filter_fn=is_large_linear)
+            quantize_(self.pipe.unet, float8_config(), filter_fn=is_large_linear)
             return {}
 
         quantized = attempt({}, quantize)

@@ -73,8 +73,15 @@ def test_bench_pipeline_smoke_on_cpu(tmp_path):
 
 def test_profile_unet_smoke_on_cpu(tmp_path):
     _run("profile_unet.py", "--smoke", "--out", str(tmp_path))
+    _run("profile_unet.py", "--smoke", "--fuse_qkv", "--text_kv", "--tag", "fast", "--out", str(tmp_path))
     payload = json.loads((tmp_path / "profile_unet_cpu.json").read_text())
-    assert payload["step_ms"] > 0 and payload["kernels"]
+    fast = json.loads((tmp_path / "profile_unet_cpu_fast.json").read_text())
+    assert payload["step_ms"] > 0 and payload["kernels"] and payload["graph_ms"] is None  # CUDA graphs need CUDA
+    assert fast["fuse_qkv"] and fast["text_kv"] and not payload["fuse_qkv"]
+    # Fused projections and precomputed text keys/values leave fewer matrix products in a forward.
+    launches = {name: {row["family"]: row["launches"] for row in result["families"]} for name, result in
+                (("default", payload), ("fast", fast))}
+    assert launches["fast"]["matmul"] < launches["default"]["matmul"]
 
 
 def test_inference_suite_smoke_runs_every_section(tmp_path):
@@ -416,3 +423,27 @@ def test_float8_rows_round_each_row_to_e4m3_with_its_own_scale():
     assert torch.equal(q[0, :3], x[0, :3])  # e4m3 holds these exactly at scale 1
     assert torch.allclose(q[1], x[1], rtol=0.07, atol=0) and q[1, 2] == 0  # the second row scales by 100 first
     assert q[0, 3] != x[0, 3] and abs(q[0, 3] - x[0, 3]) / x[0, 3] < 0.07  # 3 mantissa bits: within 2^-4
+
+
+def test_float8_rows_keep_an_all_zero_row_finite():
+    """SD3-layout prompt embeddings hold all-zero rows: their float8 scale must not turn them into 0 / 0."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from float8_emulation import float8_rows
+
+    q = float8_rows(torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]]))
+    assert torch.isfinite(q).all() and torch.equal(q[0], torch.zeros(3))
+
+
+def test_pipeline_comparison_flags_images_that_are_not_finite():
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_pipeline import compare
+
+    reference = torch.full((1, 3, 4, 4), 0.5)
+    assert "error" not in compare(reference + 0.01, reference)
+    broken = reference.clone()
+    broken[0, 0, 0, :2] = float("nan")
+    assert compare(broken, reference)["error"] == "2 of 48 pixel values are NaN or inf"
