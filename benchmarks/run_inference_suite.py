@@ -121,6 +121,7 @@ class Suite:
         self.pipe_warmup, self.pipe_iters = (0, 1) if self.smoke else (1, 3)
         self.budget = Budget(args.budget_s)
         self.fp8 = args.fp8
+        self.fp8_mode = args.fp8_mode
         self.fused_recipes = args.fused_recipes
         self.skip_anchors = args.skip_anchors
         self.out = args.out
@@ -371,7 +372,8 @@ class Suite:
         repeated blocks compile once each. Runs last: the pipeline's UNet stays quantized."""
         if self.pipe is None or not self.fp8 or self.skip("float8 UNet", 90 if not self.smoke else 0):
             return
-        self.log("float8 (torchao) UNet, regional compile + CUDA graph, batch 1 and the largest batch; fast sampler")
+        mode = self.fp8_mode
+        self.log(f"float8 (torchao) UNet, {mode}, batch 1 and the largest batch; fast sampler")
 
         def quantize():
             from torchao.quantization import quantize_
@@ -381,7 +383,7 @@ class Suite:
 
         quantized = attempt({}, quantize)
         if "error" in quantized:
-            self.steps.append(dict(model="snapgen_unet_fp8", batch=1, mode="regional", error=quantized["error"]))
+            self.steps.append(dict(model="snapgen_unet_fp8", batch=1, mode=mode, error=quantized["error"]))
             return
         self.pipe.unet._compiled_call_impl = None  # drop an earlier section's whole-model compile (nn.Module.compile)
         for index, batches in enumerate((self.batch_sizes[:1], self.batch_sizes[-1:])):
@@ -390,17 +392,18 @@ class Suite:
             # Regional graphs count per stage and shape against torch's limit of 8 per code object: start anew.
             torch._dynamo.reset()
             # the bf16 reference (after quantizing, so a missing torchao costs nothing): a fresh UNet, same compile
-            self.log(f"float8: the bf16 reference at batch {batches[0]}, a fresh UNet with regional compile")
+            self.log(f"float8: the bf16 reference at batch {batches[0]}, a fresh UNet, {mode}")
             reference = self.fresh_unet("float8 bf16 reference UNet")
             if reference is not None:
-                self.unet_rows(reference, batches, "regional")
+                self.unet_rows(reference, batches, mode)
                 del reference
                 bench_models.release(self.device)
             # Progress lines: a float8 compile once ran past 525 s with nothing printed to show which phase it was in.
-            self.log(f"float8: regional compile of the batch-{batches[0]} step (first call)")
-            # the first pass applies compile_repeated_blocks; the second calls the same compiled blocks again
-            rows = self.unet_rows(self.pipe.unet, batches, "regional", name="snapgen_unet_fp8",
-                                  call=self.pipe.unet if index else None, spec_name="snapgen_unet")
+            self.log(f"float8: the batch-{batches[0]} step, {mode} (first call)")
+            # regional: the first pass applies compile_repeated_blocks; the second calls the compiled blocks again
+            rows = self.unet_rows(self.pipe.unet, batches, mode, name="snapgen_unet_fp8",
+                                  call=self.pipe.unet if index and mode == "regional" else None,
+                                  spec_name="snapgen_unet")
             self.log(f"float8: batch-{batches[0]} step {rows[0].get('ms', rows[0].get('error'))} ms after a "
                      f"{rows[0].get('compile_s')} s first call")
             if "ms" not in rows[0]:
@@ -408,11 +411,13 @@ class Suite:
         if self.skip("float8 fast sampler", 90 if not self.smoke else 0):
             return
         torch._dynamo.reset()
-        self.log("SnapGen fast sampler with the float8 UNet (its compiled blocks; the decoder compiled)")
+        regional = mode == "regional"
+        how = "its compiled blocks, the decoder compiled" if regional else "eager kernels in one CUDA graph"
+        self.log(f"SnapGen fast sampler with the float8 UNet ({how})")
         self.pipelines += bench_pipeline.fast_rows(
             self.pipe, self.device, self.resolution, warmup=self.pipe_warmup + 1, iters=self.pipe_iters + 2,
-            latents=self.latents, reference=self.reference, mode="fp8-fast", compile="full",
-            compile_kwargs={"backend": self.backend})
+            latents=self.latents, reference=self.reference, mode="fp8-fast" if regional else "fp8-graph",
+            compile="full" if regional else None, compile_kwargs={"backend": self.backend})
 
     # ------------------------------------------------------------------ summary
 
@@ -522,6 +527,9 @@ def main(argv=None):
                         help="skip optional parts past this many seconds (default 600; smoke: none)")
     parser.add_argument("--fp8", action="store_true",
                         help="also time the UNet in float8 (torchao) at batch 1 and the largest batch, and its images")
+    parser.add_argument("--fp8-mode", default="regional", choices=["regional", "eager+graph"],
+                        help="how the float8 and bf16 rows run: regional compilation + CUDA graph (default), or eager "
+                             "kernels in a CUDA graph (no compilation: a minute, not several)")
     parser.add_argument("--fused-recipes", default="default,tuned",
                         help=f"compile recipes of the fused batch-1 step, in order, of: {', '.join(FUSED_RECIPES)}")
     parser.add_argument("--cudnn-benchmark", action="store_true",
