@@ -20,7 +20,8 @@ Measured in this order (most important first; optional parts are skipped when ``
    ``--fused-recipes`` (inductor's defaults, the community recipes' inductor options, freezing, max-autotune), with
    the fast sampler around the fastest; variants (e)/(f) with regional compilation; the pipeline's UNet in float8
    (torchao) at batch 1 and 16 with regional compilation, beside bf16 compiled the same way, and the fast sampler's
-   images with it against the eager bf16 ones (``--fp8``).
+   images with it against the eager bf16 ones (``--fp8``; ``--fp8-mode eager+graph`` replays eager kernels
+   instead of compiling).
 
 Every part fails soft: a failure is recorded as ``failed: <reason>`` and the run goes on. Results go to
 ``<out>/inference_suite_<device>.{json,md}``; a compact table is printed at the end.
