@@ -346,6 +346,54 @@ def test_lora_load_fuse_unfuse_unload(tmp_path):
     assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
+@pytest.mark.parametrize("vae", ["tiny", "kl"])
+def test_pipeline_fuse_qkv_projections_keeps_the_images(vae):
+    """diffusers' pipeline API: ``pipe.fuse_qkv_projections()`` fuses the UNet's attentions (and an AutoencoderKL's;
+    the tiny decoder has none) with the same images; ``unfuse_qkv_projections()`` restores the separate ones."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    from diffusers_snapgen.models.attention import SnapGenAttention
+
+    pipe = tiny_pipeline(vae=vae)
+    if vae == "kl":  # the tiny AutoencoderKL has no attention: give its mid-block one
+        torch.manual_seed(0)
+        pipe.vae = AutoencoderKL.from_config({**pipe.vae.config, "mid_block_add_attention": True}).eval()
+    unet_attentions = [m for m in pipe.unet.modules() if isinstance(m, SnapGenAttention)]
+    vae_attentions = [m for m in pipe.vae.modules() if isinstance(m, Attention)]
+    assert bool(vae_attentions) == (vae == "kl")
+    images = pipe("a red apple", generator=gen(0), output_type="pt").images
+
+    pipe.fuse_qkv_projections(vae=False)
+    assert all(m.fused_projections for m in unet_attentions) and not any(m.fused_projections for m in vae_attentions)
+    pipe.fuse_qkv_projections()
+    assert all(m.fused_projections for m in unet_attentions + vae_attentions)
+    assert all(isinstance(m.processor, FusedAttnProcessor2_0) for m in vae_attentions)
+    torch.testing.assert_close(pipe("a red apple", generator=gen(0), output_type="pt").images, images,
+                               rtol=1e-5, atol=1e-5)
+
+    pipe.unfuse_qkv_projections()
+    assert not any(m.fused_projections or hasattr(m, "to_qkv") for m in unet_attentions)
+    # diffusers' AutoencoderKL unfuses by restoring its original processors (the fused weights stay unused)
+    assert not any(isinstance(m.processor, FusedAttnProcessor2_0) for m in vae_attentions)
+    torch.testing.assert_close(pipe("a red apple", generator=gen(0), output_type="pt").images, images,
+                               rtol=0, atol=0)
+    pipe.unfuse_qkv_projections()  # nothing fused: nothing to do
+    pipe.fuse_qkv_projections()
+    pipe.fuse_qkv_projections()  # already fused: the VAE must keep its unfused processors as the originals
+    pipe.unfuse_qkv_projections()
+    assert not any(isinstance(m.processor, FusedAttnProcessor2_0) for m in vae_attentions)
+
+
+def test_pipeline_fuse_qkv_projections_rejects_non_bool_flags():
+    pipe = tiny_pipeline("none")
+    with pytest.raises(TypeError, match="`unet` must be True or False"):
+        pipe.fuse_qkv_projections(unet="yes")
+    with pytest.raises(TypeError, match="`vae` must be True or False"):
+        pipe.unfuse_qkv_projections(vae=None)
+    assert not any(getattr(m, "fused_projections", False) for m in pipe.unet.modules())
+
+
 def test_lora_weights_loaded_after_fusing_qkv_are_refused(tmp_path):
     """``load_lora_weights`` after ``fuse_qkv_projections()``: the adapter's Q/K/V layers would never run, so the load
     is refused and leaves no adapter behind."""

@@ -93,6 +93,11 @@ class SnapGenPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+def _uses_fused_processors(model) -> bool:
+    """Whether a diffusers model with ``attn_processors`` (e.g. ``AutoencoderKL``) runs fused-projection processors."""
+    return any("Fused" in type(processor).__name__ for processor in getattr(model, "attn_processors", {}).values())
+
+
 class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextEncodingMixin,
                       SnapGenLoraLoaderMixin):
     r"""Text-to-image generation with SnapGen (Hu et al., CVPR 2025, arXiv 2412.09619).
@@ -367,6 +372,34 @@ class SnapGenPipeline(SnapGenSerializationMixin, DiffusionPipeline, SnapGenTextE
         from .fast_sampling import SnapGenFastSampler
 
         return SnapGenFastSampler(self, **kwargs)
+
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Fuse attention projections for inference, as diffusers' Stable Diffusion pipelines do: each UNet
+        self-attention projects Q, K and V with one matmul and each cross-attention K and V with one
+        (``SnapGenUNet2DModel.fuse_qkv_projections``); ``vae`` fuses an ``AutoencoderKL``'s attention as well (the
+        tiny decoder has none). Same images. Merge LoRA adapters first (``fuse_lora()``) and unfuse before
+        ``save_pretrained``; see ``docs/performance.md``. :meth:`unfuse_qkv_projections` undoes it."""
+        self._apply_to_attention("fuse_qkv_projections", unet=unet, vae=vae)
+
+    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Undo :meth:`fuse_qkv_projections` on the UNet and/or ``AutoencoderKL`` (a no-op where nothing is fused)."""
+        self._apply_to_attention("unfuse_qkv_projections", unet=unet, vae=vae)
+
+    def _apply_to_attention(self, method: str, **components: bool) -> None:
+        for name, wanted in components.items():
+            if not isinstance(wanted, bool):
+                raise TypeError(f"`{name}` must be True or False, got {wanted!r}.")
+        fusing = method == "fuse_qkv_projections"
+        for name, wanted in components.items():
+            model = getattr(self, name)
+            if not wanted or model is None or not hasattr(model, method):
+                continue
+            # The UNet's attentions fuse and unfuse idempotently. diffusers' AutoencoderKL swaps its processors and
+            # keeps the ones it replaced, so it is called only when its state changes (a second fuse would record
+            # the fused processors as the originals; a second unfuse fails).
+            if name == "vae" and fusing == _uses_fused_processors(model):
+                continue
+            getattr(model, method)()
 
     # ------------------------------------------------------------------ generation
 
