@@ -13,11 +13,14 @@ autoencoder128 (128-pixel patches; the decoder's patch GAN on), decoder128_cache
 --cache_latents: the frozen encoder's latents computed once, not every step), decoder128_cached_cl and
 autoencoder128_cl (the same with --channels_last), encoder128 and encoder128_cached (the tiny encoder distilled from
 the frozen autoencoder, batch 64, without and with --cache_latents), paper1024 (the paper-size UNet at 1024², batch
-8). Each config runs in its own process; every mode builds a fresh run (prepare_run + train), warms up for
---warmup steps (compilation and capture happen there) and is then timed over --steps steps (metrics windows of the
-engine: the host waits for the device once per window). GPU busy time: torch.profiler over the timed steps of one
-mode (union of kernel intervals / wall time); with --profile_tables also the profiler's per-op GPU time table
-(profile_<config>_<mode>.txt).
+8), paperkd1024 (the paper-size UNet distilled from an SD3.5-Large-shaped 8B teacher at 1024², batch 4: output + the
+default 4 feature pairs, as benchmarks/bench_training.py times it outside the engine; the paper configs hold 64
+synthetic samples on the device instead of 4096). Each config runs in its own process; every mode builds a fresh
+run (prepare_run + train), warms up for --warmup steps (compilation and capture happen there) and is then timed over
+--steps steps (metrics windows of the engine: the host waits for the device once per window). GPU busy time:
+torch.profiler over the timed steps of one mode (union of kernel intervals / wall time); with --profile_tables also
+the profiler's per-op GPU time table (profile_<config>_<mode>.txt). A config stopped by --deadline keeps the rows of
+the modes it finished.
 
     python benchmarks/bench_train_loop.py --out benchmarks/results                    # CUDA
     python benchmarks/bench_train_loop.py --smoke --out /tmp/bench                    # CPU, tiny models, ~1 min
@@ -74,12 +77,14 @@ CONFIGS = {
     "autoencoder128": ("autoencoder", 128, 32, 32, 4),
     "autoencoder128_cl": ("autoencoder", 128, 32, 32, 4),
     "paper1024": ("paper", 128, 8, 8, 2),
+    "paperkd1024": ("paperkd", 128, 4, 8, 2),
 }
 CONFIG_FLAGS = {"decoder128_cached": ["--cache_latents"],  # the frozen encoder's latents computed once, not every step
                 "decoder128_cached_cl": ["--cache_latents", "--channels_last"],  # and the decoder's weights NHWC
                 "encoder128_cached": ["--cache_latents"],
                 "autoencoder128_cl": ["--channels_last"]}
 RECONSTRUCTION = ("decoder", "encoder", "autoencoder")  # image models: device image caches, 128-pixel patches
+PAPER = ("paper", "paperkd")  # the paper-size UNet: 333 x 4096 text (CLIP-L + CLIP-G + T5), 64 samples on the device
 TEXT_TOKENS, TEXT_WIDTH = 20, 384  # MiniLM-L6 at the emoji recipe's 20 tokens
 SAMPLES = 4096  # synthetic data set size (the device caches)
 
@@ -119,10 +124,11 @@ def _args(kind: str, batch: int, size: int, mode: str, out: Path, warmup: int, s
             args.vae_config, args.mse_weight = {}, 1.0
         args.eval_resolution, args.cache_image_resolution = size, size
     else:
+        kd_flags = [] if kind == "paperkd" else [  # the emoji recipe's pairs and direction; the paper's: the defaults
+            "--kd_projector_direction", "student_to_teacher", "--kd_feature_layers", EMOJI_KD_LAYERS]
         flags += ["--pretrained_model_name_or_path", "unused", "--resolution", str(size * 8), "--random_flip",
                   "--proportion_empty_prompts", "0.1", "--cache_latents", "--cache_text_embeddings",
-                  "--teacher_model_name_or_path", "unused", "--kd_projector_direction", "student_to_teacher",
-                  "--kd_feature_layers", EMOJI_KD_LAYERS, "--num_inference_steps", "4",
+                  "--teacher_model_name_or_path", "unused", *kd_flags, "--num_inference_steps", "4",
                   "--teacher_num_inference_steps", "1", "--discriminator_layers",
                   "transformer_blocks.3,transformer_blocks.7,transformer_blocks.10"]
         args = build_asd_parser().parse_args(flags)
@@ -143,11 +149,11 @@ def _denoiser_run(kind, size, batch, args, accelerator, tiny):
 
     device = accelerator.device
     torch.manual_seed(0)
-    text_tokens, text_width = (TEXT_TOKENS, 24) if tiny else (333, 4096) if kind == "paper" else (TEXT_TOKENS, TEXT_WIDTH)
+    text_tokens, text_width = (TEXT_TOKENS, 24) if tiny else (333, 4096) if kind in PAPER else (TEXT_TOKENS, TEXT_WIDTH)
     vae = AutoencoderKL(**TINY_VAE).requires_grad_(False).eval()  # only its latent statistics are used
     base = DenoiserBase({"scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": vae}, vae, torch.bfloat16
                         if accelerator.mixed_precision == "bf16" else torch.float32)
-    if kind == "paper":
+    if kind in PAPER:
         student = SnapGenUNet2DModel(**(TINY_UNET if tiny else {}))
         pooled_width = student.config.pooled_projection_dim
     elif kind == "teacher":
@@ -157,9 +163,20 @@ def _denoiser_run(kind, size, batch, args, accelerator, tiny):
         student = SnapGenUNet2DModel(**(TINY_UNET if tiny else EMOJI_STUDENT) | {"sample_size": size})
         pooled_width = text_width
     teacher = None
-    if kind in ("kd", "asd"):
+    if kind in ("kd", "asd") or (kind == "paperkd" and tiny):
         teacher = SD3Transformer2DModel(**(TINY_TEACHER if tiny else EMOJI_TEACHER) | {"sample_size": size})
         teacher = teacher.to(device, base.weight_dtype).requires_grad_(False).eval()
+    elif kind == "paperkd":  # 8B parameters: built on the device in the weights' dtype, never in fp32 on the host
+        from common import SD35_LARGE_TRANSFORMER
+
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(base.weight_dtype)
+        try:
+            with torch.device(device):
+                teacher = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
+        finally:
+            torch.set_default_dtype(previous)
+        teacher = teacher.requires_grad_(False).eval()
     if kind == "fm" or kind == "paper":
         task = FlowMatchingTask(args, accelerator, base, student)
     elif kind == "teacher":
@@ -167,13 +184,13 @@ def _denoiser_run(kind, size, batch, args, accelerator, tiny):
     else:
         kd = feature_kd_from_args(args, student, teacher)
         scaling = kd_scaling_from_args(args)
-        if kind == "kd":
+        if kind in ("kd", "paperkd"):
             task = KDTask(args, accelerator, base, student, teacher, kd, scaling)
         else:
             disc = TeacherFeatureDiscriminator.from_teacher(teacher, args.discriminator_layers, 3,
                                                             head_channels=args.discriminator_head_channels)
             task = ASDTask(args, accelerator, base, student, teacher, kd, scaling, disc)
-    n = SAMPLES if not tiny else 64
+    n = 64 if tiny or kind in PAPER else SAMPLES
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(n, 2, 16, size, size, generator=g)
     task.latent_cache = LatentCache(mean, torch.full_like(mean, 0.05)).to(device)
@@ -184,7 +201,7 @@ def _denoiser_run(kind, size, batch, args, accelerator, tiny):
     batches = DeviceIndexBatches(n, batch, 0, device)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
     extra = []
-    if kind in ("kd", "asd") and task.feature_kd is not None:
+    if kind in ("kd", "paperkd", "asd") and task.feature_kd is not None:
         groups.append({"params": list(task.feature_kd.parameters())})
         extra.append(task.feature_kd)
     if kind == "asd":
@@ -383,6 +400,11 @@ class _FallbackLog(logging.Handler):
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def finished_rows(stdout: str) -> list[dict]:
+    """The rows a config's process printed as each mode finished (``run_config``), from its output so far."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"config": ')]
+
+
 def markdown(info: dict) -> str:
     from common import markdown_table
 
@@ -476,7 +498,7 @@ def main(argv=None):
 
     if args.resume_check is not None and args.resume_check not in CONFIGS:
         p.error(f"--resume_check: unknown config {args.resume_check!r}")
-    if args.resume_steps < args.warmup or args.resume_steps % args.warmup:
+    if args.resume_check is not None and (args.resume_steps < args.warmup or args.resume_steps % args.warmup):
         p.error("--resume_steps must be a positive multiple of --warmup")
     start = time.perf_counter()
     rows, resume = [], None
@@ -503,9 +525,10 @@ def main(argv=None):
             resume = json.loads(found[-1][5:])[0]
         elif found:
             rows += json.loads(found[-1][5:])
-        else:
-            failed = {"config": name, "mode": "all", "error": (proc.stderr or proc.stdout)[-400:]}
-            resume, rows = (failed, rows) if name.startswith("resume:") else (resume, rows + [failed])
+        else:  # stopped or crashed: keep the modes it finished (each printed its row), then say what happened
+            done = [] if name.startswith("resume:") else finished_rows(proc.stdout)
+            failed = {"config": name, "mode": "rest" if done else "all", "error": (proc.stderr or proc.stdout)[-400:]}
+            resume, rows = (failed, rows) if name.startswith("resume:") else (resume, rows + done + [failed])
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.cuda.get_device_name(0) if cuda else "CPU"

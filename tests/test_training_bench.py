@@ -56,9 +56,32 @@ def test_bench_train_loop_runs_the_engine_in_each_mode(tmp_path):
     # off CUDA both runs fall back to eager steps, and the result says why
     assert resume["step_modes"] == {"uninterrupted": "eager", "resumed": "eager"}
     assert len(resume["fallbacks"]) == 2 and all("not a CUDA GPU" in m for m in resume["fallbacks"])
+    # the paper-size KD step (the teacher built in bf16) at tiny size; --resume_steps is only checked with
+    # --resume_check (its default, 100, is no multiple of --warmup 3)
+    kd = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path / "kd"), "--configs",
+                         "paperkd1024", "--modes", "eager", "--warmup", "3", "--steps", "3",
+                         "--profile_config", "none"],
+                        capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert kd.returncode == 0, kd.stderr[-3000:]
+    (kd_row,) = json.loads((tmp_path / "kd" / "bench_train_loop_smoke.json").read_text())["rows"]
+    assert "error" not in kd_row and kd_row["steps_per_s"] > 0 and kd_row["tflop_per_step"] > 0, kd_row
     bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--configs", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--configs" in bad.stderr
     bad_mode = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--resume_check", "student16",
                                "--resume_mode", "fast"], capture_output=True, text=True)
     assert bad_mode.returncode == 2 and "--resume_mode: unknown mode 'fast'" in bad_mode.stderr
+    bad_resume = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--resume_check", "student16",
+                                 "--warmup", "3", "--steps", "3"], capture_output=True, text=True)
+    assert bad_resume.returncode == 2 and "--resume_steps must be a positive multiple" in bad_resume.stderr
+
+
+def test_bench_train_loop_keeps_the_modes_a_stopped_config_finished():
+    """A config stopped by --deadline (or crashing) keeps the rows its process printed as each mode finished."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train_loop as bench
+
+    row = {"config": "paper1024", "mode": "eager", "step_ms": 384.0}
+    output = "warming up\n" + json.dumps(row) + "\nSome log line {\"config\": x}\n"
+    assert bench.finished_rows(output) == [row]
+    assert bench.finished_rows("compiling...\n") == []
