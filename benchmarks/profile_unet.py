@@ -8,6 +8,8 @@ work is gone.
     python benchmarks/profile_unet.py --out benchmarks/results
     # as the fast sampler runs it: fused projections, text keys/values computed once per prompt
     python benchmarks/profile_unet.py --fuse_qkv --text_kv --tag fused_text_kv --out benchmarks/results
+    # batch 16, the 40 busiest kernels, cuDNN choosing its convolution algorithms by timing them
+    python benchmarks/profile_unet.py --batch 16 --fuse_qkv --text_kv --top 40 --cudnn_benchmark --tag b16 --out ...
     python benchmarks/profile_unet.py --smoke --out smoke_out      # CPU ops of a tiny eager UNet, seconds
 """
 
@@ -53,11 +55,17 @@ def main(argv=None):
         "--text_kv", action="store_true",
         help="pass the text keys and values precomputed (`cross_attention_kv`), as the pipeline and fast sampler do",
     )
+    parser.add_argument(
+        "--cudnn_benchmark", action="store_true",
+        help="`torch.backends.cudnn.benchmark = True`: cuDNN times its algorithms per convolution shape and keeps the "
+        "fastest (off by default in PyTorch)",
+    )
     parser.add_argument("--tag", default=None, help="suffix of the result files' names")
     parser.add_argument("--smoke", action="store_true", help="tiny UNet, eager, CPU ops (tests the wiring)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --smoke)")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.smoke:
         from diffusers_snapgen.testing import tiny_unet
 
@@ -121,7 +129,8 @@ def main(argv=None):
     title = (
         f"# SnapGen UNet kernel profile — {device_name(device)}, {str(dtype).replace('torch.', '')}, batch "
         f"{args.batch}, {'smoke' if args.smoke else f'{args.resolution}²'}, {what}"
-        f"{', fused QKV' if args.fuse_qkv else ''}{', text keys/values precomputed' if args.text_kv else ''}\n\n"
+        f"{', fused QKV' if args.fuse_qkv else ''}{', text keys/values precomputed' if args.text_kv else ''}"
+        f"{', cuDNN benchmark mode' if args.cudnn_benchmark else ''}\n\n"
         f"Step {step_ms:.2f} ms wall{graph_note}; {total:.2f} ms of kernel time "
         f"in {sum(c for _, c in kernels.values()) // 5} launches per forward.\n"
     )
@@ -136,7 +145,7 @@ def main(argv=None):
     if args.out is not None:
         payload = dict(
             step_ms=step_ms, graph_ms=graph_ms, kernel_ms=total, fuse_qkv=args.fuse_qkv, text_kv=args.text_kv,
-            batch=args.batch, families=family_rows, kernels=kernel_rows,
+            cudnn_benchmark=args.cudnn_benchmark, batch=args.batch, families=family_rows, kernels=kernel_rows,
         )
         stem = f"profile_unet_{device.type}" + (f"_{args.tag}" if args.tag else "")
         write_results(args.out, stem, payload, table)

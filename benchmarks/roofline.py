@@ -332,7 +332,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="folder for roofline_<workload>.{json,md}")
     parser.add_argument("--batch-sizes", default="1,16", help="unet: comma-separated batch sizes (default 1,16)")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="unet: a profile_unet.py JSON (batch 1, separate projections) to set beside the floors")
+                        help="unet: a profile_unet.py JSON to set beside the floors of its batch size and Q/K/V "
+                             "projections (its batch must be in --batch-sizes)")
     parser.add_argument("--measured", type=Path, default=None,
                         help="reconstruction: a bench_reconstruction_parts.py JSON; student: a bench_train_loop.py "
                              "JSON (its fastest student16 step); set beside the floors")
@@ -353,6 +354,11 @@ def main(argv=None):
             parser.error(f"{flag} is not for the {args.workload} workload")
     if given is not None and not given.is_file():
         parser.error(f"no such file {given}")
+    if args.workload == "unet" and given is not None:
+        profiled = json.loads(given.read_text())
+        profiled_qkv = "fused" if profiled.get("fuse_qkv") else "separate"
+        if profiled.get("batch", 1) not in batch_sizes:
+            parser.error(f"--profile {given.name} is at batch {profiled.get('batch', 1)}: add it to --batch-sizes")
 
     workloads = {"unet": lambda: unet_workloads(args.smoke, batch_sizes),
                  "reconstruction": lambda: reconstruction_workloads(args.smoke),
@@ -373,15 +379,18 @@ def main(argv=None):
         lines += [f"## {title}", "", _table(result["families"]), ""]
     if given is not None:
         measured = json.loads(given.read_text())
-        if args.workload == "unet":  # the profile's kernel families against the batch-1 separate-projection floors
-            rows = next(r for r in results if r["batch"] == 1 and r["qkv"] == "separate")["families"]
+        if args.workload == "unet":  # the profile's kernel families against the floors of its batch and projections
+            rows = next(r for r in results if r["batch"] == measured.get("batch", 1)
+                        and r["qkv"] == profiled_qkv)["families"]
             kernel_ms = {r["family"]: r["ms"] for r in measured["families"]}
             kernel_ms["fused chains"] = sum(kernel_ms.pop(k, 0.0) for k in ("normalisation",
                                                                             "fused elementwise (triton)", "other"))
             kernel_ms["total"] = measured["kernel_ms"]
             named = [dict(r, name=r["family"]) for r in rows]
-            note = ("The profile's attention family includes inductor's fused QK-norm + RoPE kernels, which the model "
-                    "counts in fused chains.")
+            note = (f"Batch {measured.get('batch', 1)}, {profiled_qkv} projections. The profile's attention family "
+                    "includes inductor's fused QK-norm + RoPE kernels, which the model counts in fused chains."
+                    + (" The profile passed the text keys and values precomputed; the floors include their "
+                       "projections." if measured.get("text_kv") else ""))
         elif args.workload == "student":  # the fastest measured mode of the whole step against its floor
             rows = measured.get("rows") or measured.get("bench", {}).get("rows", [])
             timed = [r for r in rows if r.get("config") == "student16" and r.get("step_ms")]

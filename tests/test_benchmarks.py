@@ -73,11 +73,14 @@ def test_bench_pipeline_smoke_on_cpu(tmp_path):
 
 def test_profile_unet_smoke_on_cpu(tmp_path):
     _run("profile_unet.py", "--smoke", "--out", str(tmp_path))
-    _run("profile_unet.py", "--smoke", "--fuse_qkv", "--text_kv", "--tag", "fast", "--out", str(tmp_path))
+    _run("profile_unet.py", "--smoke", "--fuse_qkv", "--text_kv", "--cudnn_benchmark", "--tag", "fast", "--out",
+         str(tmp_path))
     payload = json.loads((tmp_path / "profile_unet_cpu.json").read_text())
     fast = json.loads((tmp_path / "profile_unet_cpu_fast.json").read_text())
     assert payload["step_ms"] > 0 and payload["kernels"] and payload["graph_ms"] is None  # CUDA graphs need CUDA
     assert fast["fuse_qkv"] and fast["text_kv"] and not payload["fuse_qkv"]
+    assert fast["cudnn_benchmark"] and not payload["cudnn_benchmark"]
+    assert "cuDNN benchmark mode" in (tmp_path / "profile_unet_cpu_fast.md").read_text()
     # Fused projections and precomputed text keys/values leave fewer matrix products in a forward.
     launches = {name: {row["family"]: row["launches"] for row in result["families"]} for name, result in
                 (("default", payload), ("fast", fast))}
@@ -374,6 +377,15 @@ def test_roofline_smoke_writes_floors_and_the_measured_comparison(tmp_path):
     assert ops["fused", 1]["matmul"]["ops"] < ops["separate", 1]["matmul"]["ops"]
     assert ops["separate", 4]["total"]["gflop"] > 3.9 * ops["separate", 1]["total"]["gflop"]
     assert "## Against `profile_unet_h200.json`" in (tmp_path / "roofline_unet_smoke.md").read_text()
+    # a profile is set beside the floors of its own batch and projections
+    b16 = BENCHMARKS / "results" / "profile_unet_h100_b16_fused_text_kv.json"
+    _run("roofline.py", "unet", "--smoke", "--batch-sizes", "1,16", "--profile", str(b16), "--gpu", "H100",
+         "--out", str(tmp_path))
+    text = (tmp_path / "roofline_unet_smoke.md").read_text()
+    assert "Batch 16, fused projections." in text and "| matmul | 29.2 |" in text
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / "roofline.py"), "unet", "--smoke", "--batch-sizes", "1",
+                              "--profile", str(b16), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "at batch 16: add it to --batch-sizes" in missing.stderr
 
     measured = BENCHMARKS / "results" / "reconstruction_parts_h100.json"
     _run("roofline.py", "reconstruction", "--smoke", "--measured", str(measured), "--gpu", "H100",
