@@ -8,8 +8,8 @@ work is gone.
     python benchmarks/profile_unet.py --out benchmarks/results
     # as the fast sampler runs it: fused projections, text keys/values computed once per prompt
     python benchmarks/profile_unet.py --fuse_qkv --text_kv --tag fused_text_kv --out benchmarks/results
-    # batch 16, the 40 busiest kernels, cuDNN choosing its convolution algorithms by timing them
-    python benchmarks/profile_unet.py --batch 16 --fuse_qkv --text_kv --top 40 --cudnn_benchmark --tag b16 --out ...
+    # batch 16, the 80 busiest kernels, cuDNN choosing its convolution algorithms by timing them
+    python benchmarks/profile_unet.py --batch 16 --fuse_qkv --text_kv --top 80 --cudnn_benchmark --tag b16 --out ...
     python benchmarks/profile_unet.py --smoke --out smoke_out      # CPU ops of a tiny eager UNet, seconds
 """
 
