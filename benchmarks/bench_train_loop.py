@@ -445,7 +445,8 @@ def markdown(info: dict) -> str:
               "includes compilation and capture; `gpu_busy` is the union of kernel intervals over wall time in "
               "torch.profiler; `tflop_per_step` counts one eager step's matmul, convolution and attention FLOPs (torch's "
               "FlopCounterMode, with the backward of grouped convolutions counted right) and `tflops` is that count "
-              "times steps/s (a rate far below the GPU's peak: the step is bound by something other than arithmetic)."]
+              "times steps/s (set it beside the GPU's bf16 peak: the small models' steps run far below it, bound by "
+              "something other than arithmetic)."]
     return "\n".join(lines)
 
 
