@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, markdown_table, time_ms, write_results  # noqa: E402
+from common import cuda_graph, device_name, markdown_table, time_ms, write_results  # noqa: E402
 
 from diffusers_snapgen import SnapGenUNet2DModel  # noqa: E402
 
@@ -100,10 +100,8 @@ def main(argv=None):
         # time once host work is gone (no input copies, unlike mode="reduce-overhead").
         graph_ms = None
         if device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run(**inputs)
-            graph_ms = time_ms(graph.replay, device, warmup=3, iters=50)
+            replay, _ = cuda_graph(lambda: run(**inputs), device)
+            graph_ms = time_ms(replay, device, warmup=3, iters=50)
 
     kernels = defaultdict(lambda: [0.0, 0])
     for event in profiler.events():
