@@ -166,17 +166,10 @@ def _denoiser_run(kind, size, batch, args, accelerator, tiny):
     if kind in ("kd", "asd") or (kind == "paperkd" and tiny):
         teacher = SD3Transformer2DModel(**(TINY_TEACHER if tiny else EMOJI_TEACHER) | {"sample_size": size})
         teacher = teacher.to(device, base.weight_dtype).requires_grad_(False).eval()
-    elif kind == "paperkd":  # 8B parameters: built on the device in the weights' dtype, never in fp32 on the host
-        from common import SD35_LARGE_TRANSFORMER
+    elif kind == "paperkd":  # 8B parameters: built on the device in the weights' dtype
+        from common import SD35_LARGE_TRANSFORMER, build_frozen_teacher
 
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(base.weight_dtype)
-        try:
-            with torch.device(device):
-                teacher = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
-        finally:
-            torch.set_default_dtype(previous)
-        teacher = teacher.requires_grad_(False).eval()
+        teacher = build_frozen_teacher(SD35_LARGE_TRANSFORMER, device, base.weight_dtype)
     if kind == "fm" or kind == "paper":
         task = FlowMatchingTask(args, accelerator, base, student)
     elif kind == "teacher":

@@ -100,10 +100,23 @@ SD35_LARGE_TRANSFORMER = dict(
 )
 
 
-def build_student_and_teacher(tiny: bool, device):
-    """A fp32 SnapGen student and a frozen bf16 SD3-style teacher: paper size (8B SD3.5-Large-shaped teacher) or tiny."""
+def build_frozen_teacher(config: dict, device, dtype: torch.dtype = torch.bfloat16):
+    """A frozen ``SD3Transformer2DModel`` built directly in ``dtype`` on ``device``: an 8B teacher never exists in fp32
+    on the host."""
     from diffusers import SD3Transformer2DModel
 
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            teacher = SD3Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return teacher.requires_grad_(False).eval()
+
+
+def build_student_and_teacher(tiny: bool, device):
+    """A fp32 SnapGen student and a frozen bf16 SD3-style teacher: paper size (8B SD3.5-Large-shaped teacher) or tiny."""
     from diffusers_snapgen import SnapGenUNet2DModel
 
     if tiny:
@@ -118,16 +131,9 @@ def build_student_and_teacher(tiny: bool, device):
         with torch.device(device):
             student = SnapGenUNet2DModel()
         teacher_cfg = SD35_LARGE_TRANSFORMER
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build the 8B teacher directly in bf16
-    try:
-        torch.manual_seed(1)
-        with torch.device(device):
-            teacher = SD3Transformer2DModel(**teacher_cfg)
-    finally:
-        torch.set_default_dtype(previous)
+    torch.manual_seed(1)
+    teacher = build_frozen_teacher(teacher_cfg, device)
     student = student.to(device=device, dtype=torch.float32).train()
-    teacher = teacher.to(device=device, dtype=torch.bfloat16).requires_grad_(False).eval()
     return student, teacher
 
 
