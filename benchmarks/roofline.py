@@ -354,11 +354,11 @@ def main(argv=None):
             parser.error(f"{flag} is not for the {args.workload} workload")
     if given is not None and not given.is_file():
         parser.error(f"no such file {given}")
-    if args.workload == "unet" and given is not None:
-        profiled = json.loads(given.read_text())
-        profiled_qkv = "fused" if profiled.get("fuse_qkv") else "separate"
-        if profiled.get("batch", 1) not in batch_sizes:
-            parser.error(f"--profile {given.name} is at batch {profiled.get('batch', 1)}: add it to --batch-sizes")
+    measured = None if given is None else json.loads(given.read_text())
+    if args.workload == "unet" and measured is not None:
+        profiled_qkv = "fused" if measured.get("fuse_qkv") else "separate"
+        if measured.get("batch", 1) not in batch_sizes:
+            parser.error(f"--profile {given.name} is at batch {measured.get('batch', 1)}: add it to --batch-sizes")
 
     workloads = {"unet": lambda: unet_workloads(args.smoke, batch_sizes),
                  "reconstruction": lambda: reconstruction_workloads(args.smoke),
@@ -377,8 +377,7 @@ def main(argv=None):
         title = (f"Batch {result['batch']}, {result['qkv']} Q/K/V projections" if args.workload == "unet"
                  else f"`{result['part']}`, batch {result['batch']}, {result['resolution']}²")
         lines += [f"## {title}", "", _table(result["families"]), ""]
-    if given is not None:
-        measured = json.loads(given.read_text())
+    if measured is not None:
         if args.workload == "unet":  # the profile's kernel families against the floors of its batch and projections
             rows = next(r for r in results if r["batch"] == measured.get("batch", 1)
                         and r["qkv"] == profiled_qkv)["families"]
