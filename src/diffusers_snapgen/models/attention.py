@@ -7,7 +7,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
-from .embeddings import apply_rotary_emb_interleaved
+from .qk_norm_rope import rms_norm_rotary
 
 
 class SnapGenAttnProcessor:
@@ -46,14 +46,8 @@ class SnapGenAttnProcessor:
                 query, key, value = attn.to_qkv(hidden_states).split([attn.inner_dim, kv_dim, kv_dim], dim=-1)
             else:
                 query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-            key, value = attn.split_kv_heads(key, value)
-            if image_rotary_emb is not None:
-                key = apply_rotary_emb_interleaved(key, image_rotary_emb)
-        query = query.unflatten(-1, (attn.heads, attn.head_dim))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb_interleaved(query, image_rotary_emb)
+            key, value = attn.split_kv_heads(key, value, image_rotary_emb)
+        query = rms_norm_rotary(query.unflatten(-1, (attn.heads, attn.head_dim)), attn.norm_q, image_rotary_emb)
 
         batch, seq = query.shape[:2]
         fold_heads = attn.kv_heads == 1 and attn.heads > 1 and self._parallel_config is None
@@ -165,12 +159,18 @@ class SnapGenAttention(nn.Module, AttentionModuleMixin):
             key, value = self.to_k(context), self.to_v(context)
         return self.split_kv_heads(key, value)
 
-    def split_kv_heads(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_kv_heads(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected keys and values ``(B, L, kv_heads * dim_head)`` as ``(B, L, kv_heads, dim_head)``, the keys
-        RMS-normed (QK-norm) when the attention has ``norm_k``."""
+        RMS-normed (QK-norm) when the attention has ``norm_k``, then rotated by ``image_rotary_emb`` when given
+        (self-attention: image tokens have 2D positions)."""
         key = key.unflatten(-1, (self.kv_heads, self.head_dim))
         value = value.unflatten(-1, (self.kv_heads, self.head_dim))
-        return (self.norm_k(key) if self.norm_k is not None else key), value
+        return rms_norm_rotary(key, self.norm_k, image_rotary_emb), value
 
     def forward(
         self,
