@@ -10,12 +10,15 @@ work is gone.
     python benchmarks/profile_unet.py --fuse_qkv --text_kv --tag fused_text_kv --out benchmarks/results
     # batch 16, the 80 busiest kernels, cuDNN choosing its convolution algorithms by timing them
     python benchmarks/profile_unet.py --batch 16 --fuse_qkv --text_kv --top 80 --cudnn_benchmark --tag b16 --out ...
+    # an inductor option passed to torch.compile(options=...)
+    python benchmarks/profile_unet.py --batch 16 --inductor_option triton.prefer_nd_tiling=True --tag nd --out ...
     python benchmarks/profile_unet.py --smoke --out smoke_out      # CPU ops of a tiny eager UNet, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -60,9 +63,22 @@ def main(argv=None):
         help="`torch.backends.cudnn.benchmark = True`: cuDNN times its algorithms per convolution shape and keeps the "
         "fastest (off by default in PyTorch)",
     )
+    parser.add_argument(
+        "--inductor_option", action="append", default=[], metavar="NAME=VALUE",
+        help="an inductor config option for `torch.compile(options=...)`, VALUE a Python literal (repeatable)",
+    )
     parser.add_argument("--tag", default=None, help="suffix of the result files' names")
     parser.add_argument("--smoke", action="store_true", help="tiny UNet, eager, CPU ops (tests the wiring)")
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.inductor_option:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--inductor_option takes NAME=VALUE, got {item!r}")
+        try:
+            options[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"--inductor_option {name}: VALUE must be a Python literal (True, 3, 'x'), got {value!r}")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --smoke)")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -75,7 +91,8 @@ def main(argv=None):
     else:
         device, dtype, latent = torch.device("cuda"), torch.bfloat16, args.resolution // 8
         unet = SnapGenUNet2DModel().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
-        run = torch.compile(unet)  # default inductor: no CUDA graphs, so the profiler sees every kernel
+        # Default inductor mode: no CUDA graphs, so the profiler sees every kernel.
+        run = torch.compile(unet, options=options or None)
         activity, kind = torch.profiler.ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA
     if args.fuse_qkv:
         unet.fuse_qkv_projections()
@@ -128,7 +145,8 @@ def main(argv=None):
         f"# SnapGen UNet kernel profile — {device_name(device)}, {str(dtype).replace('torch.', '')}, batch "
         f"{args.batch}, {'smoke' if args.smoke else f'{args.resolution}²'}, {what}"
         f"{', fused QKV' if args.fuse_qkv else ''}{', text keys/values precomputed' if args.text_kv else ''}"
-        f"{', cuDNN benchmark mode' if args.cudnn_benchmark else ''}\n\n"
+        f"{', cuDNN benchmark mode' if args.cudnn_benchmark else ''}"
+        f"{''.join(f', {k}={v!r}' for k, v in options.items())}\n\n"
         f"Step {step_ms:.2f} ms wall{graph_note}; {total:.2f} ms of kernel time "
         f"in {sum(c for _, c in kernels.values()) // 5} launches per forward.\n"
     )
@@ -143,7 +161,8 @@ def main(argv=None):
     if args.out is not None:
         payload = dict(
             step_ms=step_ms, graph_ms=graph_ms, kernel_ms=total, fuse_qkv=args.fuse_qkv, text_kv=args.text_kv,
-            cudnn_benchmark=args.cudnn_benchmark, batch=args.batch, families=family_rows, kernels=kernel_rows,
+            cudnn_benchmark=args.cudnn_benchmark, inductor_options=options, batch=args.batch, families=family_rows,
+            kernels=kernel_rows,
         )
         stem = f"profile_unet_{device.type}" + (f"_{args.tag}" if args.tag else "")
         write_results(args.out, stem, payload, table)

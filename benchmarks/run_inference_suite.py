@@ -7,7 +7,8 @@ Measured in this order (most important first; optional parts are skipped when ``
    one CUDA graph of the eager kernels, and after ``unet.fuse_qkv_projections()``).
 3. ``pipe(...)`` end to end (4 steps, tiny decoder, CLIP-L + CLIP-G), eager, text excluded/included/alone; and
    the fast sampler without compilation (eager kernels in one CUDA graph, compared with the eager images).
-4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph.
+4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph; where the fused
+   QK-norm + RoPE kernel runs (CUDA + Triton), (f) again with it switched off (``f_plain_ops``).
 5. Anchors, eager: SANA-1.6B and SDXL steps at batch 1, SANA-Sprint (2 steps) and SDXL (4 steps) end to end.
 6. The UNet compiled (``unet.compile(fullgraph=True)``, default inductor mode) + CUDA graph at batch 1, and the
    same step reading the text's keys and values precomputed once per prompt (as the fast sampler runs it).
@@ -56,6 +57,8 @@ from common import (  # noqa: E402
 )
 from pipeline_builders import BUILDERS  # noqa: E402
 
+from diffusers_snapgen.models import qk_norm_rope  # noqa: E402
+
 #: (key, what, target, comparison) for the summary; values are filled in from the rows.
 TARGETS = [
     ("unet_b1_compiled_ms", "UNet step, batch 1, compiled + CUDA graph, best recipe (ms)", 5.0, "<="),
@@ -67,7 +70,11 @@ TARGETS = [
     ("fast_image_ms", "4-step 1024² image + tiny decoder, text excluded (ms)", 30.0, "<="),
     ("fast_image_text_ms", "... with CLIP-L + CLIP-G encoding (ms)", 40.0, "<="),
     ("variant_f_eager_cost_pct", "variant (f) vs (e) latency, eager (%)", 10.0, "<="),
+    ("variant_f_plain_eager_cost_pct", "variant (f), QK-norm + RoPE as plain ops (no fused kernel), vs (e), eager (%)",
+     None, None),
     ("variant_f_graph_cost_pct", "variant (f) vs (e) latency, eager CUDA graph (%)", None, None),
+    ("variant_f_plain_graph_cost_pct", "variant (f), QK-norm + RoPE as plain ops, vs (e), eager CUDA graph (%)", None,
+     None),
     ("variant_f_regional_cost_pct", "variant (f) vs (e) latency, regional compile + graph (%)", None, None),
 ]
 #: Rows of the UNet after ``fuse_qkv_projections()``.
@@ -75,6 +82,8 @@ FUSED = "snapgen_unet_fused_qkv"
 #: Suffix of rows whose step reads the text's cross-attention keys and values precomputed once per prompt
 #: (``unet.precompute_cross_attention_kv``), as the fast sampler runs it; the batch-1 target counts whole steps.
 TEXT_KV = "_text_kv"
+#: Ablation row of variant (f) with QK-norm + RoPE as plain PyTorch ops (the fused kernel switched off).
+PLAIN_F = "f_plain_ops"
 #: Inductor options of the community's diffusers speed recipes (1x1 convolutions as matmuls, coordinate-descent
 #: tuning of the generated kernels, no epilogue fusion into matmuls).
 TUNED_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -228,22 +237,32 @@ class Suite:
         finally:  # later sections time the separate projections
             self.pipe.unet.unfuse_qkv_projections()
 
-    def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f")):
+    def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f", PLAIN_F)):
+        """Variants (e) and (f); ``PLAIN_F`` is (f) with its QK-norm + RoPE as plain PyTorch ops instead of the
+        fused kernel (models/qk_norm_rope.py), timed where the kernel would run (a CUDA device with Triton)."""
+        if PLAIN_F in keys and not (self.device.type == "cuda" and qk_norm_rope._triton_available()):
+            keys = tuple(key for key in keys if key != PLAIN_F)
         self.log(f"ablation {'/'.join(keys)}: {', '.join(modes)}")
         variants = ablation_table.ablation_variants()
         widths = ablation_table.SMOKE_WIDTHS if self.smoke else {}
         latent, tokens = self.resolution // 8, 8 if self.smoke else 333
         for key in keys:
+            variant = "f" if key == PLAIN_F else key
             row = next((r for r in self.ablation if r["variant"] == key), None)
             if row is None:
-                row = dict(variant=key, step=variants[key]["description"])
+                step = variants[variant]["description"] + (", QK-norm + RoPE as plain ops" if key == PLAIN_F else "")
+                row = dict(variant=key, step=step)
                 self.ablation.append(row)
-            for mode in modes:
-                config = {**variants[key]["config"], **widths}
-                timing = attempt({}, lambda: {"ms": ablation_table.latency(
-                    config, latent, tokens, self.device, mode, self.dtype, iters=self.iters,
-                    compile_backend=self.backend)})
-                row[f"ms_{mode.replace('+', '_')}"] = timing.get("ms", timing.get("error"))
+            previous = qk_norm_rope.set_fused_qk_norm_rope(key != PLAIN_F)
+            try:
+                for mode in modes:
+                    config = {**variants[variant]["config"], **widths}
+                    timing = attempt({}, lambda: {"ms": ablation_table.latency(
+                        config, latent, tokens, self.device, mode, self.dtype, iters=self.iters,
+                        compile_backend=self.backend)})
+                    row[f"ms_{mode.replace('+', '_')}"] = timing.get("ms", timing.get("error"))
+            finally:
+                qk_norm_rope.set_fused_qk_norm_rope(previous)
             bench_models.release(self.device)
 
     def section_compiled_b1(self):
@@ -362,7 +381,7 @@ class Suite:
     def section_regional_ablation(self):
         if self.skip("ablation e/f with regional compilation", 60 if not self.smoke else 0):
             return
-        self.section_ablation(modes=("regional",))
+        self.section_ablation(modes=("regional",), keys=("e", "f"))  # compiled, (f) runs the plain ops either way
 
     def section_fp8(self):
         """The pipeline's UNet with its large linear layers in float8 (torchao, dynamic per-row scales), with regional
@@ -439,9 +458,9 @@ class Suite:
             return min((r["ms"] for r in self.pipelines if r.get("pipeline") == "snapgen"
                         and is_fast_mode(r.get("mode")) and r.get("text") == text and "ms" in r), default=None)
 
-        def cost(column):
+        def cost(column, variant="f"):
             rows = {r["variant"]: r.get(column) for r in self.ablation}
-            e, f = rows.get("e"), rows.get("f")
+            e, f = rows.get("e"), rows.get(variant)
             return 100 * (f / e - 1) if isinstance(e, float) and isinstance(f, float) else None
 
         eager = min(filter(None, [step("snapgen_unet", 1, "eager"), step("snapgen_unet", 1, "eager-nchw"),
@@ -460,7 +479,9 @@ class Suite:
             "fast_image_ms": pipeline("excluded"),
             "fast_image_text_ms": pipeline("included"),
             "variant_f_eager_cost_pct": cost("ms_eager"),
+            "variant_f_plain_eager_cost_pct": cost("ms_eager", PLAIN_F),
             "variant_f_graph_cost_pct": cost("ms_eager_graph"),
+            "variant_f_plain_graph_cost_pct": cost("ms_eager_graph", PLAIN_F),
             "variant_f_regional_cost_pct": cost("ms_regional"),
         }
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -74,10 +76,15 @@ def test_bench_pipeline_smoke_on_cpu(tmp_path):
 def test_profile_unet_smoke_on_cpu(tmp_path):
     _run("profile_unet.py", "--smoke", "--out", str(tmp_path))
     _run("profile_unet.py", "--smoke", "--fuse_qkv", "--text_kv", "--cudnn_benchmark", "--tag", "fast", "--out",
-         str(tmp_path))
+         str(tmp_path), "--inductor_option", "triton.prefer_nd_tiling=True")
     payload = json.loads((tmp_path / "profile_unet_cpu.json").read_text())
     fast = json.loads((tmp_path / "profile_unet_cpu_fast.json").read_text())
     assert payload["step_ms"] > 0 and payload["kernels"] and payload["graph_ms"] is None  # CUDA graphs need CUDA
+    assert fast["inductor_options"] == {"triton.prefer_nd_tiling": True} and payload["inductor_options"] == {}
+    for bad in ("triton.prefer_nd_tiling", "x=not a literal"):
+        with pytest.raises(subprocess.CalledProcessError) as error:
+            _run("profile_unet.py", "--smoke", "--inductor_option", bad)
+        assert "--inductor_option" in error.value.stderr
     assert fast["fuse_qkv"] and fast["text_kv"] and not payload["fuse_qkv"]
     assert fast["cudnn_benchmark"] and not payload["cudnn_benchmark"]
     assert "cuDNN benchmark mode" in (tmp_path / "profile_unet_cpu_fast.md").read_text()
@@ -112,7 +119,7 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
     ablation = {r["variant"]: r for r in result["ablation"]}
     assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
     targets = {r["target"]: r for r in result["targets"]}
-    assert len(targets) == 9 and all(r["status"] != "missed" for r in targets.values())
+    assert len(targets) == 11 and all(r["status"] != "missed" for r in targets.values())
     assert targets["UNet step, batch 1, compiled + CUDA graph, text keys and values precomputed (ms)"]["value"] > 0
 
 
@@ -121,7 +128,7 @@ def test_inference_suite_runs_only_the_chosen_sections(tmp_path):
     result = json.loads((tmp_path / "inference_suite_cpu.json").read_text())
     assert list(result["graphs_compiled"]) == ["section_peak", "section_ablation"]  # peak is always measured
     assert result["steps"] == [] and result["pipelines"] == []
-    assert {r["variant"] for r in result["ablation"]} == {"e", "f"}
+    assert {r["variant"] for r in result["ablation"]} == {"e", "f"}  # no plain-ops (f) row without CUDA + Triton
     # The JSON's wall time is the whole run's, as in the markdown header.
     assert f"whole run {result['wall_s']:.0f} s" in (tmp_path / "inference_suite_cpu.md").read_text()
     # a compiled section brings the eager section that builds its pipeline
@@ -164,8 +171,6 @@ def test_bench_lora_smoke_on_cpu(tmp_path):
 
 
 def test_bench_lora_rejects_bad_arguments():
-    import pytest
-
     with pytest.raises(subprocess.CalledProcessError) as error:
         _run("bench_lora.py", "--device", "cpu", "--rank", "0")
     assert "--rank" in error.value.stderr
@@ -215,8 +220,6 @@ def test_bench_lora_default_model_smoke_on_cpu(tmp_path):
 
 
 def test_bench_lora_default_model_rejects_bad_arguments(tmp_path):
-    import pytest
-
     data = _emoji_data(tmp_path / "data", trained=("red apple", "flamingo"))
     for args, flag in ((["--smoke", "--steps", "0"], "--steps"), (["--smoke", "--styles", "noto"], "--styles"),
                        (["--steps", "5"], "--classifier"), (["--smoke", "--other-seeds", "1"], "--other-seeds"),
@@ -459,3 +462,22 @@ def test_pipeline_comparison_flags_images_that_are_not_finite():
     broken = reference.clone()
     broken[0, 0, 0, :2] = float("nan")
     assert compare(broken, reference)["error"] == "2 of 48 pixel values are NaN or inf"
+
+
+def test_qk_norm_rope_bench_records_every_rotated_tensor_of_a_forward(tmp_path):
+    _run("bench_qk_norm_rope.py", "--smoke", "--iters", "2", "--forward_rounds", "2", "--stand_in_kernel", "--out",
+         str(tmp_path), "--tag", "cpu")
+    result = json.loads((tmp_path / "bench_qk_norm_rope_cpu.json").read_text())
+    rows = {r["shape"]: r for r in result["rows"]}
+    # Narrow paper structure at a 16x16 latent: 5 / 10 / 24 cross-attention queries per stage (4 / 8 / 14 heads),
+    # 24 self-attentions at the lowest resolution, each with its queries and its one rotated key head.
+    assert {shape: r["calls_per_forward"] for shape, r in rows.items()} == {
+        "1×256×4×8": 5, "1×64×8×8": 10, "1×16×14×8": 48, "1×16×1×8": 24}
+    assert result["calls_per_forward"] == 87 and result["fused_kernel_available"] is False
+    assert all(r["plain_eager_us"] > 0 and r["fused_eager_us"] > 0 for r in rows.values())
+    assert result["per_forward"]["plain_eager_ms"] > 0
+    assert "| 1×16×1×8 | True | 24 |" in (tmp_path / "bench_qk_norm_rope_cpu.md").read_text()
+    forwards = {r["variant"]: r for r in result["forward_ab"]}
+    assert list(forwards) == ["e", "f", "f_plain_ops"] and result["stand_in_kernel"] is True
+    assert all(r["eager_ms"] > 0 and "graph_ms" not in r for r in forwards.values())  # no CUDA graphs on a CPU
+    assert forwards["e"]["eager_vs_e_pct"] == 0
