@@ -78,6 +78,14 @@ def test_fused_path_only_where_it_applies(kernel_calls):
         qk_norm_rope.rms_norm_rotary(x, norm, tables)
         handle.remove()
         assert len(kernel_calls) == 1, "a hooked norm must run as a module"
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        registry = HookRegistry.check_if_exists_or_initialize(norm)  # as group offloading / layerwise casting do
+        registry.register_hook(ModelHook(), "noop")
+        qk_norm_rope.rms_norm_rotary(x, norm, tables)
+        assert len(kernel_calls) == 1, "a norm with diffusers hooks must run as a module"
+        registry.remove_hook("noop")
+        del norm._diffusers_hook
         compiled = torch.compile(qk_norm_rope.rms_norm_rotary, fullgraph=True, backend="eager")
         compiled(x, norm, tables)
         assert len(kernel_calls) == 1, "under torch.compile inductor fuses the plain ops itself"

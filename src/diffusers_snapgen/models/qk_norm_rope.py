@@ -69,6 +69,8 @@ def _fusable(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor, torch
         and weight is not None
         and not norm._forward_hooks
         and not norm._forward_pre_hooks
+        and not hasattr(norm, "_diffusers_hook")  # diffusers' hooks (offloading, layerwise casting) wrap forward
+        and weight.device == x.device
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.ndim == 4
         and x.stride(-1) == 1
