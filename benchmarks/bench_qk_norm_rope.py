@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_table import SMOKE_WIDTHS, _inputs  # noqa: E402
+from bench_host_overhead import SNAPGEN_NARROW  # noqa: E402
 from common import cuda_graph, device_name, markdown_table, synchronize, time_ms, write_results  # noqa: E402
 
 from diffusers_snapgen import SnapGenUNet2DModel  # noqa: E402
@@ -42,12 +43,10 @@ from diffusers_snapgen.models.unet_variants import ablation_variants  # noqa: E4
 #: The row of variant (f) with the fused kernel switched off.
 PLAIN_F = "f_plain_ops"
 PAPER = dict(sample_size=128)  # the paper config is the model's default
-NARROW = dict(block_out_channels=[32, 64, 112], attention_head_dim=8, norm_num_groups=16, cross_attention_dim=64,
-              joint_attention_dim=64, pooled_projection_dim=64)
 
 
-def record_calls(unet, batch: int, latent: int, text_tokens: int, device, dtype) -> collections.Counter:
-    """Shapes (and the norm/table objects of one call each) that one forward passes to ``rms_norm_rotary``."""
+def record_calls(unet, batch: int, latent: int, text_tokens: int, device, dtype) -> tuple[collections.Counter, dict]:
+    """Calls per ``(shape, contiguous)`` one forward makes to ``rms_norm_rotary``, and one call's arguments each."""
     calls, examples, original = collections.Counter(), {}, attention_module.rms_norm_rotary
 
     def recording(x, norm, rotary):
@@ -171,7 +170,7 @@ def main(argv=None):
     latent, tokens = (16, 8) if args.smoke else (128, 333)
 
     with torch.device(device):
-        unet = SnapGenUNet2DModel(**(NARROW if args.smoke else PAPER))
+        unet = SnapGenUNet2DModel(**(SNAPGEN_NARROW if args.smoke else PAPER))
     unet = unet.to(dtype=dtype, memory_format=torch.channels_last).eval()
     calls, examples = record_calls(unet, args.batch, latent, tokens, device, dtype)
     del unet
