@@ -7,8 +7,8 @@ Measured in this order (most important first; optional parts are skipped when ``
    one CUDA graph of the eager kernels, and after ``unet.fuse_qkv_projections()``).
 3. ``pipe(...)`` end to end (4 steps, tiny decoder, CLIP-L + CLIP-G), eager, text excluded/included/alone; and
    the fast sampler without compilation (eager kernels in one CUDA graph, compared with the eager images).
-4. Ablation variants (e) and (f) (QK-norm + RoPE), eager and eager replayed as a CUDA graph; where the fused
-   QK-norm + RoPE kernel runs (CUDA + Triton), (f) again with it switched off (``f_plain_ops``).
+4. Ablation variants (e) and (f) (QK-norm + RoPE), eager in interleaved rounds and eager replayed as a CUDA graph;
+   where the fused QK-norm + RoPE kernel runs (CUDA + Triton), (f) again with it switched off (``f_plain_ops``).
 5. Anchors, eager: SANA-1.6B and SDXL steps at batch 1, SANA-Sprint (2 steps) and SDXL (4 steps) end to end.
 6. The UNet compiled (``unet.compile(fullgraph=True)``, default inductor mode) + CUDA graph at batch 1, and the
    same step reading the text's keys and values precomputed once per prompt (as the fast sampler runs it).
@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_table  # noqa: E402
 import bench_models  # noqa: E402
 import bench_pipeline  # noqa: E402
+import bench_qk_norm_rope  # noqa: E402
 from common import (  # noqa: E402
     Budget,
     attempt,
@@ -83,7 +84,9 @@ FUSED = "snapgen_unet_fused_qkv"
 #: (``unet.precompute_cross_attention_kv``), as the fast sampler runs it; the batch-1 target counts whole steps.
 TEXT_KV = "_text_kv"
 #: Ablation row of variant (f) with QK-norm + RoPE as plain PyTorch ops (the fused kernel switched off).
-PLAIN_F = "f_plain_ops"
+PLAIN_F = bench_qk_norm_rope.PLAIN_F
+#: Interleaved rounds of the eager ablation forwards (one forward of each variant per round).
+ABLATION_ROUNDS = 30
 #: Inductor options of the community's diffusers speed recipes (1x1 convolutions as matmuls, coordinate-descent
 #: tuning of the generated kernels, no epilogue fusion into matmuls).
 TUNED_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -237,33 +240,32 @@ class Suite:
         finally:  # later sections time the separate projections
             self.pipe.unet.unfuse_qkv_projections()
 
-    def section_ablation(self, modes=("eager", "eager+graph"), keys=("e", "f", PLAIN_F)):
-        """Variants (e) and (f); ``PLAIN_F`` is (f) with its QK-norm + RoPE as plain PyTorch ops instead of the
-        fused kernel (models/qk_norm_rope.py), timed where the kernel would run (a CUDA device with Triton)."""
-        if PLAIN_F in keys and not (self.device.type == "cuda" and qk_norm_rope._triton_available()):
-            keys = tuple(key for key in keys if key != PLAIN_F)
-        self.log(f"ablation {'/'.join(keys)}: {', '.join(modes)}")
-        variants = ablation_table.ablation_variants()
-        widths = ablation_table.SMOKE_WIDTHS if self.smoke else {}
+    def section_ablation(self):
+        """Variants (e), (f) and, where the fused QK-norm + RoPE kernel runs (CUDA with Triton), (f) with the plain
+        ops (``PLAIN_F``): eager forwards in interleaved rounds, since single eager timings of this host-bound step
+        drift by tens of percent between runs, and each forward replayed as a CUDA graph
+        (``bench_qk_norm_rope.forward_ab``)."""
+        self.log("ablation e / f / f with plain QK-norm + RoPE ops: eager in interleaved rounds, eager CUDA graph")
         latent, tokens = self.resolution // 8, 8 if self.smoke else 333
-        for key in keys:
+        rounds = 2 if self.smoke else ABLATION_ROUNDS
+        result = attempt({}, lambda: {"rows": bench_qk_norm_rope.forward_ab(
+            rounds, 1, latent, tokens, self.smoke, self.device, self.dtype)})
+        kernel_runs = self.device.type == "cuda" and qk_norm_rope._triton_available()
+        for measured in result.get("rows", [dict(variant=key, eager_ms=result.get("error")) for key in ("e", "f")]):
+            if measured["variant"] == PLAIN_F and not kernel_runs:
+                continue
+            row = self.ablation_row(measured["variant"])
+            row["ms_eager"], row["ms_eager_graph"] = measured["eager_ms"], measured.get("graph_ms")
+        bench_models.release(self.device)
+
+    def ablation_row(self, key: str) -> dict:
+        row = next((r for r in self.ablation if r["variant"] == key), None)
+        if row is None:
             variant = "f" if key == PLAIN_F else key
-            row = next((r for r in self.ablation if r["variant"] == key), None)
-            if row is None:
-                step = variants[variant]["description"] + (", QK-norm + RoPE as plain ops" if key == PLAIN_F else "")
-                row = dict(variant=key, step=step)
-                self.ablation.append(row)
-            previous = qk_norm_rope.set_fused_qk_norm_rope(key != PLAIN_F)
-            try:
-                for mode in modes:
-                    config = {**variants[variant]["config"], **widths}
-                    timing = attempt({}, lambda: {"ms": ablation_table.latency(
-                        config, latent, tokens, self.device, mode, self.dtype, iters=self.iters,
-                        compile_backend=self.backend)})
-                    row[f"ms_{mode.replace('+', '_')}"] = timing.get("ms", timing.get("error"))
-            finally:
-                qk_norm_rope.set_fused_qk_norm_rope(previous)
-            bench_models.release(self.device)
+            step = ablation_table.ablation_variants()[variant]["description"]
+            row = dict(variant=key, step=step + (", QK-norm + RoPE as plain ops" if key == PLAIN_F else ""))
+            self.ablation.append(row)
+        return row
 
     def section_compiled_b1(self):
         if self.pipe is None:
@@ -379,9 +381,19 @@ class Suite:
             bench_models.release(self.device)
 
     def section_regional_ablation(self):
+        """Variants (e) and (f) regionally compiled + CUDA graph (compiled, (f) runs the plain ops either way)."""
         if self.skip("ablation e/f with regional compilation", 60 if not self.smoke else 0):
             return
-        self.section_ablation(modes=("regional",), keys=("e", "f"))  # compiled, (f) runs the plain ops either way
+        self.log("ablation e / f: regional compile + CUDA graph")
+        widths = ablation_table.SMOKE_WIDTHS if self.smoke else {}
+        latent, tokens = self.resolution // 8, 8 if self.smoke else 333
+        for key in ("e", "f"):
+            config = {**ablation_table.ablation_variants()[key]["config"], **widths}
+            timing = attempt({}, lambda: {"ms": ablation_table.latency(
+                config, latent, tokens, self.device, "regional", self.dtype, iters=self.iters,
+                compile_backend=self.backend)})
+            self.ablation_row(key)["ms_regional"] = timing.get("ms", timing.get("error"))
+            bench_models.release(self.device)
 
     def section_fp8(self):
         """The pipeline's UNet with its large linear layers in float8 (torchao, dynamic per-row scales), with regional

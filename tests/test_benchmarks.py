@@ -117,7 +117,8 @@ def test_inference_suite_smoke_runs_every_section(tmp_path):
         assert pipelines["snapgen", "fast-fused-qkv", text]["max_abs_diff"] < 1e-4, text
         assert pipelines["snapgen", "fast-fused-qkv", text]["psnr_db"] > 60, text
     ablation = {r["variant"]: r for r in result["ablation"]}
-    assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_eager_graph", "ms_regional"))
+    assert all(isinstance(ablation[v][m], float) for v in "ef" for m in ("ms_eager", "ms_regional"))
+    assert all(ablation[v]["ms_eager_graph"] is None for v in "ef")  # CUDA graphs need CUDA
     targets = {r["target"]: r for r in result["targets"]}
     assert len(targets) == 11 and all(r["status"] != "missed" for r in targets.values())
     assert targets["UNet step, batch 1, compiled + CUDA graph, text keys and values precomputed (ms)"]["value"] > 0
