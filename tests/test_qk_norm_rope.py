@@ -41,6 +41,7 @@ def kernel_calls(monkeypatch):
         return apply_rotary_emb_interleaved(nn.functional.rms_norm(x, x.shape[-1:], weight, eps), (cos, sin))
 
     monkeypatch.setattr(qk_norm_rope, "_KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(qk_norm_rope, "_ENABLED", True)  # restored after the test, whatever it switched
     monkeypatch.setattr(qk_norm_rope, "_triton_available", lambda: True)
     monkeypatch.setattr(qk_norm_rope, "_fused_rms_norm_rotary", fake_kernel)
     return calls
