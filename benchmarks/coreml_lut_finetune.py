@@ -51,6 +51,29 @@ def table_parametrisation(weights: dict, bits: int):
     return out
 
 
+def record_reference_calls(quality, data: Path, captions: int) -> list:
+    """``[(args, kwargs, output)]`` of every fp32 UNet call (uncond + cond halves) while the fp32 pipeline of
+    ``quality`` samples ``captions`` training captions of the rendered set ``data`` (shuffled with seed 0), 16 a call,
+    at 128²: the inputs the exported UNet meets in its own sampling."""
+    texts = [json.loads(line)["text"] for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(texts)
+    calls = []
+
+    def record(module, inputs, kwargs, out):
+        # the pipeline passes its precomputed text keys and values, which the export's attention does not take:
+        # the recorded call lets the UNet project the text itself (same outputs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "cross_attention_kv"}
+        calls.append((inputs, kwargs, out[0] if isinstance(out, tuple) else out.sample))
+
+    hook = quality.reference_pipe.unet.register_forward_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        for first in range(0, captions, 16):
+            quality.reference_pipe(texts[first:first + 16], height=128, width=128, output_type="latent",
+                                   generator=torch.Generator().manual_seed(1000 + first))
+    hook.remove()
+    return calls
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True,
@@ -109,17 +132,7 @@ def main():
 
     curve = [{"step": 0, "image_psnr_db": psnr()}]
     print(json.dumps(curve[-1]), flush=True)
-    # inputs and targets: the fp32 UNet's calls (uncond + cond halves) while it samples training captions
-    captions = [json.loads(line)["text"] for line in (args.data / "train" / "metadata.jsonl").read_text().splitlines()]
-    random.Random(0).shuffle(captions)
-    calls = []
-    hook = quality.reference_pipe.unet.register_forward_hook(
-        lambda m, a, kw, out: calls.append((a, kw, out[0] if isinstance(out, tuple) else out.sample)), with_kwargs=True)
-    with torch.no_grad():
-        for first in range(0, args.captions, 16):
-            quality.reference_pipe(captions[first:first + 16], height=128, width=128, output_type="latent",
-                                   generator=torch.Generator().manual_seed(1000 + first))
-    hook.remove()
+    calls = record_reference_calls(quality, args.data, args.captions)
     guidance = quality.guidance_scale
     optimizer = torch.optim.Adam([t for t, _, _ in tables.values()] + list(latent.values()), lr=args.learning_rate)
     losses = []
