@@ -51,6 +51,25 @@ def table_parametrisation(weights: dict, bits: int):
     return out
 
 
+def default_model_setup(data: Path):
+    """``(quality, specs, unet spec, unet ML program, prompts)`` for the embedded default model at 128²: the export's
+    components, the end-to-end check on the mixed-bit benchmark's search pairs (the next 16 seen and 16 held-out-pair
+    prompts of ``data``'s eval_prompts.json, seed 1) and the UNet converted for iOS18."""
+    from diffusers_snapgen import load_default_pipeline
+    from diffusers_snapgen.coreml.components import pipeline_components
+    from diffusers_snapgen.coreml.convert import convert_module
+    from diffusers_snapgen.coreml.quality import EndToEndQuality
+
+    pipe = load_default_pipeline()
+    sets = json.loads((data / "eval_prompts.json").read_text())
+    prompts = sets["seen"][100:116] + sets["heldout_pair"][100:116]  # coreml_mixed_bit.py's search pairs (seed 1)
+    specs = pipeline_components(pipe, 128, ["unet", "decoder", "text"])
+    quality = EndToEndQuality(pipe, specs, 128, prompts, [1] * len(prompts))
+    spec = next(s for s in specs if s.name == "unet")
+    mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target="iOS18")
+    return quality, specs, spec, mlmodel, prompts
+
+
 def record_reference_calls(quality, data: Path, captions: int) -> list:
     """``[(args, kwargs, output)]`` of every fp32 UNet call (uncond + cond halves) while the fp32 pipeline of
     ``quality`` samples ``captions`` training captions of the rendered set ``data`` (shuffled with seed 0), 16 a call,
@@ -91,20 +110,10 @@ def main():
         if not (args.data / name).is_file():
             p.error(f"--data {args.data}: no {name}; render the set with training_examples/data/prepare_emoji.py")
 
-    from diffusers_snapgen import load_default_pipeline
-    from diffusers_snapgen.coreml.components import pipeline_components
-    from diffusers_snapgen.coreml.convert import convert_module
     from diffusers_snapgen.coreml.mixed_bit import palettized_candidates
-    from diffusers_snapgen.coreml.quality import EndToEndQuality
 
     start = time.perf_counter()
-    pipe = load_default_pipeline()
-    sets = json.loads((args.data / "eval_prompts.json").read_text())
-    prompts = sets["seen"][100:116] + sets["heldout_pair"][100:116]  # coreml_mixed_bit.py's search pairs (seed 1)
-    specs = pipeline_components(pipe, 128, ["unet", "decoder", "text"])
-    quality = EndToEndQuality(pipe, specs, 128, prompts, [1] * len(prompts))
-    spec = next(s for s in specs if s.name == "unet")
-    mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target="iOS18")
+    quality, specs, spec, mlmodel, prompts = default_model_setup(args.data)
     candidates, _ = palettized_candidates(mlmodel, spec.module, (args.bits,), "iOS18", GROUP, 2048)
     fp16 = {s.name: {k: v.detach().half() for k, v in s.module.named_parameters()} for s in specs}
     tables = table_parametrisation({k: c[args.bits] for k, c in candidates.items()}, args.bits)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from common import write_results  # also puts src/ on the path
-from coreml_lut_finetune import GROUP, record_reference_calls, table_parametrisation
+from coreml_lut_finetune import GROUP, default_model_setup, record_reference_calls, table_parametrisation
 
 
 def main():
@@ -67,20 +67,10 @@ def main():
         SKMPalettizerConfig,
     )
 
-    from diffusers_snapgen import load_default_pipeline
-    from diffusers_snapgen.coreml.components import pipeline_components
-    from diffusers_snapgen.coreml.convert import convert_module
     from diffusers_snapgen.coreml.mixed_bit import load_recipe, palettized_candidates
-    from diffusers_snapgen.coreml.quality import EndToEndQuality
 
     start = time.perf_counter()
-    pipe = load_default_pipeline()
-    sets = json.loads((args.data / "eval_prompts.json").read_text())
-    prompts = sets["seen"][100:116] + sets["heldout_pair"][100:116]  # coreml_mixed_bit.py's search pairs (seed 1)
-    specs = pipeline_components(pipe, 128, ["unet", "decoder", "text"])
-    quality = EndToEndQuality(pipe, specs, 128, prompts, [1] * len(prompts))
-    spec = next(s for s in specs if s.name == "unet")
-    mlmodel, _, _ = convert_module(spec.module, spec.inputs, spec.output_names, target="iOS18")
+    quality, specs, spec, mlmodel, prompts = default_model_setup(args.data)
     recipe, eight_bit = None, "palette"
     if args.recipe is not None:
         recipe = load_recipe(args.recipe)
