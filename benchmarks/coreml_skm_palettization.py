@@ -124,8 +124,8 @@ def main():
         (``{parameter: bits}``); 8-bit layers keep the export's weights in every variant."""
         stored = sum(costs[n][b] for n, b in layer_bits.items()) + 16 * sum(
             n for name, n in sizes.items() if name not in layer_bits)
-        row = {"variant": label, "bits": round(sum(b * sizes[n] for n, b in layer_bits.items())
-                                               / sum(sizes.values()), 3),
+        index_bits = sum(layer_bits.get(n, 16) * size for n, size in sizes.items())  # others stay fp16
+        row = {"variant": label, "bits": round(index_bits / sum(sizes.values()), 3),
                "bits_with_tables": round(stored / sum(sizes.values()), 3), "layers": len(layer_bits)}
         export = {n: candidates[n][b] for n, b in layer_bits.items()}
         row["coreml_kmeans_db"] = psnr(export, layer_bits)
@@ -141,8 +141,8 @@ def main():
         print(json.dumps(row), flush=True)
         return row
 
-    workdir = Path(tempfile.mkdtemp(prefix="skm_"))
-    fisher_path, uniform_path = workdir / "fisher.pt", workdir / "uniform.pt"
+    workdir = tempfile.TemporaryDirectory(prefix="skm_")  # the two sensitivity files, removed at the end
+    fisher_path, uniform_path = Path(workdir.name) / "fisher.pt", Path(workdir.name) / "uniform.pt"
     for param in model.parameters():
         param.requires_grad_(True)
     fisher = SKMPalettizer(model, skm_config(dict.fromkeys(module_names, 4))).compute_sensitivity(
@@ -154,6 +154,7 @@ def main():
     rows = [measure(f"every layer {b}-bit", dict.fromkeys(candidates, b)) for b in bits]
     if recipe is not None:
         rows.append(measure(f"recipe {args.recipe.name}", recipe.layers["unet"]))
+    workdir.cleanup()
 
     info = {"benchmark": "coreml_skm_palettization", "bits": list(bits), "captions": args.captions,
             "recorded_calls": len(calls), "projections": args.projections, "sensitivity_samples": len(dataset),
