@@ -56,13 +56,7 @@ def record_calls(unet, batch: int, latent: int, text_tokens: int, device, dtype)
             examples.setdefault(key, (x.clone(), norm, rotary))
         return original(x, norm, rotary)
 
-    config = unet.config
-    inputs = dict(
-        sample=torch.randn(batch, config.in_channels, latent, latent, device=device, dtype=dtype),
-        timestep=torch.full((batch,), 500.0, device=device),
-        encoder_hidden_states=torch.randn(batch, text_tokens, config.joint_attention_dim, device=device, dtype=dtype),
-        pooled_projections=torch.randn(batch, config.pooled_projection_dim, device=device, dtype=dtype),
-    )
+    inputs = _inputs(device, dtype, latent, text_tokens, dict(unet.config), batch=batch)
     attention_module.rms_norm_rotary = recording
     try:
         with torch.no_grad():
